@@ -1,0 +1,185 @@
+"""Shared fixtures: a scripted local HTTP server, a temporary store, an isolated home."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Union
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+import py_oidc_auth_client as oac
+
+Body = Union[dict, list, str, bytes, None]
+Reply = tuple  # (status, headers, body)
+
+BATCH_AND_SESSION_VARS = (
+    "OIDC_TOKEN_FILE", "BROWSER", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
+    "DISPLAY", "WAYLAND_DISPLAY", "HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy",
+    *oac._BATCH_VARIABLES,
+)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    form: dict[str, str]
+    headers: dict[str, str]
+    time: float
+
+
+@dataclass
+class FakeServer:
+    """A real HTTP server on 127.0.0.1 whose answers are scripted per route.
+
+    ``reply(method, path, status, body, headers)`` queues one answer; the last
+    queued answer of a route repeats once the queue is down to it. A callable
+    body is called with the ``Recorded`` request and returns ``(status,
+    headers, body)``. Unscripted routes answer 404 with a JSON detail.
+    """
+
+    url: str = ""
+    requests: list[Recorded] = field(default_factory=list)
+    routes: dict[tuple[str, str], deque] = field(default_factory=lambda: defaultdict(deque))
+
+    def reply(self, method: str, path: str, status: int = 200, body: Any = None,
+              headers: dict[str, str] | None = None, times: int = 1) -> None:
+        for _ in range(times):
+            self.routes[(method.upper(), path)].append((status, headers or {}, body))
+
+    def hits(self, path: str, method: str | None = None) -> list[Recorded]:
+        return [r for r in self.requests
+                if r.path == path and (method is None or r.method == method)]
+
+    def _answer(self, req: Recorded) -> tuple[int, dict[str, str], Body]:
+        queue = self.routes.get((req.method, req.path))
+        if not queue:
+            return 404, {}, {"detail": "Not Found"}
+        status, headers, body = queue.popleft() if len(queue) > 1 else queue[0]
+        if callable(body):
+            return body(req)
+        return status, headers, body
+
+
+def _handler(fake: FakeServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            parts = urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length).decode() if length else ""
+            req = Recorded(
+                self.command, parts.path,
+                {k: v[0] for k, v in parse_qs(parts.query).items()},
+                {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()},
+                dict(self.headers), time.monotonic(),
+            )
+            fake.requests.append(req)
+            status, headers, body = fake._answer(req)
+            if body == "__hang__":
+                time.sleep(30)
+                return
+            if body == "__drop__":
+                self.close_connection = True
+                self.connection.close()
+                return
+            if isinstance(body, (dict, list)):
+                data = json.dumps(body).encode()
+                headers = {"Content-Type": "application/json", **headers}
+            elif isinstance(body, str):
+                data = body.encode()
+            else:
+                data = body or b""
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def fake_server():
+    """A scripted server on a free port; see FakeServer."""
+    fake = FakeServer()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    server.daemon_threads = True
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def tmp_store(tmp_path):
+    """A TokenStore in a fresh temporary directory."""
+    return oac.TokenStore(tmp_path / "store" / "tokens.json")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """Private HOME and cache dir; no token file, batch, SSH, display or browser variables."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    for name in BATCH_AND_SESSION_VARS:
+        monkeypatch.delenv(name, raising=False)
+    oac.BaseFlow.reset_instances()
+    oac._STORES.clear()
+    yield home
+    oac.BaseFlow.reset_instances()
+    oac._STORES.clear()
+
+
+def make_jwt(lifetime: int = 3600, now: int | None = None, **claims: Any) -> str:
+    """An unsigned JWT-shaped token with exp/iat (the client never verifies it)."""
+    now = int(time.time()) if now is None else now
+    payload = {"iat": now, "exp": now + lifetime, "sub": "tester", **claims}
+
+    def part(obj: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none'})}.{part(payload)}.sig"
+
+
+def token_answer(lifetime: int = 3600, refresh: str | None = "refresh-1",
+                 refresh_lifetime: int = 86400, **extra: Any) -> dict[str, Any]:
+    """A py-oidc-auth style token answer (absolute expiry timestamps)."""
+    now = int(time.time())
+    body: dict[str, Any] = {
+        "access_token": make_jwt(lifetime, now), "token_type": "Bearer",
+        "expires": now + lifetime, "refresh_token": refresh,
+        "refresh_expires": now + refresh_lifetime, "scope": "openid offline_access",
+    }
+    body.update(extra)
+    return body
+
+
+@pytest.fixture
+def make_token() -> Callable[..., oac.Token]:
+    """Build a normalised Token: ``make_token(lifetime=3600, refresh_lifetime=86400)``."""
+    def build(lifetime: int = 3600, refresh_lifetime: int = 86400,
+              refresh: str = "refresh-1") -> oac.Token:
+        now = int(time.time())
+        return oac._token(make_jwt(lifetime, now), "Bearer", now + lifetime, refresh,
+                          now + refresh_lifetime if refresh else 0, "openid")
+    return build

@@ -1,0 +1,2007 @@
+# SPDX-License-Identifier: BSD-3-Clause
+# SPDX-FileCopyrightText: 2026 The py_oidc_auth_client developers
+"""A small OIDC/OAuth 2.0 client for servers built with py-oidc-auth.
+
+One file, standard library only (``platformdirs`` is used when present), so it
+can be installed with pip or copied into any project.
+
+Quick start::
+
+    from py_oidc_auth_client import authenticate
+
+    token = authenticate(host="https://myapp.example.com")
+    requests.get("https://myapp.example.com/api", headers=token["headers"])
+
+``authenticate`` returns a cached access token while it is valid, refreshes it
+when it is not, and only then starts an interactive login: the device flow
+(RFC 8628), or the authorization code flow with PKCE (RFC 7636) and a loopback
+redirect (RFC 8252) when the server has no device flow.  Tokens are kept per
+host in a private JSON file; batch jobs can be pointed at a token file made on
+a workstation with ``OIDC_TOKEN_FILE``.
+
+From the shell::
+
+    python -m py_oidc_auth_client https://myapp.example.com --json
+    oidc-auth --list
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Coroutine, Sequence
+    from http.server import HTTPServer
+
+    _F = TypeVar("_F", bound="BaseFlow")
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # types
+    "AuthError",
+    "Config",
+    "DeviceCode",
+    "Token",
+    # storage
+    "TokenStore",
+    # flows
+    "BaseFlow",
+    "CodeFlow",
+    "DeviceFlow",
+    # entry points
+    "authenticate",
+    "authenticate_async",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
+_MAX_BODY = 1 << 20  # 1 MiB: no token answer is anywhere near this
+_HTTP_TIMEOUT = 30.0  # per request, also when the flow itself may wait forever
+_LOCK_TIMEOUT = 60.0  # a refresh (with retries) holds the store lock at most this long
+_MAX_MARGIN = 60  # seconds before expiry at which a token counts as expired
+_UNKNOWN_REFRESH_LIFETIME = 30 * 86400
+_TRANSIENT_STATUS = frozenset({502, 503, 504})
+_RETRIES = 4
+# py-oidc-auth answers these when it has no device flow to offer (DESIGN.md).
+_NO_DEVICE_STATUS = frozenset({404, 405, 501, 503})
+_BATCH_VARIABLES = {
+    "SLURM_JOB_ID": "Slurm",
+    "PBS_JOBID": "PBS/Torque",
+    "SGE_TASK_ID": "Grid Engine",
+    "LSB_JOBID": "LSF",
+    "OAR_JOB_ID": "OAR",
+    "FLUX_JOB_ID": "Flux",
+    "COBALT_JOBID": "Cobalt",
+    "LOADL_STEP_ID": "LoadLeveler",
+    "_CONDOR_JOB_AD": "HTCondor",
+}
+
+
+# ---------------------------------------------------------------------------
+# Public types
+# ---------------------------------------------------------------------------
+
+
+class AuthError(Exception):
+    """Authentication or token exchange failed.
+
+    Parameters
+    ----------
+    message : str
+        Human readable summary of what went wrong.
+    detail : dict, optional
+        Raw error payload from the OIDC provider, typically containing
+        ``"error"`` and ``"error_description"`` keys.
+    status_code : int
+        HTTP status code from the upstream response. Defaults to 500 when the
+        error did not originate from an HTTP call.
+
+    Attributes
+    ----------
+    message : str
+        The error summary.
+    detail : dict
+        Provider error payload (empty dict if not available).
+    status_code : int
+        HTTP status code.
+    """
+
+    def __init__(
+        self, message: str, detail: dict[str, Any] | None = None, status_code: int = 500
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail: dict[str, Any] = detail or {}
+        self.status_code = status_code
+
+    @property
+    def error(self) -> str:
+        """The OAuth error code (``"access_denied"``, ...) or ``""``."""
+        return str(self.detail.get("error") or "")
+
+
+class _TransientError(AuthError):
+    """A failure worth retrying: refused, reset, timed out, 502/503/504."""
+
+    retry_after: float | None = None
+
+
+class _NoDeviceFlow(AuthError):
+    """The server does not offer the device authorization flow."""
+
+
+class Token(TypedDict):
+    """OAuth 2.0 token payload.
+
+    Attributes
+    ----------
+    access_token : str
+        The bearer access token (JWT).
+    token_type : str
+        Token type, typically ``"Bearer"``.
+    expires : int
+        Access token expiry as a Unix timestamp (seconds).
+    refresh_token : str
+        The refresh token for obtaining new access tokens.
+    refresh_expires : int
+        Refresh token expiry as a Unix timestamp (seconds).
+    scope : str
+        Space separated list of granted scopes.
+    headers : dict of str to str
+        Pre built ``Authorization`` header ready for use with HTTP clients.
+    """
+
+    access_token: str
+    token_type: str
+    expires: int
+    refresh_token: str
+    refresh_expires: int
+    scope: str
+    headers: dict[str, str]
+
+
+class DeviceCode(TypedDict):
+    """Device authorization response.
+
+    Returned by ``get_device_code()``. Pass ``device_code`` and ``interval``
+    to ``poll()`` to complete the flow.
+
+    Attributes
+    ----------
+    uri : str
+        Verification URL the user should open in a browser: the
+        ``verification_uri_complete`` when the provider sends one.
+    user_code : str
+        Short code the user enters at the verification URI.
+    device_code : str
+        Opaque code used to poll the token endpoint.
+    interval : int
+        Minimum polling interval in seconds.
+    """
+
+    uri: str
+    user_code: str
+    device_code: str
+    interval: int
+
+
+@dataclass
+class Config:
+    """Connection and routing configuration for an OIDC enabled server.
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the application server (e.g. ``"https://myapp.example.com"``).
+    redirect_ports : list of int, optional
+        Ports to try, in order, for the local authorization code callback.
+        Defaults to ``[53100, 53101, 53102, 53103, 53104, 53105]``.
+    token_env_var : str
+        Name of the environment variable that points to a token file.
+    app_name : str
+        Application name used to locate the platform cache directory.
+    login_route : str
+        Server side route for the authorization code login endpoint.
+    token_route : str
+        Server side route for the token exchange endpoint.
+    device_route : str
+        Server side route for the device authorization endpoint.
+    """
+
+    host: str
+    redirect_ports: list[int] = field(default_factory=lambda: list(_DEFAULT_PORTS))
+    token_env_var: str = "OIDC_TOKEN_FILE"
+    app_name: str = "py-oidc-auth"
+    login_route: str = "/auth/v2/login"
+    token_route: str = "/auth/v2/token"
+    device_route: str = "/auth/v2/device"
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+
+class _Response:
+    __slots__ = ("body", "headers", "status", "url")
+
+    def __init__(self, url: str, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.url, self.status, self.headers, self.body = url, status, headers, body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def _request(
+    method: str,
+    url: str,
+    *,
+    form: dict[str, str] | None = None,
+    timeout: float = _HTTP_TIMEOUT,
+    follow_redirects: bool = True,
+) -> _Response:
+    """Send one request in a worker thread; transport failures become AuthError."""
+    import asyncio
+
+    call = asyncio.to_thread(_request_blocking, method, url, form, timeout, follow_redirects)
+    try:
+        # The socket timeout bounds each read; this bounds a server that drips.
+        return await asyncio.wait_for(call, timeout + 5)
+    except asyncio.TimeoutError:
+        raise _TransientError(f"{method} {url} timed out after {timeout:g} s") from None
+
+
+def _request_blocking(
+    method: str, url: str, form: dict[str, str] | None, timeout: float, follow: bool
+) -> _Response:
+    import http.client
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    headers = {"Accept": "application/json", "User-Agent": f"py-oidc-auth-client/{__version__}"}
+    if data is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    # Only http(s) URLs get here: hosts are checked by _normalise_host.
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
+    where = f"{method} {url}"
+    try:
+        try:
+            with _opener(follow).open(request, timeout=timeout) as resp:
+                return _Response(url, resp.status, dict(resp.headers), _read_capped(resp, where))
+        except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
+            with exc:
+                return _Response(url, exc.code, dict(exc.headers or {}), _read_capped(exc, where))
+    except urllib.error.URLError as exc:
+        raise _transport_error(where, exc.reason) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _transport_error(where, exc) from None
+
+
+def _read_capped(resp: Any, where: str) -> bytes:
+    body: bytes = resp.read(_MAX_BODY + 1)
+    if len(body) > _MAX_BODY:
+        raise AuthError(f"{where}: answer is larger than {_MAX_BODY >> 20} MiB; not a token answer")
+    return body
+
+
+def _transport_error(where: str, reason: object) -> AuthError:
+    import socket
+    import ssl
+
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return AuthError(
+            f"{where}: TLS certificate not trusted ({reason.verify_message}); "
+            "set SSL_CERT_FILE to your CA bundle if the server uses a private CA"
+        )
+    if isinstance(reason, ssl.SSLError):
+        return AuthError(f"{where}: TLS error: {reason}")
+    if isinstance(reason, socket.gaierror):
+        return AuthError(f"{where}: cannot resolve the host name; check the URL ({reason})")
+    if isinstance(reason, ConnectionRefusedError):
+        return _TransientError(f"{where}: connection refused; is the server running?")
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return _TransientError(f"{where}: timed out")
+    if isinstance(reason, (ConnectionError, EOFError)) or type(reason).__name__ in (
+        "RemoteDisconnected",
+        "IncompleteRead",
+        "BadStatusLine",
+    ):
+        return _TransientError(f"{where}: connection lost ({type(reason).__name__})")
+    return AuthError(f"{where}: request failed ({reason})")
+
+
+_OPENERS: dict[bool, Any] = {}
+
+
+def _opener(follow: bool) -> Any:
+    """A cached opener; proxies come from the environment (HTTPS_PROXY, NO_PROXY)."""
+    if follow not in _OPENERS:
+        import urllib.request
+
+        handlers: list[Any] = []
+        if not follow:
+
+            class _NoRedirect(urllib.request.HTTPRedirectHandler):
+                def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+                    return None
+
+            handlers.append(_NoRedirect)
+        _OPENERS[follow] = urllib.request.build_opener(*handlers)
+    return _OPENERS[follow]
+
+
+async def _post_form(url: str, form: dict[str, str], *, timeout: float) -> dict[str, Any]:
+    """POST a form and return the JSON object it answers; errors become AuthError."""
+    resp = await _request("POST", url, form=form, timeout=timeout)
+    payload: Any
+    try:
+        payload = resp.json()
+    except ValueError:
+        payload = None
+    if resp.status >= 400:
+        raise _http_error(resp, payload)
+    if not isinstance(payload, dict):
+        kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
+        raise AuthError(
+            f"POST {url} answered {resp.status} with {kind}; is this the right host and route?",
+            status_code=502,
+        )
+    return payload
+
+
+def _http_error(resp: _Response, payload: Any) -> AuthError:
+    error, description = _oauth_error(payload)
+    text = f"{error}: {description}" if description else error
+    if not text:
+        text = _short(resp.body) if payload is not None else "no OAuth error in the answer"
+    detail = {"error": error, "error_description": description} if error else {}
+    message = f"{resp.url} answered {resp.status}: {text}"
+    if resp.status not in _TRANSIENT_STATUS or error:
+        return AuthError(message, detail, resp.status)
+    exc = _TransientError(message, detail, resp.status)
+    retry_after = resp.headers.get("Retry-After") or resp.headers.get("retry-after") or ""
+    if retry_after.strip().isdigit():
+        exc.retry_after = min(float(retry_after), 60.0)
+    return exc
+
+
+def _oauth_error(payload: Any) -> tuple[str, str]:
+    """Find ``(error, error_description)`` at the top level or nested in ``detail``."""
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, str) and error:
+            return error, str(payload.get("error_description") or "")
+        if "detail" in payload:
+            return _oauth_error(payload["detail"])
+    elif isinstance(payload, str):
+        # py-oidc-auth wraps the provider's answer: "Upstream OIDC error: {...}".
+        start = payload.find("{")
+        if start >= 0:
+            try:
+                inner = json.loads(payload[start:])
+            except ValueError:
+                inner = None
+            if inner is not None:
+                error, description = _oauth_error(inner)
+                if error:
+                    return error, description
+        return "", _short(payload)
+    return "", ""
+
+
+def _short(text: str | bytes, limit: int = 200) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Session:
+    """The module's own small HTTP session over ``urllib`` (no httpx)."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
+
+    async def request(
+        self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True
+    ) -> _Response:
+        """Send a request; the status is not checked."""
+        return await _request(method, url, form=form, timeout=self.timeout, follow_redirects=follow)
+
+    async def post_form(
+        self, url: str, form: dict[str, str], *, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """POST a form, retrying transient faults with backoff until *deadline*."""
+        attempt = 0
+        while True:
+            timeout = self.timeout
+            if deadline is not None:
+                timeout = max(0.5, min(timeout, deadline - time.monotonic()))
+            try:
+                return await _post_form(url, form, timeout=timeout)
+            except _TransientError as exc:
+                attempt += 1
+                delay = _backoff(attempt, exc)
+                if attempt > _RETRIES or (
+                    deadline is not None and time.monotonic() + delay >= deadline
+                ):
+                    raise AuthError(
+                        f"{exc.message} (gave up after {attempt} attempts)",
+                        exc.detail,
+                        exc.status_code,
+                    ) from None
+                logger.debug("retrying in %.1f s after: %s", delay, exc.message)
+                await _sleep(delay)
+
+
+def _backoff(attempt: int, exc: AuthError) -> float:
+    import random
+
+    retry_after: float | None = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        return retry_after
+    return min(8.0, 0.5 * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(max(0.0, seconds))
+
+
+# ---------------------------------------------------------------------------
+# Token normalisation
+# ---------------------------------------------------------------------------
+
+
+def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
+    """Turn a token answer into a ``Token``; keep a refresh token that was not rotated."""
+    now = int(time.time())
+    access = raw.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise AuthError("The token answer has no access_token", status_code=502)
+    expires = _timestamp(raw, "expires", "expires_at", "expires_in", now)
+    if expires is None:
+        expires = _jwt_claims(access).get("exp")
+        expires = int(expires) if isinstance(expires, (int, float)) else now + 300
+    if expires <= now:
+        raise AuthError(
+            "The server sent an access token that has already expired; "
+            "check that this machine's clock is right",
+            status_code=502,
+        )
+    refresh = raw.get("refresh_token")
+    if isinstance(refresh, str) and refresh:
+        refresh_expires = _timestamp(raw, "refresh_expires", "refresh_expires_at",
+                                     "refresh_expires_in", now)
+        # py-oidc-auth invents now + 180 s when the provider gives no lifetime.
+        if refresh_expires is None or abs(refresh_expires - now - 180) <= 3:
+            claim = _jwt_claims(refresh).get("exp")
+            refresh_expires = (
+                int(claim) if isinstance(claim, (int, float))
+                else now + _UNKNOWN_REFRESH_LIFETIME
+            )
+    elif previous is not None:
+        refresh, refresh_expires = previous["refresh_token"], previous["refresh_expires"]
+    else:
+        refresh, refresh_expires = "", 0
+    token_type = str(raw.get("token_type") or "Bearer")
+    if token_type.lower() == "bearer":
+        token_type = "Bearer"
+    scope = raw.get("scope")
+    _LIFETIMES[access] = expires - now
+    return _token(access, token_type, expires, refresh, refresh_expires,
+                  scope if isinstance(scope, str) else "")
+
+
+def _token(
+    access: str, token_type: str, expires: int, refresh: str, refresh_expires: int, scope: str
+) -> Token:
+    return {
+        "access_token": access,
+        "token_type": token_type,
+        "expires": expires,
+        "refresh_token": refresh,
+        "refresh_expires": refresh_expires,
+        "scope": scope,
+        "headers": {"Authorization": f"{token_type} {access}"},
+    }
+
+
+def _timestamp(raw: dict[str, Any], absolute: str, alt: str, relative: str, now: int) -> int | None:
+    for key in (absolute, alt):
+        value = raw.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    value = raw.get(relative)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return now + int(value)
+    if isinstance(value, str) and value.isdigit():
+        return now + int(value)
+    return None
+
+
+def _jwt_claims(token: str) -> dict[str, Any]:
+    """Decode a JWT payload without verifying it (only to read timestamps)."""
+    import base64
+
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+_LIFETIMES: dict[str, int] = {}
+
+
+def _margin(token: Token) -> int:
+    """60 s, or half the granted lifetime when that is shorter."""
+    access = token["access_token"]
+    lifetime = _LIFETIMES.get(access)
+    if lifetime is None:
+        claims = _jwt_claims(access)
+        exp, iat = claims.get("exp"), claims.get("iat")
+        lifetime = (
+            int(exp - iat) if isinstance(exp, (int, float)) and isinstance(iat, (int, float))
+            else 2 * _MAX_MARGIN
+        )
+        if len(_LIFETIMES) > 256:
+            _LIFETIMES.clear()
+        _LIFETIMES[access] = lifetime
+    return min(_MAX_MARGIN, max(lifetime, 0) // 2)
+
+
+def _access_valid(token: Token, now: float | None = None) -> bool:
+    return token["expires"] - _margin(token) > (now or time.time())
+
+
+def _refresh_valid(token: Token, now: float | None = None) -> bool:
+    return bool(token["refresh_token"]) and token["refresh_expires"] - _margin(token) > (
+        now or time.time()
+    )
+
+
+def _host_key(host: str) -> str:
+    """Normalise a server URL: lower-case scheme and host, no default port or slash."""
+    key = _HOST_KEYS.get(host)
+    if key is None:
+        key = _HOST_KEYS[host] = _normalise_host(host)
+    return key
+
+
+_HOST_KEYS: dict[str, str] = {}
+
+
+def _normalise_host(host: str) -> str:
+    from urllib.parse import urlsplit
+
+    if not isinstance(host, str) or not host.strip():
+        raise AuthError("No host given: pass the server's URL, e.g. https://myapp.example.com",
+                        status_code=400)
+    text = host.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise AuthError(f"{text!r} is not a valid URL ({exc})", status_code=400) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise AuthError(
+            f"{text!r} is not an http(s) URL: write it like https://myapp.example.com",
+            status_code=400,
+        )
+    if parts.username is not None or parts.password is not None:
+        raise AuthError("Do not put credentials in the host URL", status_code=400)
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise AuthError(f"The host URL must not have a query or fragment: {text!r}",
+                        status_code=400)
+    name = parts.hostname.lower()
+    if ":" in name:
+        name = f"[{name}]"
+    if port is not None and port != (443 if scheme == "https" else 80):
+        name = f"{name}:{port}"
+    return f"{scheme}://{name}{parts.path.rstrip('/')}"
+
+
+# ---------------------------------------------------------------------------
+# Token store
+# ---------------------------------------------------------------------------
+
+
+class TokenStore:
+    """Per host token cache with automatic TTL eviction.
+
+    Each host gets its own entry in one JSON file. Entries whose access and
+    refresh tokens have both expired are pruned on read. Every change is made
+    under a lock file beside the store and written atomically, so processes
+    sharing the file never lose each other's tokens. The file is created
+    readable by its owner only.
+
+    Parameters
+    ----------
+    path : str or Path or None
+        Path to the JSON cache file. Defaults to the platform cache directory
+        (``~/.cache/py-oidc-auth/token-store.json`` on Linux).
+    app_name : str
+        Application name for the cache directory. Only used when ``path`` is
+        ``None``.
+
+    Examples
+    --------
+    >>> store = TokenStore("~/.config/myapp/tokens.json")  # doctest: +SKIP
+    >>> store.put("https://myapp.example.com", token)  # doctest: +SKIP
+    >>> store.get("https://myapp.example.com")  # doctest: +SKIP
+    >>> store.hosts()  # doctest: +SKIP
+    ['https://myapp.example.com']
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None,
+                 app_name: str = "py-oidc-auth") -> None:
+        if path is None:
+            path = os.path.join(_cache_dir(app_name), "token-store.json")
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        self._single = False  # True for an OIDC_TOKEN_FILE: one Token, no hosts
+        self._signature: tuple[int, int, int] | None = None
+        self._entries: dict[str, Token] = {}
+        self._next_eviction = float("inf")
+        self._warned_mode = False
+
+    def __repr__(self) -> str:
+        return f"TokenStore({self.path!r})"
+
+    def get(self, host: str) -> Token | None:
+        """Look up a cached token for *host*.
+
+        Triggers a cleanup pass that removes all expired entries from the
+        store file.
+
+        Parameters
+        ----------
+        host : str
+            The server URL to look up.
+
+        Returns
+        -------
+        Token or None
+            The cached token if its access or refresh token is still valid,
+            otherwise ``None``.
+        """
+        key = _host_key(host)
+        entries = self._read()
+        if time.time() >= self._next_eviction:
+            entries = self._update(lambda entries: None)
+        return entries.get("" if self._single else key)
+
+    def put(self, host: str, token: Token) -> None:
+        """Store a token for *host*, overwriting any previous entry.
+
+        Parameters
+        ----------
+        host : str
+            The server URL the token belongs to.
+        token : Token
+            The token to cache.
+        """
+        key = "" if self._single else _host_key(host)
+        checked = _as_token(token)
+        if checked is None:
+            raise ValueError("token must be a Token dict with access_token and expires")
+        self._update(lambda entries: entries.__setitem__(key, checked))
+
+    def remove(self, host: str) -> bool:
+        """Remove the cached token for *host*.
+
+        Parameters
+        ----------
+        host : str
+            The server URL to remove.
+
+        Returns
+        -------
+        bool
+            ``True`` if an entry was removed, ``False`` if not found.
+        """
+        key = "" if self._single else _host_key(host)
+        found: list[bool] = []
+        self._update(lambda entries: found.append(entries.pop(key, None) is not None))
+        return found[0]
+
+    def hosts(self) -> list[str]:
+        """Return the hosts that have cached tokens, after pruning expired ones.
+
+        Returns
+        -------
+        list of str
+            Normalised host URLs.
+        """
+        entries = self._read()
+        if time.time() >= self._next_eviction:
+            entries = self._update(lambda entries: None)
+        return sorted(entries)
+
+    def clear(self) -> None:
+        """Remove all cached tokens."""
+        self._update(lambda entries: entries.clear())
+
+    # -- Internals --
+
+    def _read(self) -> dict[str, Token]:
+        """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._remember(None, {})
+            return self._entries
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if signature != self._signature:
+            entries, bad = self._parse()
+            if bad:
+                with _FileLock(self.path + ".lock"):
+                    entries = self._repair()
+                return entries
+            self._remember(signature, entries)
+        return self._entries
+
+    def _parse(self) -> tuple[dict[str, Token], str]:
+        """Parse the file: the good entries, and what is wrong with the rest."""
+        try:
+            with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read()
+        except FileNotFoundError:
+            return {}, ""
+        except OSError as exc:
+            return {}, f"cannot be read ({exc.strerror})"
+        self._check_mode(st.st_mode)
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return {}, "is not valid JSON"
+        if not isinstance(obj, dict):
+            return {}, "does not hold a JSON object"
+        if self._single:
+            token = _as_token(obj)
+            return ({"": token}, "") if token else ({}, "does not hold a token")
+        entries: dict[str, Token] = {}
+        for key, value in obj.items():
+            token = _as_token(value)
+            if token is not None:
+                entries[key] = token
+        return entries, "" if len(entries) == len(obj) else "has malformed entries"
+
+    def _repair(self) -> dict[str, Token]:
+        """Under the lock: move a bad file aside, keep its good entries."""
+        entries, bad = self._parse()
+        if bad:
+            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            try:
+                os.replace(self.path, aside)
+            except OSError as exc:
+                raise AuthError(f"Token store {self.path} {bad} and cannot be moved aside: {exc}"
+                                ) from None
+            logger.warning("Token store %s %s; moved it to %s and kept %d good entries",
+                           self.path, bad, aside, len(entries))
+            if entries:
+                self._write(entries)
+        self._signature = None
+        return self._read_locked(entries)
+
+    def _read_locked(self, entries: dict[str, Token]) -> dict[str, Token]:
+        try:
+            st = os.stat(self.path)
+            self._remember((st.st_mtime_ns, st.st_size, st.st_ino), entries)
+        except FileNotFoundError:
+            self._remember(None, entries)
+        return entries
+
+    def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
+        self._signature, self._entries = signature, entries
+        self._next_eviction = min(
+            (max(t["expires"], t["refresh_expires"] if t["refresh_token"] else 0)
+             for t in entries.values()),
+            default=float("inf"),
+        )
+
+    def _update(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
+        """Read, change and write the entries under the lock; prune dead ones."""
+        with _FileLock(self.path + ".lock"):
+            return self._update_locked(change)
+
+    def _update_locked(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
+        entries, bad = self._parse()
+        if bad:
+            entries = self._repair()
+        before = dict(entries)
+        change(entries)
+        now = time.time()
+        for key in [k for k, t in entries.items()
+                    if t["expires"] <= now and not (t["refresh_token"]
+                                                    and t["refresh_expires"] > now)]:
+            del entries[key]
+        if entries != before:
+            self._write(entries)
+        return self._read_locked(entries)
+
+    def _write(self, entries: dict[str, Token]) -> None:
+        obj: Any = entries.get("") if self._single else entries
+        if self._single and obj is None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
+        _atomic_write(self.path, json.dumps(obj, indent=1).encode())
+
+    def _check_mode(self, mode: int) -> None:
+        if mode & 0o077 and not self._warned_mode and sys.platform != "win32":
+            self._warned_mode = True
+            logger.warning("Token store %s can be read or written by other users; "
+                           "fix with: chmod 600 %s", self.path, self.path)
+
+
+def _as_token(obj: object) -> Token | None:
+    """A valid Token built from a stored object, or None when it is malformed."""
+    if not isinstance(obj, dict):
+        return None
+    access, expires = obj.get("access_token"), obj.get("expires")
+    refresh, refresh_expires = obj.get("refresh_token") or "", obj.get("refresh_expires") or 0
+    token_type, scope = obj.get("token_type") or "Bearer", obj.get("scope") or ""
+    numbers = (expires, refresh_expires)
+    if (
+        not isinstance(access, str) or not access
+        or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)
+        or not isinstance(refresh, str) or not isinstance(token_type, str)
+        or not isinstance(scope, str)
+    ):
+        return None
+    return _token(access, token_type, int(cast(float, expires)), refresh,
+                  int(cast(float, refresh_expires)), scope)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write via a private temp file in the same directory, fsync, then replace."""
+    import tempfile
+
+    folder = os.path.dirname(path)
+    _make_private_dir(folder)
+    # mkstemp creates the file 0600 from the first byte: no write-then-chmod window.
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _make_private_dir(folder: str) -> None:
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+class _FileLock:
+    """An exclusive lock on *path*, shared by every process, bounded wait."""
+
+    def __init__(self, path: str, timeout: float = _LOCK_TIMEOUT) -> None:
+        self.path, self.timeout, self.fd = path, timeout, -1
+
+    def __enter__(self) -> _FileLock:
+        _make_private_dir(os.path.dirname(self.path))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline, pause = time.monotonic() + self.timeout, 0.002
+        while True:
+            try:
+                _lock(fd)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise AuthError(
+                        f"Could not lock {self.path} within {self.timeout:g} s: another "
+                        "process holds it. If none is running, delete the lock file."
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            _unlock(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+if sys.platform == "win32":  # msvcrt locks a byte range; one byte is enough
+    import msvcrt
+
+    def _lock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+    def _unlock(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+else:  # flock: whole-file, released by the kernel if the process dies
+    import fcntl
+
+    def _lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _cache_dir(app_name: str) -> str:
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:  # vendored without platformdirs
+        if sys.platform == "win32":
+            base = os.environ.get("LOCALAPPDATA") or os.path.expanduser(r"~\AppData\Local")
+        elif sys.platform == "darwin":
+            base = os.path.expanduser("~/Library/Caches")
+        else:
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return os.path.join(base, app_name)
+    return str(user_cache_dir(app_name, appauthor=False))
+
+
+_STORES: dict[tuple[str, str], TokenStore] = {}
+
+
+def _default_store(app_name: str, env_var: str = "") -> TokenStore:
+    """The shared store: the token file named by *env_var* if set, else the cache."""
+    token_file = os.environ.get(env_var) if env_var else None
+    key = (token_file or "", "" if token_file else app_name)
+    store = _STORES.get(key)
+    if store is None:
+        store = TokenStore(token_file) if token_file else TokenStore(app_name=app_name)
+        store._single = bool(token_file)
+        _STORES[key] = store
+    return store
+
+
+# ---------------------------------------------------------------------------
+# Environment detection
+# ---------------------------------------------------------------------------
+
+
+def _batch_scheduler() -> str | None:
+    """The batch system whose job we run in, if any."""
+    for name, system in _BATCH_VARIABLES.items():
+        if os.environ.get(name):
+            return system
+    return None
+
+
+def _in_jupyter() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def _has_tty() -> bool:
+    return any(s is not None and hasattr(s, "isatty") and s.isatty()
+               for s in (sys.stdin, sys.stderr))
+
+
+def _no_login_reason() -> str | None:
+    """Why nobody could answer an interactive login here, or None if someone can."""
+    scheduler = _batch_scheduler()
+    if scheduler:
+        return f"this is a {scheduler} batch job"
+    if _has_tty() or _in_jupyter() or os.environ.get("BROWSER"):
+        return None
+    return "there is no terminal, notebook or configured browser (BROWSER) to log in with"
+
+
+def _can_open_browser() -> bool:
+    """Whether a browser started here would be seen by the user."""
+    if os.environ.get("BROWSER"):
+        return True
+    if _is_remote():
+        return False
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _is_remote() -> bool:
+    return any(os.environ.get(v) for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY"))
+
+
+def _open_browser(url: str) -> None:
+    """Open *url* without waiting: a BROWSER command may block until it exits."""
+    import threading
+    import webbrowser
+
+    def _open() -> None:
+        try:
+            if not webbrowser.open(url):
+                logger.debug("no browser could be started")
+        except Exception as exc:  # a broken BROWSER setting must not end the login
+            logger.debug("opening the browser failed: %s", exc)
+
+    threading.Thread(target=_open, name="oidc-browser", daemon=True).start()
+
+
+def _say(text: str) -> None:
+    """Prompts and progress go to stderr; stdout is for results."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _show_device_code(host: str, code: DeviceCode) -> None:
+    uri, user_code = code["uri"], code["user_code"]
+    _say(f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}")
+    if _in_jupyter():
+        from html import escape
+        from importlib import import_module
+
+        try:
+            ipd = import_module("IPython.display")
+        except ImportError:
+            return
+        ipd.display(ipd.HTML(f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" '
+                     f'target="_blank">{escape(uri)}</a> and confirm the code '
+                     f"<b><code>{escape(user_code)}</code></b></p>"))
+
+
+# ---------------------------------------------------------------------------
+# Flows
+# ---------------------------------------------------------------------------
+
+
+class BaseFlow:
+    """Shared token lifecycle, caching, and persistence.
+
+    Use `DeviceFlow` or `CodeFlow`, or the convenience function
+    `authenticate`. Instances are per host and per subclass:
+    ``DeviceFlow(h) is DeviceFlow(h)``. Each construction applies its
+    arguments, so a later call with another ``store`` or ``timeout`` is
+    honoured. Tokens live in a `TokenStore` shared by all flows of a host.
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the application server.
+    config : Config or None
+        Full configuration object. When provided, ``host`` and the routing
+        keyword arguments are ignored.
+    store : TokenStore or None
+        Custom token store instance. A shared default store is used when None.
+    login_route : str
+        Server path for the authorization code login endpoint.
+    token_route : str
+        Server path for the token exchange endpoint.
+    device_route : str
+        Server path for the device authorization endpoint.
+    redirect_ports : list of int or None
+        Ports to try for the local callback server (code flow only).
+    timeout : int or None
+        HTTP and polling timeout in seconds.
+    """
+
+    _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
+    _OPTIONS: ClassVar[frozenset[str]] = frozenset({
+        "store", "login_route", "token_route", "device_route", "redirect_ports",
+        "timeout", "app_name", "token_env_var", "interactive",
+    })
+
+    def __new__(cls: type[_F], host: str = "", config: Config | None = None,
+                **kwargs: Any) -> _F:
+        """Return the one instance of this class for the host."""
+        key = (cls, _host_key(config.host if config is not None else host))
+        instance = cls._instances.get(key)
+        if instance is None:
+            instance = cls._instances[key] = super().__new__(cls)
+        return cast("_F", instance)
+
+    def __init__(self, host: str = "", config: Config | None = None, **kwargs: Any) -> None:
+        unknown = set(kwargs) - self._OPTIONS
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        if config is None:
+            options = {k: v for k, v in kwargs.items()
+                       if k in ("login_route", "token_route", "device_route",
+                                "app_name", "token_env_var")}
+            ports = kwargs.get("redirect_ports")
+            config = Config(host=host, **options)
+            if ports is not None:
+                config.redirect_ports = list(ports)
+        self.config = config
+        self.host = _host_key(config.host)
+        self.timeout: int | None = _check_timeout(kwargs.get("timeout", 30))
+        _check_ports(config.redirect_ports)
+        self._store: TokenStore | None = kwargs.get("store")
+        self._session: _Session | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.host!r})"
+
+    @classmethod
+    def reset_instances(cls) -> None:
+        """Clear all cached per host instances (useful in tests)."""
+        BaseFlow._instances.clear()
+
+    @property
+    def store(self) -> TokenStore:
+        """The token store in use: the ``OIDC_TOKEN_FILE`` file when set."""
+        if os.environ.get(self.config.token_env_var):
+            return _default_store(self.config.app_name, self.config.token_env_var)
+        return self._store or _default_store(self.config.app_name)
+
+    @property
+    def session(self) -> _Session:
+        """The HTTP session: this module's own small ``urllib`` session, not httpx."""
+        if self._session is None or self._session.timeout != min(
+            self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT
+        ):
+            self._session = _Session(self.timeout)
+        return self._session
+
+    @property
+    def token(self) -> Token | None:
+        """The cached token for this host, or None (expired entries are pruned).
+
+        Returns
+        -------
+        Token or None
+            The cached token, or ``None`` if no usable entry exists.
+        """
+        return self.store.get(self.host)
+
+    async def refresh(self, refresh_token: str) -> Token:
+        """Obtain a new access token using a refresh token.
+
+        Parameters
+        ----------
+        refresh_token : str
+            The refresh token from a previous authentication.
+
+        Returns
+        -------
+        Token
+            A fresh token with updated expiry times.
+
+        Raises
+        ------
+        AuthError
+            If the refresh request fails (e.g. token revoked).
+        """
+        previous = self.store.get(self.host)
+        if previous is not None and previous["refresh_token"] != refresh_token:
+            previous = None
+        token = await self._refresh_request(refresh_token, previous)
+        self.store.put(self.host, token)
+        return token
+
+    async def authenticate(self, *, force: bool = False) -> Token:
+        """Return a cached or refreshed token, else log in interactively.
+
+        Parameters
+        ----------
+        force : bool
+            Skip the cache and force a new interactive login.
+
+        Returns
+        -------
+        Token
+            The authentication token.
+        """
+        if not force:
+            token = await self._cached_or_refreshed()
+            if token is not None:
+                return token
+        return await self._interactive_login()
+
+    # -- Internals --
+
+    def _url(self, route: str) -> str:
+        if route.startswith(("http://", "https://")):
+            return route
+        return self.host + "/" + route.lstrip("/")
+
+    async def _interactive_login(self) -> Token:
+        raise NotImplementedError
+
+    async def _cached_or_refreshed(self) -> Token | None:
+        """The cached token if valid, else a refreshed one; None when a login is needed."""
+        token = self.store.get(self.host)
+        if token is None:
+            return None
+        if _access_valid(token):
+            return token
+        if not _refresh_valid(token):
+            return None
+        import asyncio
+
+        store = self.store
+        key = "" if store._single else self.host
+        lock = _FileLock(store.path + ".lock")
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            # Another process may have refreshed while we waited for the lock.
+            current = store._update_locked(lambda entries: None).get(key)
+            if current is None or _access_valid(current):
+                return current
+            if not _refresh_valid(current):
+                return None
+            try:
+                token = await self._refresh_request(current["refresh_token"], current)
+            except AuthError as exc:
+                if exc.error in ("invalid_grant", "invalid_token") or (
+                    exc.status_code == 401 and not exc.error
+                ):
+                    logger.info("the refresh token for %s was refused (%s); a new login is "
+                                "needed", self.host, exc.error or exc.status_code)
+                    store._update_locked(lambda entries: entries.pop(key, None))
+                    return None
+                raise
+            store._update_locked(lambda entries: entries.__setitem__(key, token))
+            return token
+        finally:
+            lock.__exit__()
+
+    async def _refresh_request(self, refresh_token: str, previous: Token | None) -> Token:
+        # py-oidc-auth reads the refresh token from the hyphenated field "refresh-token".
+        raw = await self.session.post_form(
+            self._url(self.config.token_route),
+            {"refresh-token": refresh_token, "grant_type": "refresh-token"},
+            deadline=time.monotonic() + (self.timeout or _HTTP_TIMEOUT) * 2,
+        )
+        logger.debug("refreshed the token for %s", self.host)
+        return _make_token(raw, previous)
+
+    def _save(self, token: Token) -> Token:
+        self.store.put(self.host, token)
+        return token
+
+
+def _check_timeout(timeout: object) -> int | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+    return cast(int, timeout)
+
+
+def _check_ports(ports: Sequence[int]) -> None:
+    if not ports:
+        raise ValueError("redirect_ports must name at least one port")
+    for port in ports:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"redirect_ports must be integers from 0 to 65535, not {port!r}")
+
+
+class DeviceFlow(BaseFlow):
+    """OAuth 2.0 Device Authorization Grant (RFC 8628).
+
+    Best suited for CLI tools, headless servers and batch environments: the
+    user opens a URL on any device, confirms a short code, and the client
+    polls until approval.
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the application server.
+    config : Config or None
+        Full configuration object. Overrides host and keyword arguments.
+    store : TokenStore or None
+        Custom token store. Shared default when None.
+    timeout : int or None
+        Maximum seconds to wait for user approval during polling.
+    interactive : bool or None
+        Whether to show a countdown and attempt to open the browser. None
+        auto detects based on the terminal environment.
+
+    Examples
+    --------
+    >>> flow = DeviceFlow("https://myapp.example.com", timeout=120)  # doctest: +SKIP
+    >>> token = await flow.authenticate()  # doctest: +SKIP
+
+    Step by step:
+
+    >>> code = await flow.get_device_code()  # doctest: +SKIP
+    >>> print(f"Open {code['uri']} and enter {code['user_code']}")  # doctest: +SKIP
+    >>> token = await flow.poll(code["device_code"], code["interval"])  # doctest: +SKIP
+    """
+
+    def __init__(self, host: str = "", config: Config | None = None, **kwargs: Any) -> None:
+        super().__init__(host, config, **kwargs)
+        self.interactive: bool | None = kwargs.get("interactive")
+        self._auto_open = True
+        if not hasattr(self, "_device_deadlines"):  # survives a re-construction
+            self._device_deadlines: dict[str, float] = {}
+
+    async def authenticate(self, *, force: bool = False, auto_open: bool = True) -> Token:
+        """Run the full device flow and return a token.
+
+        A valid cached access token is returned at once, an expired one is
+        refreshed, and only then is a device login started.
+
+        Parameters
+        ----------
+        force : bool
+            Skip the cache and force a new interactive login.
+        auto_open : bool
+            Attempt to open the verification URL in the default browser.
+
+        Returns
+        -------
+        Token
+            The authentication token.
+
+        Raises
+        ------
+        AuthError
+            If the flow fails, times out, or the user denies access.
+        """
+        self._auto_open = auto_open
+        return await super().authenticate(force=force)
+
+    async def get_device_code(self) -> DeviceCode:
+        """Request a new device code from the authorization server.
+
+        Returns
+        -------
+        DeviceCode
+            Contains ``uri``, ``user_code``, ``device_code`` and ``interval``.
+
+        Raises
+        ------
+        AuthError
+            If the device authorization endpoint is unavailable or returns an
+            invalid response.
+        """
+        url = self._url(self.config.device_route)
+        try:
+            raw = await self.session.post_form(url, {})
+        except AuthError as exc:
+            if exc.status_code in _NO_DEVICE_STATUS or (
+                exc.status_code == 502 and "device" in exc.message.lower()
+            ):
+                raise _NoDeviceFlow(f"{self.host} does not offer the device flow ({exc.message})",
+                                    exc.detail, exc.status_code) from None
+            raise
+        try:
+            code: DeviceCode = {
+                "uri": str(raw.get("verification_uri_complete") or raw["verification_uri"]),
+                "user_code": str(raw["user_code"]),
+                "device_code": str(raw["device_code"]),
+                "interval": max(1, int(raw.get("interval") or 5)),
+            }
+            expires_in = float(raw.get("expires_in") or 600)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AuthError(f"POST {url}: device answer lacks or garbles {exc}",
+                            status_code=502) from None
+        self._device_deadlines[code["device_code"]] = time.monotonic() + expires_in
+        return code
+
+    async def poll(self, device_code: str, interval: int = 5) -> Token:
+        """Poll the token endpoint until the user approves or denies.
+
+        Never polls faster than *interval*, adds 5 s on every ``slow_down``,
+        and stops at once on ``access_denied`` or ``expired_token``. Waits at
+        most until the device code expires or ``timeout`` passes.
+
+        Parameters
+        ----------
+        device_code : str
+            The ``device_code`` obtained from `get_device_code`.
+        interval : int
+            Minimum seconds between poll requests.
+
+        Returns
+        -------
+        Token
+            The authentication token after user approval.
+
+        Raises
+        ------
+        AuthError
+            On timeout, denial (``access_denied``), or token expiry.
+        """
+        start = time.monotonic()
+        deadline = self._device_deadlines.pop(device_code, start + 1800)
+        if self.timeout is not None:
+            deadline = min(deadline, start + self.timeout)
+        interval = max(1, int(interval))
+        show = self._show_countdown()
+        url = self._url(self.config.token_route)
+        form = {"device-code": device_code, "grant_type": "device-code"}
+        try:
+            while True:
+                if time.monotonic() + interval > deadline:
+                    await _countdown(deadline - time.monotonic(), deadline, show)
+                    raise AuthError(
+                        f"Gave up waiting for the login to {self.host} to be approved "
+                        f"after {time.monotonic() - start:.0f} s",
+                        {"error": "timeout"}, 408,
+                    )
+                await _countdown(interval, deadline, show)
+                try:
+                    raw = await self.session.post_form(url, form, deadline=deadline)
+                except AuthError as exc:
+                    if exc.error == "authorization_pending":
+                        continue
+                    if exc.error == "slow_down":  # RFC 8628, 3.5
+                        interval += 5
+                        logger.debug("slow_down: polling every %d s now", interval)
+                        continue
+                    if exc.error == "access_denied":
+                        raise AuthError(f"The login to {self.host} was denied",
+                                        exc.detail, exc.status_code) from None
+                    if exc.error == "expired_token":
+                        raise AuthError(
+                            f"The device code for {self.host} expired before it was approved; "
+                            "start the login again", exc.detail, exc.status_code) from None
+                    raise
+                return self._save(_make_token(raw))
+        finally:
+            if show:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+
+    # -- Internals --
+
+    def _show_countdown(self) -> bool:
+        if self.interactive is not None:
+            return self.interactive and sys.stderr.isatty()
+        return sys.stderr is not None and sys.stderr.isatty()
+
+    async def _interactive_login(self) -> Token:
+        code = await self.get_device_code()
+        _show_device_code(self.host, code)
+        interactive = self.interactive if self.interactive is not None else True
+        if self._auto_open and interactive and _can_open_browser():
+            _open_browser(code["uri"])
+        return await self.poll(code["device_code"], code["interval"])
+
+
+async def _countdown(seconds: float, deadline: float, show: bool) -> None:
+    """Sleep *seconds*; on a terminal, show the time left until *deadline*."""
+    end = time.monotonic() + max(0.0, seconds)
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            return
+        if show:
+            left = max(0, int(deadline - now))
+            sys.stderr.write(f"\r\033[KWaiting for approval... {left // 60}:{left % 60:02d} left")
+            sys.stderr.flush()
+        await _sleep(min(1.0, end - now))
+
+
+class CodeFlow(BaseFlow):
+    """OAuth 2.0 Authorization Code Grant with PKCE.
+
+    Opens the provider's login page in a local browser, receives the
+    callback on a loopback HTTP server (RFC 8252) and exchanges the code for
+    tokens.  Best suited for desktops; on a remote machine it prints the
+    ``ssh -L`` command that forwards the callback port.
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the application server.
+    config : Config or None
+        Full configuration object. Overrides host and keyword arguments.
+    store : TokenStore or None
+        Custom token store. Shared default when None.
+    timeout : int or None
+        Maximum seconds to wait for the user to complete the browser login.
+
+    Examples
+    --------
+    >>> flow = CodeFlow("https://myapp.example.com", timeout=120)  # doctest: +SKIP
+    >>> token = await flow.authenticate()  # doctest: +SKIP
+    """
+
+    async def authenticate(self, *, force: bool = False) -> Token:
+        """Run the authorization code flow and return a token.
+
+        Checks cached tokens first. Falls back to a browser based login when
+        no valid tokens are available.
+
+        Parameters
+        ----------
+        force : bool
+            Skip the cache and force a new interactive login.
+
+        Returns
+        -------
+        Token
+            The authentication token.
+
+        Raises
+        ------
+        AuthError
+            If the login times out or the code exchange fails.
+        """
+        return await super().authenticate(force=force)
+
+    async def _interactive_login(self) -> Token:
+        import asyncio
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[dict[str, str]] = loop.create_future()
+        server = _start_callback_server(self.config.redirect_ports, loop, result)
+        try:
+            port = server.server_address[1]
+            redirect_uri = f"http://localhost:{port}/callback"
+            query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
+                               "prompt": "consent"})
+            login_url = f"{self._url(self.config.login_route)}?{query}"
+            # Learn the provider URL and its state without following the redirect.
+            resp = await self.session.request("GET", login_url, follow=False)
+            location = resp.headers.get("Location") or resp.headers.get("location") or ""
+            if not 300 <= resp.status < 400 or not location:
+                payload: Any = None
+                try:
+                    payload = resp.json()
+                except ValueError:
+                    pass
+                error = _http_error(resp, payload)
+                raise AuthError(f"The login route did not redirect to a login page: "
+                                f"{error.message}", error.detail, error.status_code)
+            state = parse_qs(urlsplit(location).query).get("state", [""])[0]
+            if not state:
+                raise AuthError(f"{login_url} redirected to a login page without a state",
+                                status_code=502)
+            server.expected_state = state
+            self._tell_user(location, port)
+            if _can_open_browser():
+                _open_browser(location)
+            try:
+                params = await asyncio.wait_for(result, self.timeout)
+            except asyncio.TimeoutError:
+                raise AuthError(f"No login to {self.host} was completed within {self.timeout} s",
+                                {"error": "timeout"}, 408) from None
+        finally:
+            await asyncio.to_thread(_stop_server, server)
+        if "error" in params:
+            description = params.get("error_description", "")
+            raise AuthError(
+                f"The login to {self.host} failed: {params['error']}"
+                + (f": {description}" if description else ""),
+                {"error": params["error"], "error_description": description}, 400)
+        # py-oidc-auth's state is "random|redirect_uri|code_verifier".
+        parts = state.split("|", 2)
+        form = {"code": params["code"], "redirect_uri": redirect_uri,
+                "grant_type": "authorization_code"}
+        if len(parts) == 3:
+            form["code_verifier"] = parts[2]
+        raw = await self.session.post_form(self._url(self.config.token_route), form)
+        return self._save(_make_token(raw))
+
+    def _tell_user(self, url: str, port: int) -> None:
+        _say(f"To log in to {self.host}, open this URL in a browser:\n    {url}")
+        if _is_remote():
+            _say(f"This is a remote session: forward the callback port first, on your own "
+                 f"machine run\n    ssh -L {port}:localhost:{port} <this-host>")
+
+
+# -- Loopback callback server (RFC 8252, 7.3) --
+
+_PAGE = ("<!doctype html><meta charset=utf-8><title>{title}</title>"
+         "<body style='font-family:sans-serif;margin:3em'><h1>{title}</h1><p>{text}</p>")
+
+
+def _start_callback_server(
+    ports: Sequence[int], loop: asyncio.AbstractEventLoop, result: asyncio.Future[dict[str, str]]
+) -> _CallbackServerType:
+    """Bind the first free port of *ports* on 127.0.0.1 and serve in a daemon thread."""
+    import threading
+
+    server_class = _callback_classes()
+    errors = []
+    for port in ports:
+        try:
+            server = server_class(("127.0.0.1", port), loop, result)
+            break
+        except OSError as exc:
+            errors.append(f"{port}: {exc.strerror}")
+    else:
+        raise AuthError("No free port for the login callback (" + "; ".join(errors)
+                        + "); pass other redirect_ports")
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="oidc-callback",
+                     daemon=True).start()
+    return server
+
+
+def _stop_server(server: HTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+if TYPE_CHECKING:
+
+    class _CallbackServerType(HTTPServer):
+        expected_state: str
+
+        def __init__(self, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
+                     result: asyncio.Future[dict[str, str]]) -> None: ...
+
+
+_CLASSES: list[Any] = []
+
+
+def _callback_classes() -> type[_CallbackServerType]:
+    """Define the handler and server classes on first use (http.server is imported late)."""
+    if _CLASSES:
+        return cast("type[_CallbackServerType]", _CLASSES[0])
+    import hmac
+    from html import escape
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    class _CallbackServer(HTTPServer):
+        allow_reuse_address = sys.platform != "win32"  # on Windows it allows port stealing
+
+        def __init__(self, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
+                     result: asyncio.Future[dict[str, str]]) -> None:
+            super().__init__(address, _CallbackHandler)
+            self.loop, self.result, self.expected_state = loop, result, ""
+
+        def deliver(self, params: dict[str, str]) -> None:
+            def _set() -> None:
+                if not self.result.done():
+                    self.result.set_result(params)
+
+            self.loop.call_soon_threadsafe(_set)
+
+    class _CallbackHandler(BaseHTTPRequestHandler):
+        server: _CallbackServer
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            if parts.path != "/callback":
+                self._page(404, "Not found", "This address only receives login callbacks.")
+                return
+            query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+            state, expected = query.get("state", ""), self.server.expected_state
+            good_state = bool(expected) and hmac.compare_digest(state.encode(), expected.encode())
+            if self.server.result.done():
+                self._page(409, "Already done", "This login has already finished.")
+            elif "error" in query and (good_state or not state):
+                description = query.get("error_description", "")
+                self._page(400, "Login failed", f"{query['error']}: {description}")
+                self.server.deliver({"error": query["error"], "error_description": description})
+            elif not good_state:
+                # Not our login: refuse it, never exchange its code, keep waiting.
+                self._page(400, "Login not accepted",
+                           "This callback does not belong to the waiting login (state "
+                           "mismatch). Start the login again from your terminal.")
+            elif not query.get("code"):
+                self._page(400, "Login failed", "The callback carries no code.")
+            else:
+                self._page(200, "Login successful", "You can close this window and return "
+                           "to your terminal.")
+                self.server.deliver({"code": query["code"]})
+
+        def _page(self, status: int, title: str, text: str) -> None:
+            body = _PAGE.format(title=escape(title), text=escape(text)).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # The request line holds the code: log the path only.
+            logger.debug("callback server: %s", urlsplit(self.path).path)
+
+    _CLASSES.append(_CallbackServer)
+    return cast("type[_CallbackServerType]", _CallbackServer)
+
+
+# ---------------------------------------------------------------------------
+# authenticate
+# ---------------------------------------------------------------------------
+
+
+def authenticate(
+    host: str,
+    *,
+    login_route: str = "/auth/v2/login",
+    token_route: str = "/auth/v2/token",
+    device_route: str = "/auth/v2/device",
+    redirect_ports: list[int] | None = None,
+    store: TokenStore | None = None,
+    app_name: str = "py-oidc-auth",
+    force: bool = False,
+    timeout: int | None = 30,
+) -> Token:
+    """Authenticate to an OIDC protected server and return a token.
+
+    1. A valid cached access token for *host* is returned at once.
+    2. An expired one is refreshed with its refresh token.
+    3. Otherwise an interactive login starts: the device flow, or the
+       authorization code flow (local browser) when the server has no device
+       flow. Where nobody can answer a login (a batch job, no terminal) an
+       `AuthError` says what to do instead.
+
+    Tokens are stored per host, so several servers can be used side by side.
+    Works in scripts and inside a running event loop (Jupyter).
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the application server (e.g. ``"https://myapp.example.com"``).
+    login_route : str
+        Server side route for the authorization code login endpoint.
+    token_route : str
+        Server side route for the token exchange endpoint.
+    device_route : str
+        Server side route for the device authorization endpoint.
+    redirect_ports : list of int, optional
+        Ports to try for the local callback server. Defaults to
+        ``[53100, 53101, 53102, 53103, 53104, 53105]``.
+    store : TokenStore or None
+        Custom `TokenStore`. When None a default store in the platform cache
+        directory is used (e.g. ``~/.cache/<app_name>/token-store.json``).
+    app_name : str
+        Application name for the cache directory. Only used when ``store`` is
+        None.
+    force : bool
+        Skip the cache and force a fresh interactive login.
+    timeout : int or None
+        Maximum seconds to wait for the user to complete the login. None
+        waits indefinitely.
+
+    Returns
+    -------
+    Token
+        A token dict; ``token["headers"]`` is ready to use:
+        ``{"Authorization": "Bearer eyJ..."}``.
+
+    Raises
+    ------
+    AuthError
+        If authentication fails (timeout, user denial, server error, or no
+        interactive session available in a batch environment).
+
+    Examples
+    --------
+    >>> token = authenticate(host="https://myapp.example.com")  # doctest: +SKIP
+    >>> token = authenticate("https://myapp.example.com", force=True)  # doctest: +SKIP
+    >>> token = authenticate("https://myapp.example.com", app_name="my-project")  # doctest: +SKIP
+    """
+    if not force:
+        # The hot path: no flow objects, no asyncio, no network.
+        if os.environ.get("OIDC_TOKEN_FILE"):
+            store_in_use = _default_store(app_name, "OIDC_TOKEN_FILE")
+        else:
+            store_in_use = store or _default_store(app_name)
+        token = store_in_use.get(host)
+        if token is not None and _access_valid(token):
+            return token
+    return _run_sync(authenticate_async(
+        host, login_route=login_route, token_route=token_route, device_route=device_route,
+        redirect_ports=redirect_ports, store=store, app_name=app_name, force=force,
+        timeout=timeout,
+    ))
+
+
+async def authenticate_async(
+    host: str,
+    *,
+    login_route: str = "/auth/v2/login",
+    token_route: str = "/auth/v2/token",
+    device_route: str = "/auth/v2/device",
+    redirect_ports: list[int] | None = None,
+    store: TokenStore | None = None,
+    app_name: str = "py-oidc-auth",
+    force: bool = False,
+    timeout: int | None = 30,
+) -> Token:
+    """Async version of `authenticate`, for code already inside an event loop.
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the application server.
+    login_route : str
+        Server side route for the authorization code login endpoint.
+    token_route : str
+        Server side route for the token exchange endpoint.
+    device_route : str
+        Server side route for the device authorization endpoint.
+    redirect_ports : list of int, optional
+        Ports to try for the local callback server.
+    store : TokenStore or None
+        Custom token store. Shared default when None.
+    app_name : str
+        Application name for the cache directory.
+    force : bool
+        Skip the cache and force a fresh login.
+    timeout : int or None
+        Maximum seconds to wait for user approval.
+
+    Returns
+    -------
+    Token
+        The authentication token.
+
+    Raises
+    ------
+    AuthError
+        If authentication fails.
+    """
+    config = Config(host=host, app_name=app_name, login_route=login_route,
+                    token_route=token_route, device_route=device_route)
+    if redirect_ports is not None:
+        config.redirect_ports = list(redirect_ports)
+    device = DeviceFlow(config=config, store=store, timeout=timeout)
+    if not force:
+        token = await device._cached_or_refreshed()
+        if token is not None:
+            return token
+    reason = _no_login_reason()
+    if reason:
+        raise AuthError(
+            f"Not logged in to {device.host}, and {reason}. Log in once on a workstation "
+            f"(python -m py_oidc_auth_client {device.host}); in a batch job, point "
+            f"{config.token_env_var} at a token file made there "
+            f"(python -m py_oidc_auth_client {device.host} --json > token.json).",
+            {"error": "login_required"}, 401,
+        )
+    try:
+        return await device._interactive_login()
+    except _NoDeviceFlow as exc:
+        logger.debug("%s; using the code flow", exc.message)
+    code = CodeFlow(config=config, store=store, timeout=timeout)
+    return await code._interactive_login()
+
+
+def _run_sync(coro: Coroutine[Any, Any, Token]) -> Token:
+    """Run *coro* to completion, also when the caller's thread runs a loop (Jupyter)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="oidc-auth") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``oidc-auth`` command line; return its exit code.
+
+    Exit codes: 0 success, 1 authentication failure, 2 usage error,
+    130 interrupted.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="oidc-auth",
+        description="Log in to a py-oidc-auth server (or use the cached token) and print it.",
+        epilog="examples:\n  oidc-auth https://myapp.example.com\n"
+               "  oidc-auth https://myapp.example.com --json > token.json\n"
+               "  oidc-auth --list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("host", nargs="?", help="base URL of the server")
+    parser.add_argument("--timeout", type=int, default=30,
+                        help="seconds to wait for the login (default: 30; 0 waits forever)")
+    parser.add_argument("--force", action="store_true", help="log in even if a token is cached")
+    parser.add_argument("--json", action="store_true", help="print the token as JSON on stdout")
+    parser.add_argument("--list", action="store_true", help="list the hosts with cached tokens")
+    parser.add_argument("--clear", action="store_true", help="remove all cached tokens")
+    parser.add_argument("--remove", metavar="HOST", help="remove the cached token of HOST")
+    parser.add_argument("--app-name", default="py-oidc-auth",
+                        help="cache directory name (default: py-oidc-auth)")
+    parser.add_argument("-l", "--login-route", default="/auth/v2/login")
+    parser.add_argument("-t", "--token-route", default="/auth/v2/token")
+    parser.add_argument("-d", "--device-route", default="/auth/v2/device")
+    parser.add_argument("-p", "--ports", type=int, nargs="+", metavar="PORT",
+                        help="ports to try for the login callback")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = parser.parse_args(argv)
+    if not (args.host or args.list or args.clear or args.remove):
+        parser.error("give a HOST, or one of --list, --clear, --remove HOST")
+    if args.timeout < 0:
+        parser.error("--timeout must be 0 or more")
+    logging.basicConfig(level=logging.WARNING, format="oidc-auth: %(message)s")
+    try:
+        return _cli(args)
+    except AuthError as exc:
+        print(f"oidc-auth: error: {exc.message}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"oidc-auth: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oidc-auth: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cli(args: Any) -> int:
+    store = _default_store(args.app_name)
+    if args.clear:
+        store.clear()
+        _say(f"Removed all tokens from {store.path}")
+    if args.remove:
+        removed = store.remove(args.remove)
+        _say(f"{'Removed' if removed else 'No token for'} {_host_key(args.remove)}")
+    if args.list:
+        now = time.time()
+        for host in store.hosts():
+            token = store.get(host)
+            if token is not None:
+                print(f"{host}\taccess {_left(token['expires'], now)}\t"
+                      f"refresh {_left(token['refresh_expires'], now)}")
+    if not args.host:
+        return 0
+    token = authenticate(
+        args.host, login_route=args.login_route, token_route=args.token_route,
+        device_route=args.device_route, redirect_ports=args.ports, force=args.force,
+        app_name=args.app_name, timeout=args.timeout or None,
+    )
+    if args.json:
+        print(json.dumps(token, indent=2))
+    else:
+        print(f"Logged in to {_host_key(args.host)}: access token valid "
+              f"{_left(token['expires'], time.time())}, refresh token "
+              f"{_left(token['refresh_expires'], time.time())}")
+    return 0
+
+
+def _left(timestamp: int, now: float) -> str:
+    seconds = int(timestamp - now)
+    if seconds <= 0:
+        return "expired"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"for {seconds // size} {unit}"
+    return f"for {seconds} s"
+
+
+# ---------------------------------------------------------------------------
+# Submodule aliases: the reference's import paths keep working
+# ---------------------------------------------------------------------------
+
+_ALIASES = ("exceptions", "flows", "utils", "token_store", "schema")
+for _alias in _ALIASES:
+    sys.modules.setdefault(f"{__name__}.{_alias}", sys.modules[__name__])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ALIASES:
+        return sys.modules[__name__]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
