@@ -1933,6 +1933,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give a HOST, or one of --list, --clear, --remove HOST")
     if args.timeout < 0:
         parser.error("--timeout must be 0 or more")
+    for host in (args.host, args.remove):
+        try:
+            if host:
+                _host_key(host)
+        except AuthError as exc:
+            parser.error(exc.message)
     logging.basicConfig(level=logging.WARNING, format="oidc-auth: %(message)s")
     try:
         return _cli(args)
