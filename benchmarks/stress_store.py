@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import py_oidc_auth_client as oac  # noqa: E402
+import py_oidc_auth_client as oac
 
 WRITERS, ROUNDS = 16, 20
 REFRESHERS = 32

@@ -9,6 +9,7 @@ environment variables:
 ``APP_CLIENT_SECRET`` its secret; empty or unset: a public client
 ``APP_PREFIX``        prefix for every route, e.g. ``/api/v1`` (default none)
 ``APP_SCOPES``        scopes the server asks for (default ``profile email``)
+``APP_DEVICE_ROUTE``  ``0``: leave out the device route (a server without device flow)
 
 Routes (under the prefix): the standard ``/auth/v2/*`` routes of ``py-oidc-auth``,
 ``GET /protected`` (``auth.required()``, answers the caller's claims), and two
@@ -39,6 +40,7 @@ CLIENT_ID = os.environ.get("APP_CLIENT_ID", "py-oidc-auth")
 CLIENT_SECRET = os.environ.get("APP_CLIENT_SECRET") or None
 PREFIX = os.environ.get("APP_PREFIX", "").rstrip("/")
 SCOPES = os.environ.get("APP_SCOPES", "profile email")
+DEVICE_ROUTE = os.environ.get("APP_DEVICE_ROUTE", "1") not in ("0", "false", "no", "off")
 
 TEST_ROUTE = f"{PREFIX}/__test/requests"
 _PORT_BOUND = 0  # set by main() once the socket is bound
@@ -60,7 +62,9 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="py-oidc-auth test app", lifespan=_lifespan)
-app.include_router(auth.create_auth_router(prefix=PREFIX))
+app.include_router(
+    auth.create_auth_router(prefix=PREFIX, device_flow="/auth/v2/device" if DEVICE_ROUTE else None)
+)
 
 _requests: List[Dict[str, Any]] = []
 
