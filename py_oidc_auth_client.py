@@ -28,7 +28,6 @@ From the shell::
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
 
 if TYPE_CHECKING:
     import asyncio
+    import logging
     from collections.abc import Callable, Coroutine, Sequence
     from http.server import HTTPServer
 
@@ -62,7 +62,14 @@ __all__ = [
     "main",
 ]
 
-logger = logging.getLogger(__name__)
+
+
+def _logger() -> logging.Logger:
+    """The module's logger; logging is imported only when something is logged."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 _DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
 _MAX_BODY = 1 << 20  # 1 MiB: no token answer is anywhere near this
@@ -442,7 +449,7 @@ class _Session:
                         exc.detail,
                         exc.status_code,
                     ) from None
-                logger.debug("retrying in %.1f s after: %s", delay, exc.message)
+                _logger().debug("retrying in %.1f s after: %s", delay, exc.message)
                 await _sleep(delay)
 
 
@@ -795,7 +802,7 @@ class TokenStore:
             except OSError as exc:
                 raise AuthError(f"Token store {self.path} {bad} and cannot be moved aside: {exc}"
                                 ) from None
-            logger.warning("Token store %s %s; moved it to %s and kept %d good entries",
+            _logger().warning("Token store %s %s; moved it to %s and kept %d good entries",
                            self.path, bad, aside, len(entries))
             if entries:
                 self._write(entries)
@@ -851,7 +858,7 @@ class TokenStore:
     def _check_mode(self, mode: int) -> None:
         if mode & 0o077 and not self._warned_mode and sys.platform != "win32":
             self._warned_mode = True
-            logger.warning("Token store %s can be read or written by other users; "
+            _logger().warning("Token store %s can be read or written by other users; "
                            "fix with: chmod 600 %s", self.path, self.path)
 
 
@@ -1039,9 +1046,9 @@ def _open_browser(url: str) -> None:
     def _open() -> None:
         try:
             if not webbrowser.open(url):
-                logger.debug("no browser could be started")
+                _logger().debug("no browser could be started")
         except Exception as exc:  # a broken BROWSER setting must not end the login
-            logger.debug("opening the browser failed: %s", exc)
+            _logger().debug("opening the browser failed: %s", exc)
 
     threading.Thread(target=_open, name="oidc-browser", daemon=True).start()
 
@@ -1253,7 +1260,7 @@ class BaseFlow:
                 if exc.error in ("invalid_grant", "invalid_token") or (
                     exc.status_code == 401 and not exc.error
                 ):
-                    logger.info("the refresh token for %s was refused (%s); a new login is "
+                    _logger().info("the refresh token for %s was refused (%s); a new login is "
                                 "needed", self.host, exc.error or exc.status_code)
                     store._update_locked(lambda entries: entries.pop(key, None))
                     return None
@@ -1270,7 +1277,7 @@ class BaseFlow:
             {"refresh-token": refresh_token, "grant_type": "refresh-token"},
             deadline=time.monotonic() + (self.timeout or _HTTP_TIMEOUT) * 2,
         )
-        logger.debug("refreshed the token for %s", self.host)
+        _logger().debug("refreshed the token for %s", self.host)
         return _make_token(raw, previous)
 
     def _save(self, token: Token) -> Token:
@@ -1447,7 +1454,7 @@ class DeviceFlow(BaseFlow):
                         continue
                     if exc.error == "slow_down":  # RFC 8628, 3.5
                         interval += 5
-                        logger.debug("slow_down: polling every %d s now", interval)
+                        _logger().debug("slow_down: polling every %d s now", interval)
                         continue
                     if exc.error == "access_denied":
                         raise AuthError(f"The login to {self.host} was denied",
@@ -1712,7 +1719,7 @@ def _callback_classes() -> type[_CallbackServerType]:
 
         def log_message(self, format: str, *args: Any) -> None:
             # The request line holds the code: log the path only.
-            logger.debug("callback server: %s", urlsplit(self.path).path)
+            _logger().debug("callback server: %s", urlsplit(self.path).path)
 
     _CLASSES.append(_CallbackServer)
     return cast("type[_CallbackServerType]", _CallbackServer)
@@ -1872,7 +1879,7 @@ async def authenticate_async(
     try:
         return await device._interactive_login()
     except _NoDeviceFlow as exc:
-        logger.debug("%s; using the code flow", exc.message)
+        _logger().debug("%s; using the code flow", exc.message)
     code = CodeFlow(config=config, store=store, timeout=timeout)
     return await code._interactive_login()
 
@@ -1939,6 +1946,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _host_key(host)
         except AuthError as exc:
             parser.error(exc.message)
+    import logging
+
     logging.basicConfig(level=logging.WARNING, format="oidc-auth: %(message)s")
     try:
         return _cli(args)
