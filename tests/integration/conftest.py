@@ -29,8 +29,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import webbrowser
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable
 
 import pytest
 
@@ -51,7 +52,6 @@ BATCH_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID", "LSB_JOBID", "OAR_JOB_
 sys.path.insert(0, str(STACK_DIR))
 import human  # noqa: E402  (tests/stack is not a package)
 
-
 # -- Collection ---------------------------------------------------------------
 
 
@@ -61,7 +61,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", "timeout(seconds): per-test time limit")
 
 
-def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.integration)
@@ -137,7 +137,7 @@ class StackConfig:
     device: bool = True  # the provider offers the device grant
     app_device_route: bool = True  # the app has its /auth/v2/device route
     slow_down: int = 0
-    device_interval: Optional[int] = 1  # None: the provider sends none (app says 5)
+    device_interval: int | None = 1  # None: the provider sends none (app says 5)
     device_ttl: int = 600
     prefix: str = ""
     public: bool = False
@@ -146,7 +146,7 @@ class StackConfig:
 class _Server:
     """A child process in its own process group, its output in a private file."""
 
-    def __init__(self, name: str, argv: List[str], env: Dict[str, str], logdir: Path,
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logdir: Path,
                  ready: str, cwd: Path) -> None:
         self.name = name
         self.out = logdir / f"{name}.out"
@@ -194,8 +194,8 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _call(method: str, url: str, form: Optional[Dict[str, str]] = None,
-          headers: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
+def _call(method: str, url: str, form: dict[str, str] | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = urllib.parse.urlencode(form).encode() if form is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
@@ -249,7 +249,7 @@ class Stack:
     # -- routes ------------------------------------------------------------
 
     @property
-    def routes(self) -> Dict[str, str]:
+    def routes(self) -> dict[str, str]:
         """The client's route arguments for this app, prefix included."""
         p = self.config.prefix
         return {
@@ -258,11 +258,11 @@ class Stack:
             "device_route": f"{p}/auth/v2/device",
         }
 
-    def protected(self, token: Dict[str, Any]) -> Tuple[int, Any]:
+    def protected(self, token: dict[str, Any]) -> tuple[int, Any]:
         """GET the protected route with the token's own headers."""
         return _call("GET", f"{self.host}/protected", headers=dict(token["headers"]))
 
-    def requests(self) -> List[Dict[str, Any]]:
+    def requests(self) -> list[dict[str, Any]]:
         """Every request the app saw since the last reset (test routes excluded)."""
         status, body = _call("GET", f"{self.host}/__test/requests")
         assert status == 200, body
@@ -271,7 +271,7 @@ class Stack:
     def reset_requests(self) -> None:
         _call("DELETE", f"{self.host}/__test/requests")
 
-    def polls(self, device_code: Optional[str] = None) -> List[Dict[str, Any]]:
+    def polls(self, device_code: str | None = None) -> list[dict[str, Any]]:
         """Device-code polls seen by the provider (optionally of one device code)."""
         status, body = _call("GET", f"{self.issuer}/__test/polls")
         assert status == 200, body
@@ -292,7 +292,7 @@ class Stack:
         status, body = _call("POST", f"{self.issuer}/token/revocation", form, headers)
         assert status == 200, (status, body)
 
-    def exchange_code(self, code: str, state: str) -> Tuple[int, Any]:
+    def exchange_code(self, code: str, state: str) -> tuple[int, Any]:
         """Exchange a code at the app as the client would (state = rnd|redirect|verifier)."""
         _, redirect_uri, verifier = state.split("|", 2)
         form = {"code": code, "redirect_uri": redirect_uri, "code_verifier": verifier,
@@ -305,8 +305,10 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack_factory(node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[StackConfig], Stack]]:
-    stacks: Dict[StackConfig, Stack] = {}
+def stack_factory(
+    node: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[StackConfig], Stack]]:
+    stacks: dict[StackConfig, Stack] = {}
 
     def get(config: StackConfig) -> Stack:
         if config not in stacks:
@@ -319,7 +321,9 @@ def stack_factory(node: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture
-def make_stack(stack_factory: Callable[[StackConfig], Stack], request: pytest.FixtureRequest) -> Callable[..., Stack]:
+def make_stack(
+    stack_factory: Callable[[StackConfig], Stack], request: pytest.FixtureRequest
+) -> Callable[..., Stack]:
     """``make_stack(access_ttl=4, ...)``: the running stack of that variant."""
 
     def make(**options: Any) -> Stack:
@@ -403,7 +407,7 @@ class Browser:
         self._mp.setenv("OIDC_TEST_BROWSER_DELAY", str(delay))
         self._mp.setenv("OIDC_TEST_BROWSER_TIMEOUT", "30")
 
-    def events(self, event: Optional[str] = None) -> List[Dict[str, Any]]:
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
         if not self.log.exists():
             return []
         items = [json.loads(line) for line in self.log.read_text().splitlines() if line]
@@ -413,7 +417,7 @@ class Browser:
     def launches(self) -> int:
         return len(self.events("launch"))
 
-    def wait_done(self, count: int = 1, timeout: float = 20) -> List[Dict[str, Any]]:
+    def wait_done(self, count: int = 1, timeout: float = 20) -> list[dict[str, Any]]:
         """Wait until ``count`` browser workers have finished; return all events."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -422,12 +426,14 @@ class Browser:
             time.sleep(0.05)
         raise AssertionError(f"browser workers did not finish: {self.events()}")
 
-    def errors(self) -> List[Dict[str, Any]]:
+    def errors(self) -> list[dict[str, Any]]:
         return self.events("error")
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Browser:
+def browser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Browser:
     """Set BROWSER to the scripted browser (approving by default)."""
     log = tmp_path / "browser.jsonl"
     log.touch(mode=0o600)
@@ -448,16 +454,32 @@ def redirect_port() -> int:
 
 
 @pytest.fixture
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli(*args)``: ``python -m py_oidc_auth_client ARGS`` in this test's environment."""
+
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        env = dict(os.environ)  # HOME, XDG_CACHE_HOME, BROWSER... as the fixtures set them
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return subprocess.run(
+            [sys.executable, "-m", "py_oidc_auth_client", *args],
+            cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
 def person() -> Any:
     """The human, as importable functions (``tests/stack/human.py``)."""
     return human
 
 
 @pytest.fixture
-def expire() -> Callable[[Dict[str, Any]], None]:
+def expire() -> Callable[[dict[str, Any]], None]:
     """``expire(token)``: wait (bounded) until the access token has really expired."""
 
-    def wait(token: Dict[str, Any], limit: float = 30) -> None:
+    def wait(token: dict[str, Any], limit: float = 30) -> None:
         delay = token["expires"] + 0.5 - time.time()
         assert delay <= limit, f"refusing to wait {delay:.0f} s for the token to expire"
         if delay > 0:

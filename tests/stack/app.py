@@ -28,7 +28,8 @@ import os
 import socket
 import sys
 import time
-from typing import Any, AsyncIterator, Dict, List
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -66,7 +67,7 @@ app.include_router(
     auth.create_auth_router(prefix=PREFIX, device_flow="/auth/v2/device" if DEVICE_ROUTE else None)
 )
 
-_requests: List[Dict[str, Any]] = []
+_requests: list[dict[str, Any]] = []
 
 
 @app.middleware("http")
@@ -74,7 +75,7 @@ async def _record(request: Request, call_next: Any) -> Any:
     """Count every request, so tests can prove that a call made none."""
     if request.url.path == TEST_ROUTE:
         return await call_next(request)
-    entry: Dict[str, Any] = {
+    entry: dict[str, Any] = {
         "t": time.time(),
         "method": request.method,
         "path": request.url.path,
@@ -87,18 +88,18 @@ async def _record(request: Request, call_next: Any) -> Any:
 
 
 @app.get(f"{PREFIX}/protected")
-async def protected(token: IDToken = auth.required()) -> Dict[str, Any]:
+async def protected(token: Annotated[IDToken, auth.required()]) -> dict[str, Any]:
     """Answer the verified claims of the caller's access token."""
     return token.model_dump(exclude_none=True)
 
 
 @app.get(TEST_ROUTE)
-async def requests_seen() -> List[Dict[str, Any]]:
+async def requests_seen() -> list[dict[str, Any]]:
     return _requests
 
 
 @app.delete(TEST_ROUTE)
-async def forget_requests() -> List[Dict[str, Any]]:
+async def forget_requests() -> list[dict[str, Any]]:
     _requests.clear()
     return _requests
 

@@ -20,17 +20,18 @@ Steered by environment variables, read when the browser is opened:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict
+from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _log(event: Dict[str, Any]) -> None:
+def _log(event: dict[str, Any]) -> None:
     path = os.environ.get("OIDC_TEST_BROWSER_LOG")
     if not path:
         return
@@ -50,7 +51,7 @@ def _worker(url: str) -> int:
     action = os.environ.get("OIDC_TEST_BROWSER_ACTION", "approve")
     pid = os.getpid()
 
-    def record(event: Dict[str, Any]) -> None:
+    def record(event: dict[str, Any]) -> None:
         _log(dict(event, pid=pid))
 
     try:
@@ -83,8 +84,10 @@ def main(argv: list) -> int:
         sys.stderr.write("usage: browser.py URL\n")
         return 2
     log_path = os.environ.get("OIDC_TEST_BROWSER_LOG")
-    errors = open(log_path + ".stderr", "ab") if log_path else subprocess.DEVNULL
-    try:
+    with contextlib.ExitStack() as stack:
+        errors: Any = subprocess.DEVNULL
+        if log_path:
+            errors = stack.enter_context(open(log_path + ".stderr", "ab"))
         proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", argv[0]],
             stdin=subprocess.DEVNULL,
@@ -93,9 +96,6 @@ def main(argv: list) -> int:
             start_new_session=True,  # detached, as a real browser would be
             close_fds=True,
         )
-    finally:
-        if errors is not subprocess.DEVNULL:
-            errors.close()
     _log({"t": time.time(), "event": "launch", "pid": proc.pid})
     return 0
 

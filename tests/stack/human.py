@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 __all__ = ["HumanError", "approve_device", "deny_device", "visit"]
 
@@ -39,17 +39,17 @@ class HumanError(RuntimeError):
     """The provider's pages did not go the expected way."""
 
 
-Event = Dict[str, Any]
+Event = dict[str, Any]
 
 
 def approve_device(
-    uri: str, user_code: Optional[str] = None, *, user: str = "alice", timeout: float = 20
-) -> List[Event]:
+    uri: str, user_code: str | None = None, *, user: str = "alice", timeout: float = 20
+) -> list[Event]:
     """Approve a device login at ``uri`` (``verification_uri[_complete]``)."""
     return visit(_device_url(uri, user_code), action="approve", user=user, timeout=timeout)
 
 
-def deny_device(uri: str, user_code: Optional[str] = None, *, timeout: float = 20) -> List[Event]:
+def deny_device(uri: str, user_code: str | None = None, *, timeout: float = 20) -> list[Event]:
     """Deny a device login at ``uri`` ("Abort" on the confirmation page)."""
     return visit(_device_url(uri, user_code), action="deny", timeout=timeout)
 
@@ -61,12 +61,12 @@ def visit(
     user: str = "alice",
     tamper_state: bool = False,
     timeout: float = 20,
-    record: Optional[Callable[[Event], None]] = None,
-) -> List[Event]:
+    record: Callable[[Event], None] | None = None,
+) -> list[Event]:
     """Play the human for ``url``; see the module docstring."""
     if action not in ("approve", "deny"):
         raise ValueError(f"unknown action {action!r}")
-    events: List[Event] = []
+    events: list[Event] = []
 
     def note(event: str, **fields: Any) -> None:
         item = {"t": time.time(), "event": event, **fields}
@@ -96,7 +96,8 @@ def visit(
             if problem in body:
                 raise HumanError(f"provider says: {problem} (HTTP {status})")
         if not forms:
-            raise HumanError(f"unexpected page {title!r} (HTTP {status}) at {_strip_query(page_url)}")
+            where = _strip_query(page_url)
+            raise HumanError(f"unexpected page {title!r} (HTTP {status}) at {where}")
         form = _pick_form(forms)
         fields = dict(form["fields"])
         prompt = fields.get("prompt")
@@ -129,7 +130,7 @@ def visit(
 # -- Internals --------------------------------------------------------------
 
 
-def _device_url(uri: str, user_code: Optional[str]) -> str:
+def _device_url(uri: str, user_code: str | None) -> str:
     if not user_code:
         return uri
     parts = urllib.parse.urlsplit(uri)
@@ -186,7 +187,7 @@ class _Browser:
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        self.callback: Optional[str] = None
+        self.callback: str | None = None
         self.opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}),
             urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
@@ -194,8 +195,8 @@ class _Browser:
         )
 
     def request(
-        self, method: str, url: str, form: Optional[Dict[str, str]] = None, follow: bool = True
-    ) -> Tuple[int, str, str]:
+        self, method: str, url: str, form: dict[str, str] | None = None, follow: bool = True
+    ) -> tuple[int, str, str]:
         for _ in range(_MAX_STEPS):
             data = urllib.parse.urlencode(form).encode() if form is not None else None
             req = urllib.request.Request(url, data=data, method=method)
@@ -225,12 +226,12 @@ class _Browser:
 class _FormParser(html.parser.HTMLParser):
     def __init__(self) -> None:
         super().__init__()
-        self.forms: List[Dict[str, Any]] = []
+        self.forms: list[dict[str, Any]] = []
         self.title = ""
         self._in_title = False
-        self._form: Optional[Dict[str, Any]] = None
+        self._form: dict[str, Any] | None = None
 
-    def handle_starttag(self, tag: str, attrs: List[Tuple[str, Optional[str]]]) -> None:
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
         if tag == "form":
             self._form = {
@@ -257,7 +258,7 @@ class _FormParser(html.parser.HTMLParser):
             self.title += data
 
 
-def _parse_forms(body: str, base: str) -> List[Dict[str, Any]]:
+def _parse_forms(body: str, base: str) -> list[dict[str, Any]]:
     parser = _FormParser()
     parser.feed(body)
     for form in parser.forms:
@@ -271,7 +272,7 @@ def _title(body: str) -> str:
     return parser.title.strip()
 
 
-def _pick_form(forms: List[Dict[str, Any]]) -> Dict[str, Any]:
+def _pick_form(forms: list[dict[str, Any]]) -> dict[str, Any]:
     # A page has one interesting form; the device confirm page wins over others.
     for form in forms:
         if form["id"] == "op.deviceConfirmForm":
