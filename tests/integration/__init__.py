@@ -1,0 +1,1 @@
+"""Real-stack integration tests (see conftest.py)."""
