@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
 if TYPE_CHECKING:
     import asyncio
     import logging
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Callable, Coroutine, Iterable, Sequence
     from http.server import HTTPServer
 
     _F = TypeVar("_F", bound="BaseFlow")
@@ -286,20 +286,29 @@ def _request_blocking(
     try:
         try:
             with _opener(follow).open(request, timeout=timeout) as resp:
-                return _Response(url, resp.status, dict(resp.headers), _read_capped(resp, where))
+                return _Response(url, resp.status, dict(resp.headers),
+                                 _read_capped(resp, resp.status, where))
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
             with exc:
-                return _Response(url, exc.code, dict(exc.headers or {}), _read_capped(exc, where))
+                return _Response(url, exc.code, dict(exc.headers or {}),
+                                 _read_capped(exc, exc.code, where))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason) from None
     except (OSError, http.client.HTTPException) as exc:
         raise _transport_error(where, exc) from None
 
 
-def _read_capped(resp: Any, where: str) -> bytes:
+def _read_capped(resp: Any, status: int, where: str) -> bytes:
+    import http.client
+
     body: bytes = resp.read(_MAX_BODY + 1)
     if len(body) > _MAX_BODY:
-        raise AuthError(f"{where}: answer is larger than {_MAX_BODY >> 20} MiB; not a token answer")
+        raise AuthError(f"{where} answered {status} with more than {_MAX_BODY >> 20} MiB; "
+                        "that is not a token answer", status_code=502)
+    # read(n) returns short instead of raising when the peer closes early.
+    length = (resp.headers.get("Content-Length") or "").strip()
+    if length.isdigit() and len(body) < int(length):
+        raise http.client.IncompleteRead(body, int(length) - len(body))
     return body
 
 
@@ -358,7 +367,7 @@ async def _post_form(url: str, form: dict[str, str], *, timeout: float) -> dict[
     except ValueError:
         payload = None
     if resp.status >= 400:
-        raise _http_error(resp, payload)
+        raise _redact(_http_error(resp, payload), form.values())
     if not isinstance(payload, dict):
         kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
         raise AuthError(
@@ -370,7 +379,7 @@ async def _post_form(url: str, form: dict[str, str], *, timeout: float) -> dict[
 
 def _http_error(resp: _Response, payload: Any) -> AuthError:
     error, description = _oauth_error(payload)
-    text = f"{error}: {description}" if description else error
+    text = f"{error}: {description}" if error and description else error or description
     if not text:
         text = _short(resp.body) if payload is not None else "no OAuth error in the answer"
     detail = {"error": error, "error_description": description} if error else {}
@@ -381,6 +390,18 @@ def _http_error(resp: _Response, payload: Any) -> AuthError:
     retry_after = resp.headers.get("Retry-After") or resp.headers.get("retry-after") or ""
     if retry_after.strip().isdigit():
         exc.retry_after = min(float(retry_after), 60.0)
+    return exc
+
+
+def _redact(exc: AuthError, secrets: Iterable[str]) -> AuthError:
+    """Blank out any submitted value (a code, a token) that the server echoed back."""
+    for secret in secrets:
+        if len(secret) >= 8:
+            exc.message = exc.message.replace(secret, "[redacted]")
+            for key, value in list(exc.detail.items()):
+                if isinstance(value, str):
+                    exc.detail[key] = value.replace(secret, "[redacted]")
+    exc.args = (exc.message,)
     return exc
 
 
@@ -559,6 +580,11 @@ _LIFETIMES: dict[str, int] = {}
 
 def _margin(token: Token) -> int:
     """60 s, or half the granted lifetime when that is shorter."""
+    return min(_MAX_MARGIN, max(_lifetime(token), 0) // 2)
+
+
+def _lifetime(token: Token) -> int:
+    """The access token's granted lifetime: as received, stored, or from its JWT claims."""
     access = token["access_token"]
     lifetime = _LIFETIMES.get(access)
     if lifetime is None:
@@ -566,12 +592,12 @@ def _margin(token: Token) -> int:
         exp, iat = claims.get("exp"), claims.get("iat")
         lifetime = (
             int(exp - iat) if isinstance(exp, (int, float)) and isinstance(iat, (int, float))
-            else 2 * _MAX_MARGIN
+            else 2 * _MAX_MARGIN  # unknown: the full 60-s margin
         )
-        if len(_LIFETIMES) > 256:
+        if len(_LIFETIMES) > 4096:
             _LIFETIMES.clear()
         _LIFETIMES[access] = lifetime
-    return min(_MAX_MARGIN, max(lifetime, 0) // 2)
+    return lifetime
 
 
 def _access_valid(token: Token, now: float | None = None) -> bool:
@@ -755,6 +781,8 @@ class TokenStore:
         except FileNotFoundError:
             self._remember(None, {})
             return self._entries
+        except OSError as exc:
+            raise _store_error(self.path, exc) from None
         signature = (st.st_mtime_ns, st.st_size, st.st_ino)
         if signature != self._signature:
             entries, bad = self._parse()
@@ -819,7 +847,7 @@ class TokenStore:
 
     def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
         self._signature, self._entries = signature, entries
-        self._next_eviction = min(
+        self._next_eviction = float("inf") if self._single else min(
             (max(t["expires"], t["refresh_expires"] if t["refresh_token"] else 0)
              for t in entries.values()),
             default=float("inf"),
@@ -827,8 +855,11 @@ class TokenStore:
 
     def _update(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
         """Read, change and write the entries under the lock; prune dead ones."""
-        with _FileLock(self.path + ".lock"):
-            return self._update_locked(change)
+        try:
+            with _FileLock(self.path + ".lock"):
+                return self._update_locked(change)
+        except OSError as exc:
+            raise _store_error(self.path, exc) from None
 
     def _update_locked(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
         entries, bad = self._parse()
@@ -836,7 +867,7 @@ class TokenStore:
             entries = self._repair()
         before = dict(entries)
         change(entries)
-        now = time.time()
+        now = time.time() if not self._single else 0.0  # never delete a user's token file
         for key in [k for k, t in entries.items()
                     if t["expires"] <= now and not (t["refresh_token"]
                                                     and t["refresh_expires"] > now)]:
@@ -853,7 +884,9 @@ class TokenStore:
             except FileNotFoundError:
                 pass
             return
-        _atomic_write(self.path, json.dumps(obj, indent=1).encode())
+        if not self._single:  # keep the granted lifetime: the margin depends on it
+            obj = {k: {**t, "lifetime": _lifetime(t)} for k, t in entries.items()}
+        _atomic_write(self.path, json.dumps(obj, separators=(",", ":")).encode())
 
     def _check_mode(self, mode: int) -> None:
         if mode & 0o077 and not self._warned_mode and sys.platform != "win32":
@@ -864,6 +897,8 @@ class TokenStore:
 
 def _as_token(obj: object) -> Token | None:
     """A valid Token built from a stored object, or None when it is malformed."""
+    if isinstance(obj, dict) and isinstance(obj.get("token"), dict):
+        obj = obj["token"]  # an entry written by the reference client: migrate it
     if not isinstance(obj, dict):
         return None
     access, expires = obj.get("access_token"), obj.get("expires")
@@ -872,13 +907,22 @@ def _as_token(obj: object) -> Token | None:
     numbers = (expires, refresh_expires)
     if (
         not isinstance(access, str) or not access
-        or not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)
+        or not all(isinstance(n, (int, float)) and not isinstance(n, bool)
+                   and -1e12 < n < 1e12 for n in numbers)  # also refuses NaN and inf
         or not isinstance(refresh, str) or not isinstance(token_type, str)
         or not isinstance(scope, str)
     ):
         return None
+    lifetime = obj.get("lifetime")
+    if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _LIFETIMES:
+        _LIFETIMES[access] = lifetime
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
+
+
+def _store_error(path: str, exc: OSError) -> AuthError:
+    return AuthError(f"Cannot use the token store {path}: {exc.strerror or exc}; "
+                     "check the folder, or pass another path or app_name")
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -915,8 +959,11 @@ class _FileLock:
         self.path, self.timeout, self.fd = path, timeout, -1
 
     def __enter__(self) -> _FileLock:
-        _make_private_dir(os.path.dirname(self.path))
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _make_private_dir(os.path.dirname(self.path))
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _store_error(self.path, exc) from None
         deadline, pause = time.monotonic() + self.timeout, 0.002
         while True:
             try:
@@ -1136,10 +1183,11 @@ class BaseFlow:
             config = Config(host=host, **options)
             if ports is not None:
                 config.redirect_ports = list(ports)
+        timeout = _check_timeout(kwargs.get("timeout", 30))
+        _check_ports(config.redirect_ports)
         self.config = config
         self.host = _host_key(config.host)
-        self.timeout: int | None = _check_timeout(kwargs.get("timeout", 30))
-        _check_ports(config.redirect_ports)
+        self.timeout: int | None = timeout
         self._store: TokenStore | None = kwargs.get("store")
         self._session: _Session | None = None
 
@@ -1224,6 +1272,13 @@ class BaseFlow:
 
     # -- Internals --
 
+    @classmethod
+    def _detached(cls: type[_F], config: Config, **kwargs: Any) -> _F:
+        """A flow outside the per-host table, for one call of authenticate_async."""
+        flow = object.__new__(cls)
+        flow.__init__(config=config, **kwargs)  # type: ignore[misc]
+        return flow
+
     def _url(self, route: str) -> str:
         if route.startswith(("http://", "https://")):
             return route
@@ -1262,7 +1317,8 @@ class BaseFlow:
                 ):
                     _logger().info("the refresh token for %s was refused (%s); a new login is "
                                 "needed", self.host, exc.error or exc.status_code)
-                    store._update_locked(lambda entries: entries.pop(key, None))
+                    if not store._single:  # a token file is the user's: leave it be
+                        store._update_locked(lambda entries: entries.pop(key, None))
                     return None
                 raise
             store._update_locked(lambda entries: entries.__setitem__(key, token))
@@ -1382,11 +1438,12 @@ class DeviceFlow(BaseFlow):
             invalid response.
         """
         url = self._url(self.config.device_route)
-        try:
-            raw = await self.session.post_form(url, {})
+        try:  # one attempt: a 503 here means "no device flow", not "try again"
+            raw = await _post_form(url, {}, timeout=self.session.timeout)
         except AuthError as exc:
+            said = exc.message.split(" answered ", 1)[-1]  # the server's words, not the URL
             if exc.status_code in _NO_DEVICE_STATUS or (
-                exc.status_code == 502 and "device" in exc.message.lower()
+                exc.status_code == 502 and "device_authorization" in said
             ):
                 raise _NoDeviceFlow(f"{self.host} does not offer the device flow ({exc.message})",
                                     exc.detail, exc.status_code) from None
@@ -1577,10 +1634,13 @@ class CodeFlow(BaseFlow):
             if not state:
                 raise AuthError(f"{login_url} redirected to a login page without a state",
                                 status_code=502)
-            server.expected_state = state
-            self._tell_user(location, port)
+            server.expected_state, server.login_url = state, location
+            # The provider URL carries py-oidc-auth's state (with the PKCE verifier):
+            # show and open a local address that redirects to it instead.
+            start = f"http://127.0.0.1:{port}/"
+            self._tell_user(start, port)
             if _can_open_browser():
-                _open_browser(location)
+                _open_browser(start)
             try:
                 params = await asyncio.wait_for(result, self.timeout)
             except asyncio.TimeoutError:
@@ -1647,6 +1707,7 @@ if TYPE_CHECKING:
 
     class _CallbackServerType(HTTPServer):
         expected_state: str
+        login_url: str
 
         def __init__(self, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
                      result: asyncio.Future[dict[str, str]]) -> None: ...
@@ -1670,7 +1731,8 @@ def _callback_classes() -> type[_CallbackServerType]:
         def __init__(self, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
                      result: asyncio.Future[dict[str, str]]) -> None:
             super().__init__(address, _CallbackHandler)
-            self.loop, self.result, self.expected_state = loop, result, ""
+            self.loop, self.result = loop, result
+            self.expected_state = self.login_url = ""
 
         def deliver(self, params: dict[str, str]) -> None:
             def _set() -> None:
@@ -1684,6 +1746,13 @@ def _callback_classes() -> type[_CallbackServerType]:
 
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
+            if parts.path == "/" and self.server.login_url and not self.server.result.done():
+                self.send_response(302)
+                self.send_header("Location", self.server.login_url)
+                self.send_header("Content-Length", "0")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                return
             if parts.path != "/callback":
                 self._page(404, "Not found", "This address only receives login callbacks.")
                 return
@@ -1862,7 +1931,7 @@ async def authenticate_async(
                     token_route=token_route, device_route=device_route)
     if redirect_ports is not None:
         config.redirect_ports = list(redirect_ports)
-    device = DeviceFlow(config=config, store=store, timeout=timeout)
+    device = DeviceFlow._detached(config, store=store, timeout=timeout)
     if not force:
         token = await device._cached_or_refreshed()
         if token is not None:
@@ -1880,7 +1949,7 @@ async def authenticate_async(
         return await device._interactive_login()
     except _NoDeviceFlow as exc:
         _logger().debug("%s; using the code flow", exc.message)
-    code = CodeFlow(config=config, store=store, timeout=timeout)
+    code = CodeFlow._detached(config, store=store, timeout=timeout)
     return await code._interactive_login()
 
 
@@ -1957,6 +2026,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"oidc-auth: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. an unusable cache folder
+        print(f"oidc-auth: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("oidc-auth: interrupted", file=sys.stderr)
         return 130

@@ -499,8 +499,6 @@ def test_unknown_keyword_raises_type_error():
         oac.TokenStore(path=None, app="x")  # type: ignore[call-arg]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a failed construction (ValueError) still replaces "
-                   "the live singleton's config, e.g. with empty redirect_ports")
 @pytest.mark.parametrize("bad", [{"redirect_ports": []}, {"timeout": 0}])
 def test_failed_construction_leaves_the_instance_alone(bad):
     flow = oac.CodeFlow(HOST, login_route="/good", timeout=10)

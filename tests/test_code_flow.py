@@ -8,6 +8,7 @@ the time it prints that URL, so no test races the flow.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import re
 import socket
@@ -84,6 +85,19 @@ def fetch(url: str) -> Page:
             return Page(exc.code, exc.headers.get("Content-Type", ""), exc.read().decode())
 
 
+def login_location(start: str) -> str:
+    """The provider URL behind the client's local start address (one redirect, not followed)."""
+    assert urlsplit(start).hostname == "127.0.0.1" and urlsplit(start).path == "/", start
+    conn = http.client.HTTPConnection(urlsplit(start).netloc, timeout=5)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 302, resp.status
+        return resp.getheader("Location") or ""
+    finally:
+        conn.close()
+
+
 Visit = Callable[[str, str], str]  # (callback URL, state) -> URL to open
 
 
@@ -117,7 +131,8 @@ class User(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.location = self.terminal.wait_for(PROMPT).group(1)
+            start = self.terminal.wait_for(PROMPT).group(1)
+            self.location = login_location(start)
             query = parse_qs(urlsplit(self.location).query)
             state = query["state"][0]
             # The client binds 127.0.0.1; the redirect URI says localhost.
@@ -463,7 +478,11 @@ def test_ssh_hint_on_remote_sessions(server, tmp_store, terminal, monkeypatch, r
     login(code_flow(server, tmp_store, port), user)
     hint = f"ssh -L {port}:localhost:{port}"
     assert (hint in terminal.getvalue()) is remote
-    assert user.location in terminal.getvalue()
+    # The terminal shows the local start address, never the provider URL, whose
+    # state carries py-oidc-auth's PKCE verifier.
+    assert f"http://127.0.0.1:{port}/" in terminal.getvalue()
+    assert "verifier123" in user.location
+    assert "verifier123" not in terminal.getvalue()
 
 
 @pytest.mark.timeout(20)

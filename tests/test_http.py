@@ -207,7 +207,6 @@ def test_answer_over_the_cap_raises(fake_server, status):
 
 
 @pytest.mark.timeout(5)
-@pytest.mark.xfail(strict=True, reason="BUG: the size-cap error does not name the HTTP status")
 def test_answer_over_the_cap_names_the_status(fake_server):
     fake_server.reply("POST", "/t", 200, b"x" * (oac._MAX_BODY + 10))
     with pytest.raises(oac.AuthError) as info:
@@ -226,8 +225,6 @@ def test_truncated_transfer_is_an_error_naming_the_url(raw_server):
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.xfail(strict=True, reason="BUG: a body cut short of its Content-Length is read as "
-                   "complete (read(amt) never raises IncompleteRead), so it is not retried")
 def test_truncated_transfer_is_retried_like_a_dropped_connection(raw_server):
     raw_server.answers = [TRUNCATED, COMPLETE]
     payload = run(oac._Session(2).post_form(raw_server.url + "/t", FORM))
@@ -578,8 +575,6 @@ def test_no_form_value_in_any_error_message(fake_server, caplog, status, body):
 
 
 @pytest.mark.timeout(5)
-@pytest.mark.xfail(strict=True, reason="BUG: a server that echoes a submitted form value "
-                   "(e.g. a validation error) puts the secret into the AuthError message")
 def test_server_echo_of_a_secret_is_not_repeated(fake_server):
     echo = {"detail": [{"type": "value_error", "loc": ["body", "refresh-token"],
                         "msg": "malformed token", "input": SECRETS["refresh-token"]}]}
