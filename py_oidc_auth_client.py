@@ -1010,16 +1010,21 @@ else:  # flock: whole-file, released by the kernel if the process dies
 
 
 def _cache_dir(app_name: str) -> str:
-    try:
+    """The per-user cache folder for *app_name*."""
+    if sys.platform not in ("win32", "darwin"):
+        # Linux and other POSIX: the XDG rule, the same answer platformdirs gives,
+        # without its import cost on every start (it pulls in pathlib and more).
+        base = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(base):
+            base = os.path.expanduser("~/.cache")
+        return os.path.join(base, app_name)
+    try:  # Windows and macOS: platformdirs knows their folder ladders best
         from platformdirs import user_cache_dir
     except ImportError:  # vendored without platformdirs
-        if sys.platform == "win32":
-            base = os.environ.get("LOCALAPPDATA") or os.path.expanduser(r"~\AppData\Local")
-        elif sys.platform == "darwin":
-            base = os.path.expanduser("~/Library/Caches")
-        else:
-            base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        return os.path.join(base, app_name)
+        if sys.platform == "darwin":
+            return os.path.join(os.path.expanduser("~/Library/Caches"), app_name)
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser(r"~\AppData\Local")
+        return os.path.join(base, app_name, "Cache")
     return str(user_cache_dir(app_name, appauthor=False))
 
 
