@@ -884,8 +884,13 @@ class TokenStore:
             except FileNotFoundError:
                 pass
             return
-        if not self._single:  # keep the granted lifetime: the margin depends on it
-            obj = {k: {**t, "lifetime": _lifetime(t)} for k, t in entries.items()}
+        if not self._single:
+            # "headers" repeats the access token (half the file): it is rebuilt on read.
+            # "lifetime" is kept because the expiry margin depends on it.
+            obj = {k: {"access_token": t["access_token"], "token_type": t["token_type"],
+                       "expires": t["expires"], "refresh_token": t["refresh_token"],
+                       "refresh_expires": t["refresh_expires"], "scope": t["scope"],
+                       "lifetime": _lifetime(t)} for k, t in entries.items()}
         _atomic_write(self.path, json.dumps(obj, separators=(",", ":")).encode())
 
     def _check_mode(self, mode: int) -> None:

@@ -52,13 +52,17 @@ def write_raw(path: Path, obj: object) -> None:
 
 
 def on_disk(store: oac.TokenStore) -> dict:
-    """The stored entries, without the bookkeeping "lifetime" the store adds to each."""
+    """The stored entries as Tokens: the store keeps a "lifetime" beside each and leaves
+    out "headers", which it rebuilds on read."""
     with open(store.path) as fh:
         data = json.load(fh)
     if isinstance(data, dict):
         for entry in data.values():
-            if isinstance(entry, dict):
-                entry.pop("lifetime", None)
+            if isinstance(entry, dict) and "lifetime" in entry:
+                entry.pop("lifetime")
+                assert "headers" not in entry
+                entry["headers"] = {
+                    "Authorization": f"{entry['token_type']} {entry['access_token']}"}
     return data
 
 
