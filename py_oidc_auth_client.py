@@ -711,7 +711,7 @@ _HOST_KEYS: dict[str, str] = {}
 
 
 def _normalise_host(host: str) -> str:
-    from urllib.parse import urlsplit
+    from urllib.parse import parse_qs, urlsplit
 
     if not isinstance(host, str) or not host.strip():
         raise AuthError("No host given: pass the server's URL, e.g. https://myapp.example.com",
@@ -730,8 +730,11 @@ def _normalise_host(host: str) -> str:
         )
     if parts.username is not None or parts.password is not None:
         raise AuthError("Do not put credentials in the host URL", status_code=400)
-    client = parts.fragment.startswith("client_id=")  # a store key of a standard provider
-    if parts.query or (parts.fragment and not client) or text.endswith(("?", "#")):
+    # issuer#client_id=...&scope=...: the store key of a standard provider's client
+    fields = parse_qs(parts.fragment, keep_blank_values=True) if parts.fragment else {}
+    if parts.query or (parts.fragment and "client_id" not in fields) or text.endswith(
+        ("?", "#")
+    ):
         raise AuthError(f"The host URL must not have a query or fragment: {text!r}",
                         status_code=400)
     name = parts.hostname.lower()
@@ -740,11 +743,8 @@ def _normalise_host(host: str) -> str:
     if port is not None and port != (443 if scheme == "https" else 80):
         name = f"{name}:{port}"
     base = f"{scheme}://{name}{parts.path.rstrip('/')}"
-    if not client:
+    if not fields:
         return base
-    from urllib.parse import parse_qs
-
-    fields = parse_qs(parts.fragment, keep_blank_values=True)
     return _store_key(base, fields["client_id"][0],
                       fields["scope"][0] if "scope" in fields else None)
 
