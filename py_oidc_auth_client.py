@@ -564,7 +564,16 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
     cached = _FETCHED.get(url)
     if cached is not None and not fresh and time.monotonic() < cached[0]:
         return cached[1]
-    resp = await session.request("GET", url)
+    attempt = 0
+    while True:
+        try:
+            resp = await session.request("GET", url)
+            break
+        except _TransientError as exc:
+            attempt += 1
+            if attempt > _RETRIES:
+                raise
+            await _sleep(_backoff(attempt, exc))
     try:
         doc = resp.json()
     except ValueError:
@@ -1847,7 +1856,8 @@ class DeviceFlow(BaseFlow):
             if not url:
                 raise _NoDeviceFlow(f"{self.config.host} does not offer the device flow "
                                     "(no device_authorization_endpoint)", status_code=404)
-            form, auth = self._client_auth(meta, {"scope": self._scope(meta)})
+            scope = self._scope(meta)
+            form, auth = self._client_auth(meta, {"scope": scope} if scope else {})
         try:  # one attempt: a 503 here means "no device flow", not "try again"
             raw = await _post_form(url, form, timeout=self.session.timeout, auth=auth)
         except AuthError as exc:
@@ -2036,11 +2046,12 @@ class CodeFlow(BaseFlow):
                 meta = await self._metadata()
                 verifier, challenge = _pkce_pair()
                 state, nonce = _random_string(), _random_string()
-                location = _with_query(meta["authorization_endpoint"], {
-                    "response_type": "code", "client_id": str(self.config.client_id),
-                    "redirect_uri": redirect_uri, "scope": self._scope(meta), "state": state,
-                    "nonce": nonce, "code_challenge": challenge,
-                    "code_challenge_method": "S256"})
+                query = {"response_type": "code", "client_id": str(self.config.client_id),
+                         "redirect_uri": redirect_uri, "scope": self._scope(meta),
+                         "state": state, "nonce": nonce, "code_challenge": challenge,
+                         "code_challenge_method": "S256"}
+                location = _with_query(meta["authorization_endpoint"],
+                                       {k: v for k, v in query.items() if v})
                 # RFC 9207: the callback names its issuer; a wrong one means a mix-up attack.
                 server.expected_iss = str(meta["issuer"])
                 server.iss_required = meta.get("authorization_response_iss_parameter_supported") \

@@ -224,6 +224,14 @@ def test_no_discovery_document_is_a_clear_error(fake_server, tmp_store, status, 
     assert "issuer URL" in info.value.message
 
 
+@pytest.mark.timeout(20)
+def test_discovery_retries_a_dropped_connection(fake_server, tmp_store):
+    fake_server.reply("GET", WELL_KNOWN, 200, "__drop__")
+    provider = Provider(fake_server)
+    assert run(device_flow(provider, tmp_store)._metadata())["issuer"] == provider.issuer
+    assert len(fake_server.hits(WELL_KNOWN)) == 2
+
+
 def test_discovery_url_keeps_the_issuer_path(fake_server, tmp_store):
     realm = fake_server.url + "/realms/science"
     fake_server.reply("GET", "/realms/science" + WELL_KNOWN, 200, {
@@ -366,6 +374,12 @@ def test_default_scopes_leave_out_offline_access_where_unknown(fake_server, tmp_
     # ...but asked-for scopes are sent as asked.
     run(device_flow(provider, tmp_store, scopes=["openid", "offline_access"]).get_device_code())
     assert fake_server.hits("/device")[1].form["scope"] == "offline_access openid"
+
+
+def test_no_scopes_means_no_scope_parameter(provider, tmp_store):
+    provider.fake.reply("POST", "/device", 200, device_answer())
+    run(device_flow(provider, tmp_store, scopes=[]).get_device_code())
+    assert provider.fake.hits("/device")[0].form == {"client_id": CLIENT}
 
 
 # ---------------------------------------------------------------------------
