@@ -1788,6 +1788,9 @@ class DeviceFlow(BaseFlow):
     interactive : bool or None
         Whether to show a countdown and attempt to open the browser. None
         auto detects based on the terminal environment.
+    client_id, client_secret, scopes : optional
+        A standard OpenID provider directly: ``host`` is its issuer URL (see
+        `BaseFlow`).
 
     Examples
     --------
@@ -2000,6 +2003,9 @@ class CodeFlow(BaseFlow):
         Custom token store. Shared default when None.
     timeout : int or None
         Maximum seconds to wait for the user to complete the browser login.
+    client_id, client_secret, scopes : optional
+        A standard OpenID provider directly: ``host`` is its issuer URL (see
+        `BaseFlow`).
 
     Examples
     --------
