@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: BSD-3-Clause
 # SPDX-FileCopyrightText: 2026 The py_oidc_auth_client developers
-"""A small OIDC/OAuth 2.0 client for servers built with py-oidc-auth.
+"""A small OIDC/OAuth 2.0 client for py-oidc-auth servers and standard OIDC providers.
 
 One file, standard library only (``platformdirs`` is used when present), so it
 can be installed with pip or copied into any project.
@@ -17,7 +17,10 @@ when it is not, and only then starts an interactive login: the device flow
 (RFC 8628), or the authorization code flow with PKCE (RFC 7636) and a loopback
 redirect (RFC 8252) when the server has no device flow.  Tokens are kept per
 host in a private JSON file; batch jobs can be pointed at a token file made on
-a workstation with ``OIDC_TOKEN_FILE``.
+a workstation with ``OIDC_TOKEN_FILE``.  With ``client_id=...`` the host is an
+OpenID provider's issuer URL, talked to directly (Keycloak, Auth0, Entra ID, ...)::
+
+    token = authenticate("https://keycloak.example.org/realms/science", client_id="cli")
 
 From the shell::
 
@@ -31,7 +34,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
 
 if TYPE_CHECKING:
@@ -81,6 +84,9 @@ _TRANSIENT_STATUS = frozenset({502, 503, 504})
 _RETRIES = 4
 # py-oidc-auth answers these when it has no device flow to offer (DESIGN.md).
 _NO_DEVICE_STATUS = frozenset({404, 405, 501, 503})
+_DOCUMENT_TTL = 3600.0  # discovery documents and JWKS are fetched again after an hour
+_CLOCK_SKEW = 120  # seconds of clock difference tolerated in ID token exp/iat
+_DEFAULT_SCOPES = ("offline_access", "openid")
 _BATCH_VARIABLES = {
     "SLURM_JOB_ID": "Slurm",
     "PBS_JOBID": "PBS/Torque",
@@ -223,6 +229,14 @@ class Config:
         Server side route for the token exchange endpoint.
     device_route : str
         Server side route for the device authorization endpoint.
+    client_id : str or None
+        Set it to talk to a standard OpenID provider directly: ``host`` is then
+        the provider's issuer URL and the routes are not used.
+    client_secret : str or None
+        The client's secret, for a confidential client.
+    scopes : list of str or None
+        Scopes to ask a standard provider for; ``["openid", "offline_access"]``
+        when None.
     """
 
     host: str
@@ -232,6 +246,9 @@ class Config:
     login_route: str = "/auth/v2/login"
     token_route: str = "/auth/v2/token"
     device_route: str = "/auth/v2/device"
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    scopes: list[str] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -256,11 +273,13 @@ async def _request(
     form: dict[str, str] | None = None,
     timeout: float = _HTTP_TIMEOUT,
     follow_redirects: bool = True,
+    auth: tuple[str, str] | None = None,
 ) -> _Response:
     """Send one request in a worker thread; transport failures become AuthError."""
     import asyncio
 
-    call = asyncio.to_thread(_request_blocking, method, url, form, timeout, follow_redirects)
+    call = asyncio.to_thread(_request_blocking, method, url, form, timeout, follow_redirects,
+                             auth)
     try:
         # The socket timeout bounds each read; this bounds a server that drips.
         return await asyncio.wait_for(call, timeout + 5)
@@ -269,7 +288,8 @@ async def _request(
 
 
 def _request_blocking(
-    method: str, url: str, form: dict[str, str] | None, timeout: float, follow: bool
+    method: str, url: str, form: dict[str, str] | None, timeout: float, follow: bool,
+    auth: tuple[str, str] | None = None,
 ) -> _Response:
     import http.client
     import urllib.error
@@ -280,6 +300,11 @@ def _request_blocking(
     headers = {"Accept": "application/json", "User-Agent": f"py-oidc-auth-client/{__version__}"}
     if data is not None:
         headers["Content-Type"] = "application/x-www-form-urlencoded"
+    if auth is not None:  # client_secret_basic: both parts form-encoded first (RFC 6749, 2.3.1)
+        import base64
+
+        pair = ":".join(urllib.parse.quote_plus(part) for part in auth)
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     # Only http(s) URLs get here: hosts are checked by _normalise_host.
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
     where = f"{method} {url}"
@@ -358,16 +383,17 @@ def _opener(follow: bool) -> Any:
     return _OPENERS[follow]
 
 
-async def _post_form(url: str, form: dict[str, str], *, timeout: float) -> dict[str, Any]:
+async def _post_form(url: str, form: dict[str, str], *, timeout: float,
+                     auth: tuple[str, str] | None = None) -> dict[str, Any]:
     """POST a form and return the JSON object it answers; errors become AuthError."""
-    resp = await _request("POST", url, form=form, timeout=timeout)
+    resp = await _request("POST", url, form=form, timeout=timeout, auth=auth)
     payload: Any
     try:
         payload = resp.json()
     except ValueError:
         payload = None
     if resp.status >= 400:
-        raise _redact(_http_error(resp, payload), form.values())
+        raise _redact(_http_error(resp, payload), [*form.values(), *(auth or ())])
     if not isinstance(payload, dict):
         kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
         raise AuthError(
@@ -443,13 +469,16 @@ class _Session:
         self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
 
     async def request(
-        self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True
+        self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True,
+        auth: tuple[str, str] | None = None,
     ) -> _Response:
         """Send a request; the status is not checked."""
-        return await _request(method, url, form=form, timeout=self.timeout, follow_redirects=follow)
+        return await _request(method, url, form=form, timeout=self.timeout,
+                              follow_redirects=follow, auth=auth)
 
     async def post_form(
-        self, url: str, form: dict[str, str], *, deadline: float | None = None
+        self, url: str, form: dict[str, str], *, deadline: float | None = None,
+        auth: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """POST a form, retrying transient faults with backoff until *deadline*."""
         attempt = 0
@@ -458,7 +487,7 @@ class _Session:
             if deadline is not None:
                 timeout = max(0.5, min(timeout, deadline - time.monotonic()))
             try:
-                return await _post_form(url, form, timeout=timeout)
+                return await _post_form(url, form, timeout=timeout, auth=auth)
             except _TransientError as exc:
                 attempt += 1
                 delay = _backoff(attempt, exc)
@@ -487,6 +516,75 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(max(0.0, seconds))
+
+
+# -- Standard providers: discovery (OpenID Connect Discovery 1.0) and keys --
+
+_FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}
+_ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
+              "revocation_endpoint", "end_session_endpoint", "jwks_uri")
+
+
+async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
+    """The provider's metadata, checked: its issuer is ours, its endpoints are URLs."""
+    issuer = issuer.strip()
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    meta = await _fetch_json(url, session)
+    said = meta.get("issuer")
+    try:  # equal up to case of scheme and host, default port and a trailing slash
+        same = isinstance(said, str) and _normalise_host(said) == _host_key(issuer)
+    except AuthError:
+        same = False
+    if not same:
+        _FETCHED.pop(url, None)
+        raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
+                        f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"}, 502)
+    secure = issuer.lower().startswith("https://")
+    for name in _ENDPOINTS:
+        value = meta.get(name)
+        if value is None and name not in _ENDPOINTS[:2]:
+            continue
+        if not isinstance(value, str) or not value.startswith(
+            ("https://",) if secure else ("https://", "http://")
+        ):
+            problem = "missing" if value is None else f"not an {'https' if secure else 'http'} URL"
+            raise AuthError(f"{url}: {name} is {problem}", status_code=502)
+    return meta
+
+
+def _with_query(url: str, params: dict[str, str]) -> str:
+    """*url* with *params* added to its query (an endpoint may have one already)."""
+    from urllib.parse import urlencode
+
+    return url + ("&" if "?" in url else "?") + urlencode(params)
+
+
+async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> dict[str, Any]:
+    """GET a JSON object, kept in memory for an hour (discovery documents, JWKS)."""
+    cached = _FETCHED.get(url)
+    if cached is not None and not fresh and time.monotonic() < cached[0]:
+        return cached[1]
+    attempt = 0
+    while True:
+        try:
+            resp = await session.request("GET", url)
+            break
+        except _TransientError as exc:
+            attempt += 1
+            if attempt > _RETRIES:
+                raise
+            await _sleep(_backoff(attempt, exc))
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if resp.status != 200 or not isinstance(doc, dict):
+        what = f"answered {resp.status}" if resp.status != 200 else "is not a JSON object"
+        raise AuthError(f"GET {url} {what}; is the issuer URL right?", status_code=502)
+    if len(_FETCHED) > 64:
+        _FETCHED.clear()
+    _FETCHED[url] = (time.monotonic() + _DOCUMENT_TTL, doc)
+    return doc
 
 
 # ---------------------------------------------------------------------------
@@ -622,7 +720,7 @@ _HOST_KEYS: dict[str, str] = {}
 
 
 def _normalise_host(host: str) -> str:
-    from urllib.parse import urlsplit
+    from urllib.parse import parse_qs, urlsplit
 
     if not isinstance(host, str) or not host.strip():
         raise AuthError("No host given: pass the server's URL, e.g. https://myapp.example.com",
@@ -641,7 +739,11 @@ def _normalise_host(host: str) -> str:
         )
     if parts.username is not None or parts.password is not None:
         raise AuthError("Do not put credentials in the host URL", status_code=400)
-    if parts.query or parts.fragment or text.endswith(("?", "#")):
+    # issuer#client_id=...&scope=...: the store key of a standard provider's client
+    fields = parse_qs(parts.fragment, keep_blank_values=True) if parts.fragment else {}
+    if parts.query or (parts.fragment and "client_id" not in fields) or text.endswith(
+        ("?", "#")
+    ):
         raise AuthError(f"The host URL must not have a query or fragment: {text!r}",
                         status_code=400)
     name = parts.hostname.lower()
@@ -649,7 +751,136 @@ def _normalise_host(host: str) -> str:
         name = f"[{name}]"
     if port is not None and port != (443 if scheme == "https" else 80):
         name = f"{name}:{port}"
-    return f"{scheme}://{name}{parts.path.rstrip('/')}"
+    base = f"{scheme}://{name}{parts.path.rstrip('/')}"
+    if not fields:
+        return base
+    return _store_key(base, fields["client_id"][0],
+                      fields["scope"][0] if "scope" in fields else None)
+
+
+def _store_key(host: str, client_id: str | None = None,
+               scopes: str | Iterable[str] | None = None) -> str:
+    """The store key: the host, or for a standard provider issuer#client_id=...&scope=..."""
+    if not client_id:
+        return _host_key(host)
+    from urllib.parse import urlencode
+
+    base = _host_key(host)
+    if "#" in base:
+        raise AuthError("Give the issuer URL without a #client_id= part when you pass a "
+                        "client_id", status_code=400)
+    return f"{base}#" + urlencode({"client_id": client_id, "scope": " ".join(_scopes(scopes))})
+
+
+def _scopes(scopes: str | Iterable[str] | None) -> list[str]:
+    """Sorted, unique scopes; the default when None."""
+    if scopes is None:
+        return list(_DEFAULT_SCOPES)
+    if isinstance(scopes, str):
+        scopes = [scopes]
+    return sorted({word for item in scopes for word in str(item).split()})
+
+
+def _split_key(key: str) -> tuple[str, str | None, list[str] | None]:
+    """``(issuer, client_id, scopes)`` of a store key; no client for a py-oidc-auth host."""
+    from urllib.parse import parse_qs
+
+    base, _, fragment = key.partition("#")
+    if not fragment:
+        return base, None, None
+    fields = parse_qs(fragment, keep_blank_values=True)
+    return base, fields["client_id"][0], fields.get("scope", [""])[0].split()
+
+
+# -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
+
+_ID_TOKENS: dict[str, str] = {}  # access token -> the ID token that came with it (for logout)
+# DigestInfo prefixes of EMSA-PKCS1-v1_5 (RFC 8017, 9.2 note 1).
+_RSA_DIGESTS = {
+    "RS256": ("sha256", "3031300d060960864801650304020105000420"),
+    "RS384": ("sha384", "3041300d060960864801650304020205000430"),
+    "RS512": ("sha512", "3051300d060960864801650304020305000440"),
+}
+_HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+
+
+def _jws_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """``(header, claims, signing input, signature)`` of a compact JWS."""
+    parts = token.split(".")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        header, claims = (json.loads(_b64decode(part)) for part in parts[:2])
+        signature = _b64decode(parts[2])
+    except ValueError:
+        header = claims = None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise AuthError("The provider's ID token is not a signed JWT",
+                        {"error": "invalid_id_token"}, 502)
+    return header, claims, f"{parts[0]}.{parts[1]}".encode(), signature
+
+
+def _b64decode(text: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: str | None,
+                  now: float | None = None) -> None:
+    """Refuse an ID token that is not from *issuer*, not for *client_id*, stale, or replayed."""
+    import hmac
+
+    now = time.time() if now is None else now
+    aud, exp, iat = claims.get("aud"), claims.get("exp"), claims.get("iat")
+    got = claims.get("nonce")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    problem = ""
+    if claims.get("iss") != issuer:
+        problem = f"it was issued by {_short(str(claims.get('iss')), 100)!r}, not {issuer!r} (iss)"
+    elif client_id not in audiences:
+        problem = "it was issued for another client (aud)"
+    elif (len(audiences) > 1 or "azp" in claims) and claims.get("azp") != client_id:
+        problem = "it was issued to another client (azp)"
+    elif not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp + _CLOCK_SKEW <= now:
+        problem = "it has expired (exp); check that this machine's clock is right"
+    elif not isinstance(iat, (int, float)) or isinstance(iat, bool) or iat - _CLOCK_SKEW > now:
+        problem = "it was issued in the future (iat); check that this machine's clock is right"
+    elif nonce is not None and not (
+        isinstance(got, str) and hmac.compare_digest(got.encode(), nonce.encode())
+    ):
+        problem = "it does not belong to this login (nonce)"
+    if problem:
+        raise AuthError(f"The provider's ID token was refused: {problem}",
+                        {"error": "invalid_id_token"}, 502)
+
+
+def _remember_id_token(access: str, id_token: str) -> None:
+    if len(_ID_TOKENS) > 4096:
+        _ID_TOKENS.clear()
+    _ID_TOKENS[access] = id_token
+
+
+def _rsa_verify(key: dict[str, Any], alg: str, signed: bytes, signature: bytes) -> bool:
+    """RSASSA-PKCS1-v1_5 (RFC 8017, 8.2.2) with a JWK's ``n`` and ``e``."""
+    import hashlib
+    import hmac
+
+    try:
+        n, e = (int.from_bytes(_b64decode(key[name]), "big") for name in ("n", "e"))
+    except (KeyError, TypeError, ValueError):
+        return False
+    size = (n.bit_length() + 7) // 8
+    if n.bit_length() < 2048 or e < 3 or e % 2 == 0 or len(signature) != size:
+        return False
+    s = int.from_bytes(signature, "big")
+    if s >= n:
+        return False
+    # Build the one valid encoded message and compare it whole: no parsing of padding.
+    hash_name, prefix = _RSA_DIGESTS[alg]
+    digest_info = bytes.fromhex(prefix) + hashlib.new(hash_name, signed).digest()
+    expected = b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info
+    return hmac.compare_digest(pow(s, e, n).to_bytes(size, "big"), expected)
 
 
 # ---------------------------------------------------------------------------
@@ -886,11 +1117,15 @@ class TokenStore:
             return
         if not self._single:
             # "headers" repeats the access token (half the file): it is rebuilt on read.
-            # "lifetime" is kept because the expiry margin depends on it.
+            # "lifetime" is kept because the expiry margin depends on it, and a standard
+            # provider's ID token for logout.
             obj = {k: {"access_token": t["access_token"], "token_type": t["token_type"],
                        "expires": t["expires"], "refresh_token": t["refresh_token"],
                        "refresh_expires": t["refresh_expires"], "scope": t["scope"],
                        "lifetime": _lifetime(t)} for k, t in entries.items()}
+            for entry in obj.values():
+                if entry["access_token"] in _ID_TOKENS:
+                    entry["id_token"] = _ID_TOKENS[entry["access_token"]]
         _atomic_write(self.path, json.dumps(obj, separators=(",", ":")).encode())
 
     def _check_mode(self, mode: int) -> None:
@@ -921,6 +1156,8 @@ def _as_token(obj: object) -> Token | None:
     lifetime = obj.get("lifetime")
     if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _LIFETIMES:
         _LIFETIMES[access] = lifetime
+    if isinstance(obj.get("id_token"), str):
+        _remember_id_token(access, obj["id_token"])
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
 
@@ -1164,18 +1401,28 @@ class BaseFlow:
         Ports to try for the local callback server (code flow only).
     timeout : int or None
         HTTP and polling timeout in seconds.
+    client_id : str or None
+        Talk to a standard OpenID provider directly: ``host`` is its issuer
+        URL. Each client id and scope set has its own instance and tokens.
+    client_secret : str or None
+        The client's secret, for a confidential client.
+    scopes : str or list of str or None
+        Scopes to ask for; ``openid offline_access`` when None.
     """
 
     _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "store", "login_route", "token_route", "device_route", "redirect_ports",
-        "timeout", "app_name", "token_env_var", "interactive",
+        "timeout", "app_name", "token_env_var", "interactive", "client_id", "client_secret",
+        "scopes",
     })
 
     def __new__(cls: type[_F], host: str = "", config: Config | None = None,
                 **kwargs: Any) -> _F:
         """Return the one instance of this class for the host."""
-        key = (cls, _host_key(config.host if config is not None else host))
+        key = (cls, _store_key(config.host, config.client_id, config.scopes)
+               if config is not None
+               else _store_key(host, kwargs.get("client_id"), kwargs.get("scopes")))
         instance = cls._instances.get(key)
         if instance is None:
             instance = cls._instances[key] = super().__new__(cls)
@@ -1188,15 +1435,21 @@ class BaseFlow:
         if config is None:
             options = {k: v for k, v in kwargs.items()
                        if k in ("login_route", "token_route", "device_route",
-                                "app_name", "token_env_var")}
+                                "app_name", "token_env_var", "client_id", "client_secret")}
             ports = kwargs.get("redirect_ports")
             config = Config(host=host, **options)
             if ports is not None:
                 config.redirect_ports = list(ports)
+            if kwargs.get("scopes") is not None:
+                config.scopes = _scopes(kwargs["scopes"])
         timeout = _check_timeout(kwargs.get("timeout", 30))
         _check_ports(config.redirect_ports)
+        key = _store_key(config.host, config.client_id, config.scopes)
+        issuer, client_id, scopes = _split_key(key)
+        if client_id and not config.client_id:  # a store key given as the host
+            config = replace(config, host=issuer, client_id=client_id, scopes=scopes)
         self.config = config
-        self.host = _host_key(config.host)
+        self.host = key
         self.timeout: int | None = timeout
         self._store: TokenStore | None = kwargs.get("store")
         self._session: _Session | None = None
@@ -1280,6 +1533,40 @@ class BaseFlow:
                 return token
         return await self._interactive_login()
 
+    async def logout(self) -> str | None:
+        """Revoke this host's tokens where the provider offers it, then forget them.
+
+        A standard provider's ``revocation_endpoint`` (RFC 7009) is asked to
+        revoke the refresh and the access token; the local copy is removed in
+        any case.
+
+        Returns
+        -------
+        str or None
+            The provider's ``end_session_endpoint`` URL with ``client_id`` and
+            ``id_token_hint``: open it in a browser to end the provider's
+            browser session too. None for a py-oidc-auth server or a provider
+            without one.
+        """
+        token = self.store.get(self.host)
+        id_token = _ID_TOKENS.get(token["access_token"], "") if token is not None else ""
+        if token is not None:
+            await self._revoke(token)
+            self.store.remove(self.host)
+            _ID_TOKENS.pop(token["access_token"], None)
+        if not self.config.client_id:
+            return None
+        try:
+            end = (await self._metadata()).get("end_session_endpoint")
+        except AuthError as exc:
+            _logger().warning("no browser logout URL: %s", exc.message)
+            return None
+        if not end:
+            return None
+        query = {"client_id": self.config.client_id, **({"id_token_hint": id_token}
+                                                          if id_token else {})}
+        return _with_query(end, query)
+
     # -- Internals --
 
     @classmethod
@@ -1337,18 +1624,143 @@ class BaseFlow:
             lock.__exit__()
 
     async def _refresh_request(self, refresh_token: str, previous: Token | None) -> Token:
-        # py-oidc-auth reads the refresh token from the hyphenated field "refresh-token".
+        auth = None
+        if self.config.client_id:  # RFC 6749, 6: the scope granted before, unchanged
+            meta = await self._metadata()
+            form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+            if previous is not None and previous["scope"]:
+                form["scope"] = previous["scope"]
+            url, (form, auth) = meta["token_endpoint"], self._client_auth(meta, form)
+        else:
+            # py-oidc-auth reads the refresh token from the hyphenated field "refresh-token".
+            url = self._url(self.config.token_route)
+            form = {"refresh-token": refresh_token, "grant_type": "refresh-token"}
         raw = await self.session.post_form(
-            self._url(self.config.token_route),
-            {"refresh-token": refresh_token, "grant_type": "refresh-token"},
-            deadline=time.monotonic() + (self.timeout or _HTTP_TIMEOUT) * 2,
+            url, form, auth=auth, deadline=time.monotonic() + (self.timeout or _HTTP_TIMEOUT) * 2,
         )
         _logger().debug("refreshed the token for %s", self.host)
-        return _make_token(raw, previous)
+        return await self._accept(raw, previous)
 
     def _save(self, token: Token) -> Token:
         self.store.put(self.host, token)
         return token
+
+    # -- Internals: standard providers --
+
+    async def _metadata(self) -> dict[str, Any]:
+        return await _discover(self.config.host, self.session)
+
+    def _scope(self, meta: dict[str, Any]) -> str:
+        scopes = _scopes(self.config.scopes)
+        supported = meta.get("scopes_supported")
+        if self.config.scopes is None and isinstance(supported, list) and (
+            "offline_access" not in supported
+        ):  # the default asks for offline_access only where the provider knows it
+            scopes.remove("offline_access")
+        return " ".join(scopes)
+
+    def _client_auth(
+        self, meta: dict[str, Any], form: dict[str, str]
+    ) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """*form* with the client's id (and secret), or HTTP Basic credentials."""
+        client_id, secret = str(self.config.client_id), self.config.client_secret
+        methods = meta.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if secret and ("client_secret_basic" in methods or "client_secret_post" not in methods):
+            return form, (client_id, secret)
+        return {**form, "client_id": client_id,
+                **({"client_secret": secret} if secret else {})}, None
+
+    async def _accept(self, raw: dict[str, Any], previous: Token | None = None,
+                      nonce: str | None = None) -> Token:
+        """A token answer made a Token; a standard provider's ID token checked first."""
+        if not self.config.client_id:
+            return _make_token(raw, previous)
+        meta = await self._metadata()
+        id_token = raw.get("id_token") if isinstance(raw.get("id_token"), str) else ""
+        if id_token:
+            await self._check_id_token(id_token, meta, nonce)
+        elif nonce is not None and "openid" in self._scope(meta).split():
+            raise AuthError("The provider answered the login without an ID token",
+                            {"error": "invalid_id_token"}, 502)
+        elif previous is not None:
+            id_token = _ID_TOKENS.get(previous["access_token"])
+        if not isinstance(raw.get("scope"), str):  # RFC 6749, 5.1: as requested
+            raw = {**raw, "scope": previous["scope"] if previous else self._scope(meta)}
+        token = _make_token(raw, previous)
+        if id_token:
+            _remember_id_token(token["access_token"], id_token)
+        return token
+
+    async def _check_id_token(self, id_token: str, meta: dict[str, Any],
+                              nonce: str | None) -> None:
+        """Verify the signature where this module can, then the claims."""
+        import hashlib
+        import hmac
+
+        header, claims, signed, signature = _jws_parts(id_token)
+        alg, kid, secret = header.get("alg"), header.get("kid"), self.config.client_secret
+        verified = False
+        if alg in _RSA_DIGESTS and meta.get("jwks_uri"):
+            keys: list[dict[str, Any]] = []
+            for fresh in (False, True):  # an unknown kid: the provider has rotated its keys
+                found = (await _fetch_json(meta["jwks_uri"], self.session, fresh=fresh)).get("keys")
+                keys = [k for k in (found if isinstance(found, list) else [])
+                        if isinstance(k, dict) and k.get("kty") == "RSA"
+                        and k.get("use", "sig") == "sig" and k.get("alg", alg) == alg
+                        and (kid is None or k.get("kid") == kid)]
+                if keys or fresh:
+                    break
+            verified = any(_rsa_verify(k, str(alg), signed, signature) for k in keys)
+        elif alg in _HMAC_DIGESTS and secret:  # keyed with the client secret (OIDC Core, 10.1)
+            mac = hmac.new(secret.encode(), signed, getattr(hashlib, _HMAC_DIGESTS[alg])).digest()
+            verified = hmac.compare_digest(mac, signature)
+        elif isinstance(alg, str) and alg != "none":
+            # OIDC Core 3.1.3.7 (6): an ID token received straight from the token endpoint
+            # may be trusted on the strength of that connection; its claims are still checked.
+            _logger().debug("ID token signed with %s: signature not verified", alg)
+            verified = True
+        if not verified:
+            raise AuthError(f"The provider's ID token was refused: its {alg} signature does not "
+                            "verify", {"error": "invalid_id_token"}, 502)
+        _check_claims(claims, str(meta["issuer"]), str(self.config.client_id), nonce)
+
+    async def _revoke(self, token: Token) -> bool:
+        """Revoke the refresh and access token (RFC 7009); True if the server revoked one."""
+        if not self.config.client_id:
+            return False
+        try:
+            meta = await self._metadata()
+        except AuthError as exc:
+            _logger().warning("cannot revoke the tokens of %s: %s", self.host, exc.message)
+            return False
+        url, revoked = meta.get("revocation_endpoint"), False
+        if not url:
+            _logger().info("%s offers no token revocation", self.config.host)
+            return False
+        for value, hint in ((token["refresh_token"], "refresh_token"),
+                            (token["access_token"], "access_token")):
+            if not value:
+                continue
+            form, auth = self._client_auth(meta, {"token": value, "token_type_hint": hint})
+            try:
+                resp = await self.session.request("POST", url, form=form, auth=auth)
+            except AuthError as exc:
+                _logger().warning("revoking the %s failed: %s", hint,
+                                  _redact(exc, [value, *(auth or ())]).message)
+                continue
+            if resp.status == 200:
+                revoked = True
+                continue
+            try:
+                payload = resp.json()
+            except ValueError:
+                payload = None
+            refused = _redact(_http_error(resp, payload), [value, *(auth or ())])
+            # A provider may not revoke self-contained (JWT) access tokens: no warning then.
+            log = (_logger().info if refused.error == "unsupported_token_type"
+                   else _logger().warning)
+            log("revoking the %s failed: %s", hint, refused.message)
+        return revoked
 
 
 def _check_timeout(timeout: object) -> int | None:
@@ -1387,6 +1799,9 @@ class DeviceFlow(BaseFlow):
     interactive : bool or None
         Whether to show a countdown and attempt to open the browser. None
         auto detects based on the terminal environment.
+    client_id, client_secret, scopes : optional
+        A standard OpenID provider directly: ``host`` is its issuer URL (see
+        `BaseFlow`).
 
     Examples
     --------
@@ -1447,14 +1862,23 @@ class DeviceFlow(BaseFlow):
             If the device authorization endpoint is unavailable or returns an
             invalid response.
         """
-        url = self._url(self.config.device_route)
+        url, auth = self._url(self.config.device_route), None
+        form: dict[str, str] = {}
+        if self.config.client_id:
+            meta = await self._metadata()
+            url = meta.get("device_authorization_endpoint") or ""
+            if not url:
+                raise _NoDeviceFlow(f"{self.config.host} does not offer the device flow "
+                                    "(no device_authorization_endpoint)", status_code=404)
+            scope = self._scope(meta)
+            form, auth = self._client_auth(meta, {"scope": scope} if scope else {})
         try:  # one attempt: a 503 here means "no device flow", not "try again"
-            raw = await _post_form(url, {}, timeout=self.session.timeout)
+            raw = await _post_form(url, form, timeout=self.session.timeout, auth=auth)
         except AuthError as exc:
             said = exc.message.split(" answered ", 1)[-1]  # the server's words, not the URL
             if exc.status_code in _NO_DEVICE_STATUS or (
                 exc.status_code == 502 and "device_authorization" in said
-            ):
+            ) or (self.config.client_id and exc.error == "unauthorized_client"):
                 raise _NoDeviceFlow(f"{self.host} does not offer the device flow ({exc.message})",
                                     exc.detail, exc.status_code) from None
             raise
@@ -1502,8 +1926,13 @@ class DeviceFlow(BaseFlow):
             deadline = min(deadline, start + self.timeout)
         interval = max(1, int(interval))
         show = self._show_countdown()
-        url = self._url(self.config.token_route)
+        url, auth = self._url(self.config.token_route), None
         form = {"device-code": device_code, "grant_type": "device-code"}
+        if self.config.client_id:  # RFC 8628, 3.4
+            meta = await self._metadata()
+            url, (form, auth) = meta["token_endpoint"], self._client_auth(meta, {
+                "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+                "device_code": device_code})
         try:
             while True:
                 if time.monotonic() + interval > deadline:
@@ -1515,7 +1944,7 @@ class DeviceFlow(BaseFlow):
                     )
                 await _countdown(interval, deadline, show)
                 try:
-                    raw = await self.session.post_form(url, form, deadline=deadline)
+                    raw = await self.session.post_form(url, form, deadline=deadline, auth=auth)
                 except AuthError as exc:
                     if exc.error == "authorization_pending":
                         continue
@@ -1531,7 +1960,7 @@ class DeviceFlow(BaseFlow):
                             f"The device code for {self.host} expired before it was approved; "
                             "start the login again", exc.detail, exc.status_code) from None
                     raise
-                return self._save(_make_token(raw))
+                return self._save(await self._accept(raw))
         finally:
             if show:
                 sys.stderr.write("\r\033[K")
@@ -1585,6 +2014,9 @@ class CodeFlow(BaseFlow):
         Custom token store. Shared default when None.
     timeout : int or None
         Maximum seconds to wait for the user to complete the browser login.
+    client_id, client_secret, scopes : optional
+        A standard OpenID provider directly: ``host`` is its issuer URL (see
+        `BaseFlow`).
 
     Examples
     --------
@@ -1617,33 +2049,33 @@ class CodeFlow(BaseFlow):
 
     async def _interactive_login(self) -> Token:
         import asyncio
-        from urllib.parse import parse_qs, urlencode, urlsplit
 
         loop = asyncio.get_running_loop()
         result: asyncio.Future[dict[str, str]] = loop.create_future()
         server = _start_callback_server(self.config.redirect_ports, loop, result)
+        meta: dict[str, Any] = {}
+        verifier = nonce = ""  # in memory only: never in a URL, a log or a message
         try:
             port = server.server_address[1]
-            redirect_uri = f"http://localhost:{port}/callback"
-            query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
-                               "prompt": "consent"})
-            login_url = f"{self._url(self.config.login_route)}?{query}"
-            # Learn the provider URL and its state without following the redirect.
-            resp = await self.session.request("GET", login_url, follow=False)
-            location = resp.headers.get("Location") or resp.headers.get("location") or ""
-            if not 300 <= resp.status < 400 or not location:
-                payload: Any = None
-                try:
-                    payload = resp.json()
-                except ValueError:
-                    pass
-                error = _http_error(resp, payload)
-                raise AuthError(f"The login route did not redirect to a login page: "
-                                f"{error.message}", error.detail, error.status_code)
-            state = parse_qs(urlsplit(location).query).get("state", [""])[0]
-            if not state:
-                raise AuthError(f"{login_url} redirected to a login page without a state",
-                                status_code=502)
+            if self.config.client_id:
+                # RFC 8252, 7.3: the loopback IP literal, which is where the server listens.
+                redirect_uri = f"http://127.0.0.1:{port}/callback"
+                meta = await self._metadata()
+                verifier, challenge = _pkce_pair()
+                state, nonce = _random_string(), _random_string()
+                query = {"response_type": "code", "client_id": str(self.config.client_id),
+                         "redirect_uri": redirect_uri, "scope": self._scope(meta),
+                         "state": state, "nonce": nonce, "code_challenge": challenge,
+                         "code_challenge_method": "S256"}
+                location = _with_query(meta["authorization_endpoint"],
+                                       {k: v for k, v in query.items() if v})
+                # RFC 9207: the callback names its issuer; a wrong one means a mix-up attack.
+                server.expected_iss = str(meta["issuer"])
+                server.iss_required = meta.get("authorization_response_iss_parameter_supported") \
+                    is True
+            else:
+                redirect_uri = f"http://localhost:{port}/callback"
+                location, state = await self._login_location(redirect_uri)
             server.expected_state, server.login_url = state, location
             # The provider URL carries py-oidc-auth's state (with the PKCE verifier):
             # show and open a local address that redirects to it instead.
@@ -1664,20 +2096,66 @@ class CodeFlow(BaseFlow):
                 f"The login to {self.host} failed: {params['error']}"
                 + (f": {description}" if description else ""),
                 {"error": params["error"], "error_description": description}, 400)
-        # py-oidc-auth's state is "random|redirect_uri|code_verifier".
-        parts = state.split("|", 2)
         form = {"code": params["code"], "redirect_uri": redirect_uri,
                 "grant_type": "authorization_code"}
+        if meta:
+            form["code_verifier"] = verifier
+            form, auth = self._client_auth(meta, form)
+            raw = await self.session.post_form(meta["token_endpoint"], form, auth=auth)
+            return self._save(await self._accept(raw, nonce=nonce))
+        # py-oidc-auth's state is "random|redirect_uri|code_verifier".
+        parts = state.split("|", 2)
         if len(parts) == 3:
             form["code_verifier"] = parts[2]
         raw = await self.session.post_form(self._url(self.config.token_route), form)
         return self._save(_make_token(raw))
+
+    async def _login_location(self, redirect_uri: str) -> tuple[str, str]:
+        """The provider URL and state that py-oidc-auth's login route redirects to."""
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
+        query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
+                           "prompt": "consent"})
+        login_url = f"{self._url(self.config.login_route)}?{query}"
+        # Learn the provider URL and its state without following the redirect.
+        resp = await self.session.request("GET", login_url, follow=False)
+        location = resp.headers.get("Location") or resp.headers.get("location") or ""
+        if not 300 <= resp.status < 400 or not location:
+            payload: Any = None
+            try:
+                payload = resp.json()
+            except ValueError:
+                pass
+            error = _http_error(resp, payload)
+            raise AuthError(f"The login route did not redirect to a login page: "
+                            f"{error.message}", error.detail, error.status_code)
+        state = parse_qs(urlsplit(location).query).get("state", [""])[0]
+        if not state:
+            raise AuthError(f"{login_url} redirected to a login page without a state",
+                            status_code=502)
+        return location, state
 
     def _tell_user(self, url: str, port: int) -> None:
         _say(f"To log in to {self.host}, open this URL in a browser:\n    {url}")
         if _is_remote():
             _say(f"This is a remote session: forward the callback port first, on your own "
                  f"machine run\n    ssh -L {port}:localhost:{port} <this-host>")
+
+
+def _pkce_pair() -> tuple[str, str]:
+    """A PKCE verifier (86 unreserved characters) and its S256 challenge (RFC 7636, 4.1-4.2)."""
+    import base64
+    import hashlib
+
+    verifier = _random_string(64)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _random_string(size: int = 32) -> str:
+    import secrets
+
+    return secrets.token_urlsafe(size)
 
 
 # -- Loopback callback server (RFC 8252, 7.3) --
@@ -1718,6 +2196,8 @@ if TYPE_CHECKING:
     class _CallbackServerType(HTTPServer):
         expected_state: str
         login_url: str
+        expected_iss: str
+        iss_required: bool
 
         def __init__(self, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
                      result: asyncio.Future[dict[str, str]]) -> None: ...
@@ -1742,7 +2222,8 @@ def _callback_classes() -> type[_CallbackServerType]:
                      result: asyncio.Future[dict[str, str]]) -> None:
             super().__init__(address, _CallbackHandler)
             self.loop, self.result = loop, result
-            self.expected_state = self.login_url = ""
+            self.expected_state = self.login_url = self.expected_iss = ""
+            self.iss_required = False
 
         def deliver(self, params: dict[str, str]) -> None:
             def _set() -> None:
@@ -1782,6 +2263,12 @@ def _callback_classes() -> type[_CallbackServerType]:
                            "mismatch). Start the login again from your terminal.")
             elif not query.get("code"):
                 self._page(400, "Login failed", "The callback carries no code.")
+            elif self.server.expected_iss and ("iss" in query or self.server.iss_required) and (
+                query.get("iss") != self.server.expected_iss
+            ):  # RFC 9207, 2.4: a response from another issuer; never exchange its code
+                text = f"The login answer did not come from {self.server.expected_iss} (iss)."
+                self._page(400, "Login not accepted", text)
+                self.server.deliver({"error": "invalid_issuer", "error_description": text})
             else:
                 self._page(200, "Login successful", "You can close this window and return "
                            "to your terminal.")
@@ -1820,6 +2307,9 @@ def authenticate(
     app_name: str = "py-oidc-auth",
     force: bool = False,
     timeout: int | None = 30,
+    client_id: str | None = None,
+    client_secret: str | None = None,
+    scopes: str | Sequence[str] | None = None,
 ) -> Token:
     """Authenticate to an OIDC protected server and return a token.
 
@@ -1857,6 +2347,15 @@ def authenticate(
     timeout : int or None
         Maximum seconds to wait for the user to complete the login. None
         waits indefinitely.
+    client_id : str or None
+        Log in to a standard OpenID provider directly, as this client: *host*
+        is then the provider's issuer URL (its endpoints are discovered) and
+        the routes are not used.
+    client_secret : str or None
+        The client's secret, for a confidential client.
+    scopes : str or list of str or None
+        Scopes to ask the provider for; ``openid offline_access`` when None.
+        Tokens are kept per issuer, client id and scopes.
 
     Returns
     -------
@@ -1875,6 +2374,11 @@ def authenticate(
     >>> token = authenticate(host="https://myapp.example.com")  # doctest: +SKIP
     >>> token = authenticate("https://myapp.example.com", force=True)  # doctest: +SKIP
     >>> token = authenticate("https://myapp.example.com", app_name="my-project")  # doctest: +SKIP
+
+    A standard OpenID provider, directly:
+
+    >>> token = authenticate("https://keycloak.example.org/realms/science",
+    ...                      client_id="cli")  # doctest: +SKIP
     """
     if not force:
         # The hot path: no flow objects, no asyncio, no network.
@@ -1882,13 +2386,13 @@ def authenticate(
             store_in_use = _default_store(app_name, "OIDC_TOKEN_FILE")
         else:
             store_in_use = store or _default_store(app_name)
-        token = store_in_use.get(host)
+        token = store_in_use.get(_store_key(host, client_id, scopes))
         if token is not None and _access_valid(token):
             return token
     return _run_sync(authenticate_async(
         host, login_route=login_route, token_route=token_route, device_route=device_route,
         redirect_ports=redirect_ports, store=store, app_name=app_name, force=force,
-        timeout=timeout,
+        timeout=timeout, client_id=client_id, client_secret=client_secret, scopes=scopes,
     ))
 
 
@@ -1903,6 +2407,9 @@ async def authenticate_async(
     app_name: str = "py-oidc-auth",
     force: bool = False,
     timeout: int | None = 30,
+    client_id: str | None = None,
+    client_secret: str | None = None,
+    scopes: str | Sequence[str] | None = None,
 ) -> Token:
     """Async version of `authenticate`, for code already inside an event loop.
 
@@ -1926,6 +2433,12 @@ async def authenticate_async(
         Skip the cache and force a fresh login.
     timeout : int or None
         Maximum seconds to wait for user approval.
+    client_id : str or None
+        Log in to a standard OpenID provider directly; *host* is its issuer URL.
+    client_secret : str or None
+        The client's secret, for a confidential client.
+    scopes : str or list of str or None
+        Scopes to ask the provider for; ``openid offline_access`` when None.
 
     Returns
     -------
@@ -1938,7 +2451,9 @@ async def authenticate_async(
         If authentication fails.
     """
     config = Config(host=host, app_name=app_name, login_route=login_route,
-                    token_route=token_route, device_route=device_route)
+                    token_route=token_route, device_route=device_route, client_id=client_id,
+                    client_secret=client_secret,
+                    scopes=None if scopes is None else _scopes(scopes))
     if redirect_ports is not None:
         config.redirect_ports = list(redirect_ports)
     device = DeviceFlow._detached(config, store=store, timeout=timeout)
@@ -1948,11 +2463,12 @@ async def authenticate_async(
             return token
     reason = _no_login_reason()
     if reason:
+        command = f"python -m py_oidc_auth_client {_cli_target(device.config)}"
         raise AuthError(
             f"Not logged in to {device.host}, and {reason}. Log in once on a workstation "
-            f"(python -m py_oidc_auth_client {device.host}); in a batch job, point "
+            f"({command}); in a batch job, point "
             f"{config.token_env_var} at a token file made there "
-            f"(python -m py_oidc_auth_client {device.host} --json > token.json).",
+            f"({command} --json > token.json).",
             {"error": "login_required"}, 401,
         )
     try:
@@ -1961,6 +2477,18 @@ async def authenticate_async(
         _logger().debug("%s; using the code flow", exc.message)
     code = CodeFlow._detached(config, store=store, timeout=timeout)
     return await code._interactive_login()
+
+
+def _cli_target(config: Config) -> str:
+    """The command line arguments that name *config*'s server (never its secret)."""
+    import shlex
+
+    if not config.client_id:
+        return _host_key(config.host)
+    words = [config.host.strip(), "--client-id", config.client_id]
+    if config.scopes is not None:
+        words += ["--scope", " ".join(config.scopes)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _run_sync(coro: Coroutine[Any, Any, Token]) -> Token:
@@ -1995,6 +2523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Log in to a py-oidc-auth server (or use the cached token) and print it.",
         epilog="examples:\n  oidc-auth https://myapp.example.com\n"
                "  oidc-auth https://myapp.example.com --json > token.json\n"
+               "  oidc-auth https://keycloak.example.org/realms/science --client-id cli\n"
                "  oidc-auth --list",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -2013,16 +2542,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-d", "--device-route", default="/auth/v2/device")
     parser.add_argument("-p", "--ports", type=int, nargs="+", metavar="PORT",
                         help="ports to try for the login callback")
+    parser.add_argument("--client-id", metavar="ID",
+                        help="log in to a standard OpenID provider directly, as this client: "
+                             "HOST is then the provider's issuer URL")
+    parser.add_argument("--client-secret", metavar="SECRET",
+                        help="the client's secret, for a confidential client (others on this "
+                             "machine may see command lines: prefer $OIDC_CLIENT_SECRET)")
+    parser.add_argument("--scope", action="append", metavar="SCOPE",
+                        help="scopes to ask the provider for, repeatable or space separated "
+                             "(default: openid offline_access)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     if not (args.host or args.list or args.clear or args.remove):
         parser.error("give a HOST, or one of --list, --clear, --remove HOST")
     if args.timeout < 0:
         parser.error("--timeout must be 0 or more")
+    if (args.client_secret or args.scope) and not args.client_id:
+        parser.error("--client-secret and --scope need --client-id")
+    if args.client_id and not args.client_secret:
+        args.client_secret = os.environ.get("OIDC_CLIENT_SECRET") or None
+    args.scope = _scopes(args.scope) if args.scope else None
     for host in (args.host, args.remove):
         try:
             if host:
-                _host_key(host)
+                _store_key(host, args.client_id, args.scope)
         except AuthError as exc:
             parser.error(exc.message)
     import logging
@@ -2050,26 +2593,31 @@ def _cli(args: Any) -> int:
         store.clear()
         _say(f"Removed all tokens from {store.path}")
     if args.remove:
-        removed = store.remove(args.remove)
-        _say(f"{'Removed' if removed else 'No token for'} {_host_key(args.remove)}")
+        key = _store_key(args.remove, args.client_id, args.scope)
+        removed = store.remove(key)
+        _say(f"{'Removed' if removed else 'No token for'} {key}")
     if args.list:
+        import shlex
+
         now = time.time()
         for host in store.hosts():
             token = store.get(host)
-            if token is not None:
-                print(f"{host}\taccess {_left(token['expires'], now)}\t"
+            if token is not None:  # quoted where a shell needs it: "#...&scope=" keys
+                print(f"{shlex.quote(host)}\taccess {_left(token['expires'], now)}\t"
                       f"refresh {_left(token['refresh_expires'], now)}")
     if not args.host:
         return 0
     token = authenticate(
         args.host, login_route=args.login_route, token_route=args.token_route,
         device_route=args.device_route, redirect_ports=args.ports, force=args.force,
-        app_name=args.app_name, timeout=args.timeout or None,
+        app_name=args.app_name, timeout=args.timeout or None, client_id=args.client_id,
+        client_secret=args.client_secret, scopes=args.scope,
     )
     if args.json:
         print(json.dumps(token, indent=2))
     else:
-        print(f"Logged in to {_host_key(args.host)}: access token valid "
+        key = _store_key(args.host, args.client_id, args.scope)
+        print(f"Logged in to {key}: access token valid "
               f"{_left(token['expires'], time.time())}, refresh token "
               f"{_left(token['refresh_expires'], time.time())}")
     return 0

@@ -132,22 +132,30 @@ ENTRY_POINT = [
     ("force", KW, False),
     ("timeout", KW, 30),
 ]
+# Issue 6 (standard providers directly): keyword-only additions, after the documented ones.
+PROVIDER_KEYWORDS = [
+    ("client_id", KW, None),
+    ("client_secret", KW, None),
+    ("scopes", KW, None),
+]
 
 
 def test_authenticate_signature():
-    assert params(oac.authenticate) == ENTRY_POINT
+    assert params(oac.authenticate) == ENTRY_POINT + PROVIDER_KEYWORDS
     assert not inspect.iscoroutinefunction(oac.authenticate)
 
 
 def test_authenticate_async_signature():
-    assert params(oac.authenticate_async) == ENTRY_POINT
+    assert params(oac.authenticate_async) == ENTRY_POINT + PROVIDER_KEYWORDS
     assert inspect.iscoroutinefunction(oac.authenticate_async)
 
 
 def test_config_fields_and_defaults():
     fields = dataclasses.fields(oac.Config)
     assert [f.name for f in fields] == ["host", "redirect_ports", "token_env_var", "app_name",
-                                        "login_route", "token_route", "device_route"]
+                                        "login_route", "token_route", "device_route",
+                                        # issue 6, appended with defaults
+                                        "client_id", "client_secret", "scopes"]
     config = oac.Config(host=HOST)
     assert config.redirect_ports == [53100, 53101, 53102, 53103, 53104, 53105]
     assert config.token_env_var == "OIDC_TOKEN_FILE"
@@ -155,6 +163,7 @@ def test_config_fields_and_defaults():
     assert config.login_route == "/auth/v2/login"
     assert config.token_route == "/auth/v2/token"
     assert config.device_route == "/auth/v2/device"
+    assert (config.client_id, config.client_secret, config.scopes) == (None, None, None)
     with pytest.raises(TypeError):
         oac.Config()  # type: ignore[call-arg]
 

@@ -8,7 +8,10 @@ approves or denies; in the code flow it finally GETs the client's loopback callb
 Steered by environment variables, read when the browser is opened:
 
 ``OIDC_TEST_BROWSER_ACTION``  ``approve`` (default), ``deny``, or ``ignore`` (do nothing)
-``OIDC_TEST_BROWSER_TAMPER``  ``state``: change the callback's ``state`` before the GET
+``OIDC_TEST_BROWSER_TAMPER``  ``state``: change the callback's ``state`` before the GET;
+                              ``iss``: change the callback's ``iss`` (RFC 9207);
+                              ``nonce``: change the ``nonce`` of the authorize URL before
+                              the provider sees it (its ID token then carries that nonce)
 ``OIDC_TEST_BROWSER_USER``    login name (default ``alice``)
 ``OIDC_TEST_BROWSER_DELAY``   seconds to wait before acting (default 0)
 ``OIDC_TEST_BROWSER_TIMEOUT`` give up after this many seconds (default 30)
@@ -66,6 +69,8 @@ def _worker(url: str) -> int:
             action=action,
             user=os.environ.get("OIDC_TEST_BROWSER_USER", "alice"),
             tamper_state=os.environ.get("OIDC_TEST_BROWSER_TAMPER") == "state",
+            tamper_iss=os.environ.get("OIDC_TEST_BROWSER_TAMPER") == "iss",
+            tamper_nonce=os.environ.get("OIDC_TEST_BROWSER_TAMPER") == "nonce",
             timeout=float(os.environ.get("OIDC_TEST_BROWSER_TIMEOUT", "30") or 30),
             record=record,
         )

@@ -14,7 +14,9 @@ that ``browser.py`` can run it under any Python.
 ``action`` is ``"approve"`` or ``"deny"``.  A code-flow denial aborts the login
 interaction, so the provider redirects to the callback with ``error=access_denied``; a
 device denial presses "Abort" on the confirmation page.  ``tamper_state`` changes the
-``state`` of the callback URL before it is fetched.  Every step is reported to
+``state`` of the callback URL before it is fetched, ``tamper_iss`` its RFC 9207 ``iss``;
+``tamper_nonce`` changes the ``nonce`` of an authorize URL before the provider sees it,
+so that the provider's ID token names another login.  Every step is reported to
 ``record(event_dict)``; the events also come back as a list.
 """
 
@@ -62,6 +64,8 @@ def visit(
     tamper_state: bool = False,
     timeout: float = 20,
     record: Callable[[Event], None] | None = None,
+    tamper_iss: bool = False,
+    tamper_nonce: bool = False,
 ) -> list[Event]:
     """Play the human for ``url``; see the module docstring."""
     if action not in ("approve", "deny"):
@@ -75,6 +79,7 @@ def visit(
             record(item)
 
     browser = _Browser(timeout)
+    browser.tamper_nonce = tamper_nonce
     deadline = time.monotonic() + timeout
     note("open", url=_strip_query(url))
     status, page_url, body = browser.request("GET", url)
@@ -82,7 +87,7 @@ def visit(
         if time.monotonic() > deadline:
             raise HumanError("gave up: deadline passed")
         if browser.callback is not None:
-            _finish_callback(browser, tamper_state, note)
+            _finish_callback(browser, tamper_state, note, tamper_iss)
             return events
         forms = _parse_forms(body, page_url)
         title = _title(body)
@@ -148,13 +153,18 @@ def _is_callback(url: str) -> bool:
     return parts.hostname in _LOOPBACK_HOSTS and parts.path == "/callback"
 
 
-def _finish_callback(browser: _Browser, tamper: bool, note: Callable[..., None]) -> None:
+def _finish_callback(browser: _Browser, tamper: bool, note: Callable[..., None],
+                     tamper_iss: bool = False) -> None:
     url = browser.callback or ""
     parts = urllib.parse.urlsplit(url)
     params = dict(urllib.parse.parse_qsl(parts.query))
     fetched = url
+    forged = dict(params)
     if tamper and "state" in params:
-        forged = dict(params, state="forged" + params["state"][6:])
+        forged["state"] = "forged" + params["state"][6:]
+    if tamper_iss:
+        forged["iss"] = "https://mix-up.example.test"
+    if forged != params:
         fetched = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(forged)))
     try:
         status, _, body = browser.request("GET", fetched, follow=False)
@@ -171,7 +181,7 @@ def _finish_callback(browser: _Browser, tamper: bool, note: Callable[..., None])
         error=params.get("error"),
         code=params.get("code"),
         state=params.get("state"),
-        tampered=bool(tamper),
+        tampered=bool(tamper or tamper_iss),
         status=status,
         body=body[:300],
     )
@@ -188,6 +198,7 @@ class _Browser:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.callback: str | None = None
+        self.tamper_nonce = False
         self.opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}),
             urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()),
@@ -198,6 +209,8 @@ class _Browser:
         self, method: str, url: str, form: dict[str, str] | None = None, follow: bool = True
     ) -> tuple[int, str, str]:
         for _ in range(_MAX_STEPS):
+            if self.tamper_nonce:
+                url = _forge_nonce(url)
             data = urllib.parse.urlencode(form).encode() if form is not None else None
             req = urllib.request.Request(url, data=data, method=method)
             req.add_header("User-Agent", "py-oidc-auth-client-test-human")
@@ -221,6 +234,16 @@ class _Browser:
                 method, form = "GET", None
             url = nxt
         raise HumanError("redirect loop")
+
+
+def _forge_nonce(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query)
+    if not any(k == "nonce" for k, _ in query):
+        return url
+    query = [(k, "forged-" + v if k == "nonce" and not v.startswith("forged-") else v)
+             for k, v in query]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
 class _FormParser(html.parser.HTMLParser):

@@ -29,6 +29,9 @@
 //   GET    /__test/polls   device-code polls seen at the token endpoint:
 //                          [{t: epoch seconds (float), device: short hash, answer: "..."}]
 //   DELETE /__test/polls   forget them
+//   GET    /__test/grants  every token endpoint request: [{t, grant: grant_type, client,
+//                          code: short hash of the authorization code or ""}]
+//   DELETE /__test/grants  forget them
 //   GET    /__test/config  the options in effect
 
 import * as crypto from 'node:crypto';
@@ -179,6 +182,7 @@ function configuration() {
 // -- Test-only middleware --------------------------------------------------
 
 const polls = [];
+const grants = [];
 const pollCounts = new Map();
 const shortHash = (value) => crypto.createHash('sha256').update(String(value)).digest('hex').slice(0, 12);
 
@@ -205,6 +209,10 @@ async function testRoutes(ctx, next) {
     if (ctx.method === 'DELETE') polls.length = 0;
     return sendJson(ctx, 200, polls);
   }
+  if (ctx.path === '/__test/grants') {
+    if (ctx.method === 'DELETE') grants.length = 0;
+    return sendJson(ctx, 200, grants);
+  }
   if (ctx.path === '/__test/config') {
     return sendJson(ctx, 200, { ...opt, resource: RESOURCE });
   }
@@ -223,6 +231,15 @@ async function tokenEndpoint(ctx, next) {
   ctx.req.body = raw;
   const form = querystring.parse(raw);
   const grantType = form.grant_type;
+  const basic = /^Basic (.+)$/i.exec(ctx.get('authorization') || '');
+  grants.push({
+    t: Date.now() / 1000,
+    grant: String(grantType ?? ''),
+    client: String(form.client_id ?? (basic ? decodeURIComponent(
+      Buffer.from(basic[1], 'base64').toString('utf8').split(':')[0],
+    ) : '')),
+    code: form.code ? shortHash(form.code) : '',
+  });
 
   if (grantType === 'urn:ietf:params:oauth:grant-type:device_code') {
     const device = shortHash(form.device_code);
