@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
 if TYPE_CHECKING:
     import asyncio
     import logging
-    from collections.abc import Callable, Coroutine, Iterable, Sequence
+    import ssl
+    from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterable, Sequence
     from http.server import HTTPServer
 
     _F = TypeVar("_F", bound="BaseFlow")
@@ -59,6 +60,7 @@ __all__ = [
     # entry points
     "authenticate",
     "authenticate_async",
+    "BearerAuth",
     "main",
 ]
 
@@ -223,6 +225,10 @@ class Config:
         Server side route for the token exchange endpoint.
     device_route : str
         Server side route for the device authorization endpoint.
+    ca_bundle : str or None
+        CA certificates (PEM file or directory) to trust for this server
+        instead of the system's; None uses ``REQUESTS_CA_BUNDLE`` or
+        ``SSL_CERT_FILE`` when set.
     """
 
     host: str
@@ -232,6 +238,7 @@ class Config:
     login_route: str = "/auth/v2/login"
     token_route: str = "/auth/v2/token"
     device_route: str = "/auth/v2/device"
+    ca_bundle: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -256,11 +263,13 @@ async def _request(
     form: dict[str, str] | None = None,
     timeout: float = _HTTP_TIMEOUT,
     follow_redirects: bool = True,
+    ca_bundle: str | None = None,
 ) -> _Response:
     """Send one request in a worker thread; transport failures become AuthError."""
     import asyncio
 
-    call = asyncio.to_thread(_request_blocking, method, url, form, timeout, follow_redirects)
+    call = asyncio.to_thread(_request_blocking, method, url, form, timeout, follow_redirects,
+                             ca_bundle)
     try:
         # The socket timeout bounds each read; this bounds a server that drips.
         return await asyncio.wait_for(call, timeout + 5)
@@ -269,7 +278,8 @@ async def _request(
 
 
 def _request_blocking(
-    method: str, url: str, form: dict[str, str] | None, timeout: float, follow: bool
+    method: str, url: str, form: dict[str, str] | None, timeout: float, follow: bool,
+    ca_bundle: str | None = None,
 ) -> _Response:
     import http.client
     import urllib.error
@@ -282,10 +292,12 @@ def _request_blocking(
         headers["Content-Type"] = "application/x-www-form-urlencoded"
     # Only http(s) URLs get here: hosts are checked by _normalise_host.
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
-    where = f"{method} {url}"
+    proxy = _proxy_for(url)
+    where = f"{method} {url}" + (f" (via proxy {proxy})" if proxy else "")
+    opener = _opener(follow, ca_bundle)
     try:
         try:
-            with _opener(follow).open(request, timeout=timeout) as resp:
+            with opener.open(request, timeout=timeout) as resp:
                 return _Response(url, resp.status, dict(resp.headers),
                                  _read_capped(resp, resp.status, where))
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
@@ -293,9 +305,9 @@ def _request_blocking(
                 return _Response(url, exc.code, dict(exc.headers or {}),
                                  _read_capped(exc, exc.code, where))
     except urllib.error.URLError as exc:
-        raise _transport_error(where, exc.reason) from None
+        raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise _transport_error(where, exc) from None
+        raise _transport_error(where, exc, ca_bundle, proxy) from None
 
 
 def _read_capped(resp: Any, status: int, where: str) -> bytes:
@@ -312,21 +324,21 @@ def _read_capped(resp: Any, status: int, where: str) -> bytes:
     return body
 
 
-def _transport_error(where: str, reason: object) -> AuthError:
+def _transport_error(
+    where: str, reason: object, ca_bundle: str | None = None, proxy: str = ""
+) -> AuthError:
     import socket
     import ssl
 
     if isinstance(reason, ssl.SSLCertVerificationError):
-        return AuthError(
-            f"{where}: TLS certificate not trusted ({reason.verify_message}); "
-            "set SSL_CERT_FILE to your CA bundle if the server uses a private CA"
-        )
+        return _untrusted(where, reason, ca_bundle)
     if isinstance(reason, ssl.SSLError):
         return AuthError(f"{where}: TLS error: {reason}")
     if isinstance(reason, socket.gaierror):
         return AuthError(f"{where}: cannot resolve the host name; check the URL ({reason})")
     if isinstance(reason, ConnectionRefusedError):
-        return _TransientError(f"{where}: connection refused; is the server running?")
+        return _TransientError(f"{where}: connection refused; is the "
+                               f"{'proxy' if proxy else 'server'} running?")
     if isinstance(reason, (TimeoutError, socket.timeout)):
         return _TransientError(f"{where}: timed out")
     if isinstance(reason, (ConnectionError, EOFError)) or type(reason).__name__ in (
@@ -338,15 +350,48 @@ def _transport_error(where: str, reason: object) -> AuthError:
     return AuthError(f"{where}: request failed ({reason})")
 
 
-_OPENERS: dict[bool, Any] = {}
+# X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
+_UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
 
 
-def _opener(follow: bool) -> Any:
-    """A cached opener; proxies come from the environment (HTTPS_PROXY, NO_PROXY)."""
-    if follow not in _OPENERS:
-        import urllib.request
+def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
+               ca_bundle: str | None) -> AuthError:
+    """The refused certificate explained, with the fix when a CA is missing."""
+    if reason.verify_code not in _UNKNOWN_ISSUER:
+        return AuthError(f"{where}: the server's TLS certificate was refused "
+                         f"({reason.verify_message})")
+    bundle, source = _ca_bundle(ca_bundle)
+    trusted = "the system's CA certificates"
+    if bundle:
+        missing = "" if os.path.exists(os.path.expanduser(bundle)) else ", which does not exist"
+        trusted = f"the CA bundle {bundle} (from {source}{missing})"
+    return AuthError(
+        f"{where}: the server's TLS certificate is not trusted ({reason.verify_message}) by "
+        f"{trusted}. If the server uses a private or company CA, set SSL_CERT_FILE (or "
+        "REQUESTS_CA_BUNDLE) to a PEM file holding that CA, or pass ca_bundle=PATH",
+        {"error": "untrusted_certificate"},
+    )
 
-        handlers: list[Any] = []
+
+_OPENERS: dict[tuple[Any, ...], Any] = {}
+
+
+def _opener(follow: bool, ca_bundle: str | None = None) -> Any:
+    """A cached opener for the current proxy settings and CA bundle.
+
+    Proxies are urllib's: ``HTTPS_PROXY``/``HTTP_PROXY`` (the system settings on
+    macOS and Windows), read here so that a change is seen; ``NO_PROXY`` is
+    checked by urllib on every request.
+    """
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    context_key, context = _ssl_context(ca_bundle)
+    key = (follow, tuple(sorted(proxies.items())), context_key)
+    opener = _OPENERS.get(key)
+    if opener is None:
+        handlers: list[Any] = [urllib.request.ProxyHandler(proxies),
+                               urllib.request.HTTPSHandler(context=context)]
         if not follow:
 
             class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -354,13 +399,70 @@ def _opener(follow: bool) -> Any:
                     return None
 
             handlers.append(_NoRedirect)
-        _OPENERS[follow] = urllib.request.build_opener(*handlers)
-    return _OPENERS[follow]
+        opener = _OPENERS[key] = urllib.request.build_opener(*handlers)
+    return opener
 
 
-async def _post_form(url: str, form: dict[str, str], *, timeout: float) -> dict[str, Any]:
+def _proxy_for(url: str) -> str:
+    """The proxy urllib sends *url* through, without credentials; ``""`` for none."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme, "")
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
+        return ""
+    proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return f"{proxy_parts.scheme}://{proxy_parts.netloc.rpartition('@')[2]}"
+
+
+def _ca_bundle(option: str | None) -> tuple[str, str]:
+    """The CA bundle to trust and who chose it; ``("", "")`` for the system default."""
+    if option:
+        return option, "ca_bundle"
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        if os.environ.get(name):
+            return os.environ[name], name
+    return "", ""
+
+
+_SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
+
+
+def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLContext]:
+    """One cached context per CA bundle, and its cache key."""
+    bundle, source = _ca_bundle(option)
+    if source in ("", "SSL_CERT_FILE"):
+        # OpenSSL reads SSL_CERT_FILE and SSL_CERT_DIR itself (its default paths);
+        # REQUESTS_CA_BUNDLE is a requests convention that urllib does not know.
+        key = ("", os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+    else:
+        key = (os.path.expanduser(bundle), source, "")
+    context = _SSL_CONTEXTS.get(key)
+    if context is None:
+        import ssl
+
+        path = key[0]
+        try:
+            if not path:
+                context = ssl.create_default_context()
+            elif os.path.isdir(path):
+                context = ssl.create_default_context(capath=path)
+            else:  # like requests and curl: the bundle replaces the system's CAs
+                context = ssl.create_default_context(cafile=path)
+        except OSError as exc:  # also ssl.SSLError: not PEM certificates
+            raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
+                            f"{exc.strerror or exc}; point {source} at a PEM file of CA "
+                            "certificates") from None
+        _SSL_CONTEXTS[key] = context
+    return key, context
+
+
+async def _post_form(
+    url: str, form: dict[str, str], *, timeout: float, ca_bundle: str | None = None
+) -> dict[str, Any]:
     """POST a form and return the JSON object it answers; errors become AuthError."""
-    resp = await _request("POST", url, form=form, timeout=timeout)
+    resp = await _request("POST", url, form=form, timeout=timeout, ca_bundle=ca_bundle)
     payload: Any
     try:
         payload = resp.json()
@@ -439,14 +541,16 @@ def _short(text: str | bytes, limit: int = 200) -> str:
 class _Session:
     """The module's own small HTTP session over ``urllib`` (no httpx)."""
 
-    def __init__(self, timeout: float | None = None) -> None:
+    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None) -> None:
         self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
+        self.ca_bundle = ca_bundle
 
     async def request(
         self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True
     ) -> _Response:
         """Send a request; the status is not checked."""
-        return await _request(method, url, form=form, timeout=self.timeout, follow_redirects=follow)
+        return await _request(method, url, form=form, timeout=self.timeout,
+                              follow_redirects=follow, ca_bundle=self.ca_bundle)
 
     async def post_form(
         self, url: str, form: dict[str, str], *, deadline: float | None = None
@@ -458,7 +562,7 @@ class _Session:
             if deadline is not None:
                 timeout = max(0.5, min(timeout, deadline - time.monotonic()))
             try:
-                return await _post_form(url, form, timeout=timeout)
+                return await _post_form(url, form, timeout=timeout, ca_bundle=self.ca_bundle)
             except _TransientError as exc:
                 attempt += 1
                 delay = _backoff(attempt, exc)
@@ -601,7 +705,11 @@ def _lifetime(token: Token) -> int:
 
 
 def _access_valid(token: Token, now: float | None = None) -> bool:
-    return token["expires"] - _margin(token) > (now or time.time())
+    return token["expires"] - _margin(token) > (now or time.time()) and (
+        token["access_token"] not in _REJECTED)
+
+
+_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
 
 
 def _refresh_valid(token: Token, now: float | None = None) -> bool:
@@ -1154,12 +1262,14 @@ class BaseFlow:
         Ports to try for the local callback server (code flow only).
     timeout : int or None
         HTTP and polling timeout in seconds.
+    ca_bundle : str or None
+        CA certificates to trust for the server (see `Config`).
     """
 
     _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "store", "login_route", "token_route", "device_route", "redirect_ports",
-        "timeout", "app_name", "token_env_var", "interactive",
+        "timeout", "app_name", "token_env_var", "interactive", "ca_bundle",
     })
 
     def __new__(cls: type[_F], host: str = "", config: Config | None = None,
@@ -1178,7 +1288,7 @@ class BaseFlow:
         if config is None:
             options = {k: v for k, v in kwargs.items()
                        if k in ("login_route", "token_route", "device_route",
-                                "app_name", "token_env_var")}
+                                "app_name", "token_env_var", "ca_bundle")}
             ports = kwargs.get("redirect_ports")
             config = Config(host=host, **options)
             if ports is not None:
@@ -1209,10 +1319,10 @@ class BaseFlow:
     @property
     def session(self) -> _Session:
         """The HTTP session: this module's own small ``urllib`` session, not httpx."""
-        if self._session is None or self._session.timeout != min(
-            self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT
+        if self._session is None or (self._session.timeout, self._session.ca_bundle) != (
+            min(self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT), self.config.ca_bundle
         ):
-            self._session = _Session(self.timeout)
+            self._session = _Session(self.timeout, self.config.ca_bundle)
         return self._session
 
     @property
@@ -1439,7 +1549,8 @@ class DeviceFlow(BaseFlow):
         """
         url = self._url(self.config.device_route)
         try:  # one attempt: a 503 here means "no device flow", not "try again"
-            raw = await _post_form(url, {}, timeout=self.session.timeout)
+            raw = await _post_form(url, {}, timeout=self.session.timeout,
+                                   ca_bundle=self.session.ca_bundle)
         except AuthError as exc:
             said = exc.message.split(" answered ", 1)[-1]  # the server's words, not the URL
             if exc.status_code in _NO_DEVICE_STATUS or (
@@ -1810,6 +1921,7 @@ def authenticate(
     app_name: str = "py-oidc-auth",
     force: bool = False,
     timeout: int | None = 30,
+    ca_bundle: str | None = None,
 ) -> Token:
     """Authenticate to an OIDC protected server and return a token.
 
@@ -1847,6 +1959,8 @@ def authenticate(
     timeout : int or None
         Maximum seconds to wait for the user to complete the login. None
         waits indefinitely.
+    ca_bundle : str or None
+        CA certificates to trust for the server (see `Config`).
 
     Returns
     -------
@@ -1878,7 +1992,7 @@ def authenticate(
     return _run_sync(authenticate_async(
         host, login_route=login_route, token_route=token_route, device_route=device_route,
         redirect_ports=redirect_ports, store=store, app_name=app_name, force=force,
-        timeout=timeout,
+        timeout=timeout, ca_bundle=ca_bundle,
     ))
 
 
@@ -1893,6 +2007,7 @@ async def authenticate_async(
     app_name: str = "py-oidc-auth",
     force: bool = False,
     timeout: int | None = 30,
+    ca_bundle: str | None = None,
 ) -> Token:
     """Async version of `authenticate`, for code already inside an event loop.
 
@@ -1916,6 +2031,8 @@ async def authenticate_async(
         Skip the cache and force a fresh login.
     timeout : int or None
         Maximum seconds to wait for user approval.
+    ca_bundle : str or None
+        CA certificates to trust for the server (see `Config`).
 
     Returns
     -------
@@ -1928,7 +2045,7 @@ async def authenticate_async(
         If authentication fails.
     """
     config = Config(host=host, app_name=app_name, login_route=login_route,
-                    token_route=token_route, device_route=device_route)
+                    token_route=token_route, device_route=device_route, ca_bundle=ca_bundle)
     if redirect_ports is not None:
         config.redirect_ports = list(redirect_ports)
     device = DeviceFlow._detached(config, store=store, timeout=timeout)
@@ -1951,6 +2068,165 @@ async def authenticate_async(
         _logger().debug("%s; using the code flow", exc.message)
     code = CodeFlow._detached(config, store=store, timeout=timeout)
     return await code._interactive_login()
+
+
+class BearerAuth:
+    """Bearer-token auth for ``requests`` and ``httpx`` that keeps itself fresh.
+
+    Pass it as ``auth=`` to ``requests`` (one call or a ``Session``), to
+    ``httpx.Client`` or to ``httpx.AsyncClient``. Every request carries the
+    header of `authenticate` (a cached token costs no network), so a token is
+    refreshed shortly before it expires. If the server answers 401 all the
+    same, the token counts as expired: it is refreshed, or replaced by a newer
+    one in the store, and the request is sent once more. A second 401, or a
+    401 to a token that has no refresh token, is returned as it is: an API's
+    401 never starts a login by itself.
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the server that issues the tokens.
+    **authenticate_kwargs
+        Keyword arguments of `authenticate` (``store``, ``app_name``,
+        ``timeout``, ``ca_bundle``, ...), except ``force``.
+
+    Notes
+    -----
+    Neither package is imported here. ``requests`` calls the object and its
+    response hook; ``httpx`` runs ``sync_auth_flow``/``async_auth_flow`` of an
+    ``httpx.Auth``, so an instance made after ``import httpx`` is one (httpx
+    turns any other callable into a one-shot auth: the header, no retry).
+    Async clients get the token with `authenticate_async`. For the retry a
+    ``requests`` body must be bytes or str; ``httpx`` reads the body first.
+
+    Examples
+    --------
+    >>> auth = BearerAuth("https://myapp.example.com")  # doctest: +SKIP
+    >>> requests.get("https://myapp.example.com/api/data", auth=auth)  # doctest: +SKIP
+    >>> httpx.Client(auth=auth).get("https://myapp.example.com/api/data")  # doctest: +SKIP
+    """
+
+    requires_request_body = True  # httpx: read the body first, so the retry can send it
+    requires_response_body = False
+
+    def __new__(cls, host: str, **authenticate_kwargs: Any) -> BearerAuth:
+        """Make an ``httpx.Auth`` as well when httpx is loaded (not imported here)."""
+        base = getattr(sys.modules.get("httpx"), "Auth", None)
+        if isinstance(base, type) and not issubclass(cls, base):
+            if cls not in _HTTPX_AUTH:
+                _HTTPX_AUTH[cls] = type(cls.__name__, (cls, base), {
+                    "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                    "__doc__": cls.__doc__})
+            cls = _HTTPX_AUTH[cls]
+        return super().__new__(cls)
+
+    def __init__(self, host: str, **authenticate_kwargs: Any) -> None:
+        unknown = set(authenticate_kwargs) - set(authenticate.__kwdefaults__ or ()) | (
+            {"force"} & set(authenticate_kwargs))
+        if unknown:
+            raise TypeError(f"BearerAuth got unexpected keyword arguments: "
+                            f"{', '.join(sorted(unknown))}")
+        _host_key(host)  # a bad URL fails here, not at the first request
+        self.host = host
+        self._kwargs = authenticate_kwargs
+
+    def __repr__(self) -> str:
+        return f"BearerAuth({_host_key(self.host)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _bearer_auth, (self.host, self._kwargs)
+
+    def __call__(self, request: Any) -> Any:
+        """Add the header to a ``requests`` request, with a hook that retries a 401."""
+        token = authenticate(self.host, **self._kwargs)
+        request.headers["Authorization"] = token["headers"]["Authorization"]
+        register = getattr(request, "register_hook", None)
+        if register is not None:  # httpx's function auth has no hooks: header only
+            register("response", lambda response, **kw: self._retry_401(response, token, **kw))
+        return request
+
+    def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
+        """The ``httpx.Client`` flow: send, and on a 401 once more with a fresh token."""
+        request.read()
+        token = authenticate(self.host, **self._kwargs)
+        request.headers["Authorization"] = token["headers"]["Authorization"]
+        response = yield request
+        if response.status_code == 401 and _reject(token):
+            header = _renewal(token, authenticate(self.host, **self._kwargs))
+            if header is not None:
+                request.headers["Authorization"] = header
+                yield request
+
+    auth_flow = sync_auth_flow
+
+    async def async_auth_flow(self, request: Any) -> AsyncGenerator[Any, Any]:
+        """The ``httpx.AsyncClient`` flow, with `authenticate_async`."""
+        await request.aread()
+        token = await authenticate_async(self.host, **self._kwargs)
+        request.headers["Authorization"] = token["headers"]["Authorization"]
+        response = yield request
+        if response.status_code == 401 and _reject(token):
+            header = _renewal(token, await authenticate_async(self.host, **self._kwargs))
+            if header is not None:
+                request.headers["Authorization"] = header
+                yield request
+
+    # -- Internals --
+
+    def _retry_401(self, response: Any, sent: Token, **send_kwargs: Any) -> Any:
+        """The ``requests`` response hook: resend a 401 once, with a fresh token."""
+        request = response.request
+        if (
+            response.status_code != 401
+            # requests drops the header on a redirect to another host: not ours to retry
+            or request.headers.get("Authorization") != sent["headers"]["Authorization"]
+            or getattr(request, "_oidc_retry", False)
+            or not (request.body is None or isinstance(request.body, (bytes, str)))
+            or getattr(response, "connection", None) is None
+            or not _reject(sent)
+        ):
+            return response
+        header = _renewal(sent, authenticate(self.host, **self._kwargs))
+        if header is None:
+            return response
+        response.content  # noqa: B018 -- read the 401 so its connection can be reused
+        response.close()
+        retry = request.copy()
+        retry.headers["Authorization"] = header
+        retry._oidc_retry = True
+        new = response.connection.send(retry, **send_kwargs)
+        new.history.append(response)
+        new.request = retry
+        return new
+
+
+_HTTPX_AUTH: dict[type, type[BearerAuth]] = {}
+
+
+def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
+    return BearerAuth(host, **kwargs)
+
+
+def _reject(token: Token) -> bool:
+    """After a 401: count *token* as expired if it can be refreshed; else False.
+
+    A token without a usable refresh token is left alone: an API's 401 must
+    not start an interactive login.
+    """
+    if not _refresh_valid(token):
+        return False
+    if len(_REJECTED) > 4096:
+        _REJECTED.clear()
+    _REJECTED.add(token["access_token"])
+    return True
+
+
+def _renewal(sent: Token, token: Token) -> str | None:
+    """The header to retry with, or None when the refused token came back."""
+    if token["access_token"] == sent["access_token"]:
+        _REJECTED.discard(sent["access_token"])
+        return None
+    return token["headers"]["Authorization"]
 
 
 def _run_sync(coro: Coroutine[Any, Any, Token]) -> Token:
