@@ -226,9 +226,9 @@ class Config:
     device_route : str
         Server side route for the device authorization endpoint.
     ca_bundle : str or None
-        CA certificates (PEM file or directory) to trust for this server
-        instead of the system's; None uses ``REQUESTS_CA_BUNDLE`` or
-        ``SSL_CERT_FILE`` when set.
+        A PEM file of CA certificates to trust for this server instead of
+        the system's; None uses ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE``
+        when set.
     """
 
     host: str
@@ -443,13 +443,8 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
         import ssl
 
         path = key[0]
-        try:
-            if not path:
-                context = ssl.create_default_context()
-            elif os.path.isdir(path):
-                context = ssl.create_default_context(capath=path)
-            else:  # like requests and curl: the bundle replaces the system's CAs
-                context = ssl.create_default_context(cafile=path)
+        try:  # like requests and curl, a bundle replaces the system's CAs
+            context = ssl.create_default_context(cafile=path or None)
         except OSError as exc:  # also ssl.SSLError: not PEM certificates
             raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
                             f"{exc.strerror or exc}; point {source} at a PEM file of CA "
