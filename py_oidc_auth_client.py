@@ -1062,27 +1062,45 @@ class _FileLock:
         self.path, self.timeout, self.fd = path, timeout, -1
 
     def __enter__(self) -> _FileLock:
-        try:
-            _make_private_dir(os.path.dirname(self.path))
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise _store_error(self.path, exc) from None
-        deadline, pause = time.monotonic() + self.timeout, 0.002
-        while True:
-            try:
-                _lock(fd)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise AuthError(
-                        f"Could not lock {self.path} within {self.timeout:g} s: another "
-                        "process holds it. If none is running, delete the lock file."
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+        fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
+        while not self._try(fd, deadline):
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
         self.fd = fd
         return self
+
+    async def acquire_async(self) -> _FileLock:
+        """``__enter__`` for coroutines: waits in asyncio sleeps, holding no thread."""
+        fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
+        while not self._try(fd, deadline):
+            try:
+                await _sleep(pause)
+            except BaseException:  # cancelled while waiting
+                os.close(fd)
+                raise
+            pause = min(pause * 2, 0.05)
+        self.fd = fd
+        return self
+
+    def _open(self) -> int:
+        try:
+            _make_private_dir(os.path.dirname(self.path))
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _store_error(self.path, exc) from None
+
+    def _try(self, fd: int, deadline: float) -> bool:
+        try:
+            _lock(fd)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AuthError(
+                    f"Could not lock {self.path} within {self.timeout:g} s: another "
+                    "process holds it. If none is running, delete the lock file."
+                ) from None
+            return False
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -1401,12 +1419,10 @@ class BaseFlow:
             return token
         if not _refresh_valid(token):
             return None
-        import asyncio
-
         store = self.store
         key = "" if store._single else self.host
-        lock = _FileLock(store.path + ".lock")
-        await asyncio.to_thread(lock.__enter__)
+        # Wait without a thread: a pool full of waiters would starve the refresh itself.
+        lock = await _FileLock(store.path + ".lock").acquire_async()
         try:
             # Another process may have refreshed while we waited for the lock.
             current = store._update_locked(lambda entries: None).get(key)
@@ -2146,7 +2162,7 @@ class BearerAuth:
         token = authenticate(self.host, **self._kwargs)
         request.headers["Authorization"] = token["headers"]["Authorization"]
         response = yield request
-        if response.status_code == 401 and _reject(token):
+        if _refused(response, token):
             header = _renewal(token, authenticate(self.host, **self._kwargs))
             if header is not None:
                 request.headers["Authorization"] = header
@@ -2160,7 +2176,7 @@ class BearerAuth:
         token = await authenticate_async(self.host, **self._kwargs)
         request.headers["Authorization"] = token["headers"]["Authorization"]
         response = yield request
-        if response.status_code == 401 and _reject(token):
+        if _refused(response, token):
             header = _renewal(token, await authenticate_async(self.host, **self._kwargs))
             if header is not None:
                 request.headers["Authorization"] = header
@@ -2172,13 +2188,10 @@ class BearerAuth:
         """The ``requests`` response hook: resend a 401 once, with a fresh token."""
         request = response.request
         if (
-            response.status_code != 401
-            # requests drops the header on a redirect to another host: not ours to retry
-            or request.headers.get("Authorization") != sent["headers"]["Authorization"]
-            or getattr(request, "_oidc_retry", False)
+            getattr(request, "_oidc_retry", False)
             or not (request.body is None or isinstance(request.body, (bytes, str)))
             or getattr(response, "connection", None) is None
-            or not _reject(sent)
+            or not _refused(response, sent)
         ):
             return response
         header = _renewal(sent, authenticate(self.host, **self._kwargs))
@@ -2202,13 +2215,17 @@ def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
     return BearerAuth(host, **kwargs)
 
 
-def _reject(token: Token) -> bool:
-    """After a 401: count *token* as expired if it can be refreshed; else False.
+def _refused(response: Any, token: Token) -> bool:
+    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
 
-    A token without a usable refresh token is left alone: an API's 401 must
-    not start an interactive login.
+    Not after a redirect that dropped the header (another host), and not for a
+    token without a refresh token: an API's 401 must not start a login.
     """
-    if not _refresh_valid(token):
+    if (
+        response.status_code != 401
+        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
+        or not _refresh_valid(token)
+    ):
         return False
     if len(_REJECTED) > 4096:
         _REJECTED.clear()
