@@ -443,7 +443,7 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
         import ssl
 
         path = key[0]
-        try:  # like requests and curl, a bundle replaces the system's CAs
+        try:  # as in requests and curl, a bundle replaces the system's CAs
             context = ssl.create_default_context(cafile=path or None)
         except OSError as exc:  # also ssl.SSLError: not PEM certificates
             raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
