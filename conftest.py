@@ -183,3 +183,134 @@ def make_token() -> Callable[..., oac.Token]:
         return oac._token(make_jwt(lifetime, now), "Bearer", now + lifetime, refresh,
                           now + refresh_lifetime if refresh else 0, "openid")
     return build
+
+
+# -- network: a TLS server signed by a test CA, a forward proxy ------------------------------
+
+
+def _serve_in_thread(server: ThreadingHTTPServer):
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def test_ca():
+    """A throwaway certificate authority (trustme)."""
+    from tests import extra
+
+    return extra("trustme").CA()
+
+
+@pytest.fixture
+def tls_server(request, tmp_path, test_ca):
+    """A FakeServer over HTTPS whose certificate (for 127.0.0.1) is signed by ``test_ca``.
+
+    ``ca_file`` is the CA's PEM file; ``other_ca_file`` a CA that did not sign it.
+    Parametrize indirectly with other names to get a certificate for those instead.
+    """
+    import ssl
+
+    from tests import extra
+
+    fake = FakeServer()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    names = getattr(request, "param", ("127.0.0.1", "localhost"))
+    test_ca.issue_cert(*names).configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    fake.url = f"https://127.0.0.1:{server.server_address[1]}"
+    fake.ca_file = str(tmp_path / "test-ca.pem")
+    test_ca.cert_pem.write_to_path(fake.ca_file)
+    fake.other_ca_file = str(tmp_path / "other-ca.pem")
+    extra("trustme").CA().cert_pem.write_to_path(fake.other_ca_file)
+    _serve_in_thread(server)
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class Proxy:
+    """What the forward proxy was asked: ``"POST http://host:port/path"``, ``"CONNECT h:p"``."""
+
+    url: str = ""
+    seen: list[str] = field(default_factory=list)
+
+
+def _proxy_handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
+    import http.client
+    import select
+    import socket
+
+    hop_by_hop = {"connection", "proxy-connection", "proxy-authorization", "keep-alive",
+                  "transfer-encoding", "host", "content-length"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            proxy.seen.append(f"{self.command} {self.path}")
+            parts = urlsplit(self.path)  # a proxy gets the absolute URL
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            upstream = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=10)
+            try:
+                upstream.request(self.command, parts.path + (f"?{parts.query}" if parts.query
+                                                             else ""), body,
+                                 {k: v for k, v in self.headers.items()
+                                  if k.lower() not in hop_by_hop})
+                resp = upstream.getresponse()
+                data = resp.read()
+            finally:
+                upstream.close()
+            self.send_response(resp.status)
+            for name, value in resp.getheaders():
+                if name.lower() not in hop_by_hop:
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _forward
+
+        def do_CONNECT(self) -> None:  # HTTPS through the proxy: a byte tunnel
+            proxy.seen.append(f"CONNECT {self.path}")
+            host, _, port = self.path.rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=10) as upstream:
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                ends = [self.connection, upstream]
+                while True:
+                    readable, _, _ = select.select(ends, [], [], 10)
+                    if not readable:
+                        break
+                    chunks = [(s, s.recv(65536)) for s in readable]
+                    if any(not data for _, data in chunks):
+                        break
+                    for s, data in chunks:
+                        (upstream if s is self.connection else self.connection).sendall(data)
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def forward_proxy():
+    """A forward HTTP proxy on 127.0.0.1 (absolute-URL requests and CONNECT) that records."""
+    proxy = Proxy()
+    server = _serve_in_thread(ThreadingHTTPServer(("127.0.0.1", 0), _proxy_handler(proxy)))
+    proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield proxy
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def isolated_network_env(monkeypatch):
+    """No proxy bypass list or CA bundle from the machine running the tests."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "SSL_CERT_FILE",
+                 "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)

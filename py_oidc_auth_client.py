@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
 if TYPE_CHECKING:
     import asyncio
     import logging
-    from collections.abc import Callable, Coroutine, Iterable, Sequence
+    import ssl
+    from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterable, Sequence
     from http.server import HTTPServer
 
     _F = TypeVar("_F", bound="BaseFlow")
@@ -62,6 +63,7 @@ __all__ = [
     # entry points
     "authenticate",
     "authenticate_async",
+    "BearerAuth",
     "main",
 ]
 
@@ -237,6 +239,10 @@ class Config:
     scopes : list of str or None
         Scopes to ask a standard provider for; ``["openid", "offline_access"]``
         when None.
+    ca_bundle : str or None
+        A PEM file of CA certificates to trust for this server instead of
+        the system's; None uses ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE``
+        when set.
     """
 
     host: str
@@ -249,6 +255,7 @@ class Config:
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     scopes: list[str] | None = None
+    ca_bundle: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -274,12 +281,13 @@ async def _request(
     timeout: float = _HTTP_TIMEOUT,
     follow_redirects: bool = True,
     auth: tuple[str, str] | None = None,
+    ca_bundle: str | None = None,
 ) -> _Response:
     """Send one request in a worker thread; transport failures become AuthError."""
     import asyncio
 
     call = asyncio.to_thread(_request_blocking, method, url, form, timeout, follow_redirects,
-                             auth)
+                             auth, ca_bundle)
     try:
         # The socket timeout bounds each read; this bounds a server that drips.
         return await asyncio.wait_for(call, timeout + 5)
@@ -290,6 +298,7 @@ async def _request(
 def _request_blocking(
     method: str, url: str, form: dict[str, str] | None, timeout: float, follow: bool,
     auth: tuple[str, str] | None = None,
+    ca_bundle: str | None = None,
 ) -> _Response:
     import http.client
     import urllib.error
@@ -307,10 +316,12 @@ def _request_blocking(
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     # Only http(s) URLs get here: hosts are checked by _normalise_host.
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
-    where = f"{method} {url}"
+    proxy = _proxy_for(url)
+    where = f"{method} {url}" + (f" (via proxy {proxy})" if proxy else "")
+    opener = _opener(follow, ca_bundle)
     try:
         try:
-            with _opener(follow).open(request, timeout=timeout) as resp:
+            with opener.open(request, timeout=timeout) as resp:
                 return _Response(url, resp.status, dict(resp.headers),
                                  _read_capped(resp, resp.status, where))
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
@@ -318,9 +329,9 @@ def _request_blocking(
                 return _Response(url, exc.code, dict(exc.headers or {}),
                                  _read_capped(exc, exc.code, where))
     except urllib.error.URLError as exc:
-        raise _transport_error(where, exc.reason) from None
+        raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise _transport_error(where, exc) from None
+        raise _transport_error(where, exc, ca_bundle, proxy) from None
 
 
 def _read_capped(resp: Any, status: int, where: str) -> bytes:
@@ -337,21 +348,21 @@ def _read_capped(resp: Any, status: int, where: str) -> bytes:
     return body
 
 
-def _transport_error(where: str, reason: object) -> AuthError:
+def _transport_error(
+    where: str, reason: object, ca_bundle: str | None = None, proxy: str = ""
+) -> AuthError:
     import socket
     import ssl
 
     if isinstance(reason, ssl.SSLCertVerificationError):
-        return AuthError(
-            f"{where}: TLS certificate not trusted ({reason.verify_message}); "
-            "set SSL_CERT_FILE to your CA bundle if the server uses a private CA"
-        )
+        return _untrusted(where, reason, ca_bundle)
     if isinstance(reason, ssl.SSLError):
         return AuthError(f"{where}: TLS error: {reason}")
     if isinstance(reason, socket.gaierror):
         return AuthError(f"{where}: cannot resolve the host name; check the URL ({reason})")
     if isinstance(reason, ConnectionRefusedError):
-        return _TransientError(f"{where}: connection refused; is the server running?")
+        return _TransientError(f"{where}: connection refused; is the "
+                               f"{'proxy' if proxy else 'server'} running?")
     if isinstance(reason, (TimeoutError, socket.timeout)):
         return _TransientError(f"{where}: timed out")
     if isinstance(reason, (ConnectionError, EOFError)) or type(reason).__name__ in (
@@ -363,15 +374,48 @@ def _transport_error(where: str, reason: object) -> AuthError:
     return AuthError(f"{where}: request failed ({reason})")
 
 
-_OPENERS: dict[bool, Any] = {}
+# X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
+_UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
 
 
-def _opener(follow: bool) -> Any:
-    """A cached opener; proxies come from the environment (HTTPS_PROXY, NO_PROXY)."""
-    if follow not in _OPENERS:
-        import urllib.request
+def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
+               ca_bundle: str | None) -> AuthError:
+    """The refused certificate explained, with the fix when a CA is missing."""
+    if reason.verify_code not in _UNKNOWN_ISSUER:
+        return AuthError(f"{where}: the server's TLS certificate was refused "
+                         f"({reason.verify_message})")
+    bundle, source = _ca_bundle(ca_bundle)
+    trusted = "the system's CA certificates"
+    if bundle:
+        missing = "" if os.path.exists(os.path.expanduser(bundle)) else ", which does not exist"
+        trusted = f"the CA bundle {bundle} (from {source}{missing})"
+    return AuthError(
+        f"{where}: the server's TLS certificate is not trusted ({reason.verify_message}) by "
+        f"{trusted}. If the server uses a private or company CA, set SSL_CERT_FILE (or "
+        "REQUESTS_CA_BUNDLE) to a PEM file holding that CA, or pass ca_bundle=PATH",
+        {"error": "untrusted_certificate"},
+    )
 
-        handlers: list[Any] = []
+
+_OPENERS: dict[tuple[Any, ...], Any] = {}
+
+
+def _opener(follow: bool, ca_bundle: str | None = None) -> Any:
+    """A cached opener for the current proxy settings and CA bundle.
+
+    Proxies are urllib's: ``HTTPS_PROXY``/``HTTP_PROXY`` (the system settings on
+    macOS and Windows), read here so that a change is seen; ``NO_PROXY`` is
+    checked by urllib on every request.
+    """
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    context_key, context = _ssl_context(ca_bundle)
+    key = (follow, tuple(sorted(proxies.items())), context_key)
+    opener = _OPENERS.get(key)
+    if opener is None:
+        handlers: list[Any] = [urllib.request.ProxyHandler(proxies),
+                               urllib.request.HTTPSHandler(context=context)]
         if not follow:
 
             class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -379,14 +423,67 @@ def _opener(follow: bool) -> Any:
                     return None
 
             handlers.append(_NoRedirect)
-        _OPENERS[follow] = urllib.request.build_opener(*handlers)
-    return _OPENERS[follow]
+        opener = _OPENERS[key] = urllib.request.build_opener(*handlers)
+    return opener
 
 
-async def _post_form(url: str, form: dict[str, str], *, timeout: float,
-                     auth: tuple[str, str] | None = None) -> dict[str, Any]:
+def _proxy_for(url: str) -> str:
+    """The proxy urllib sends *url* through, without credentials; ``""`` for none."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme, "")
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
+        return ""
+    proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return f"{proxy_parts.scheme}://{proxy_parts.netloc.rpartition('@')[2]}"
+
+
+def _ca_bundle(option: str | None) -> tuple[str, str]:
+    """The CA bundle to trust and who chose it; ``("", "")`` for the system default."""
+    if option:
+        return option, "ca_bundle"
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        if os.environ.get(name):
+            return os.environ[name], name
+    return "", ""
+
+
+_SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
+
+
+def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLContext]:
+    """One cached context per CA bundle, and its cache key."""
+    bundle, source = _ca_bundle(option)
+    if source in ("", "SSL_CERT_FILE"):
+        # OpenSSL reads SSL_CERT_FILE and SSL_CERT_DIR itself (its default paths);
+        # REQUESTS_CA_BUNDLE is a requests convention that urllib does not know.
+        key = ("", os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+    else:
+        key = (os.path.expanduser(bundle), source, "")
+    context = _SSL_CONTEXTS.get(key)
+    if context is None:
+        import ssl
+
+        path = key[0]
+        try:  # as in requests and curl, a bundle replaces the system's CAs
+            context = ssl.create_default_context(cafile=path or None)
+        except OSError as exc:  # also ssl.SSLError: not PEM certificates
+            raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
+                            f"{exc.strerror or exc}; point {source} at a PEM file of CA "
+                            "certificates") from None
+        _SSL_CONTEXTS[key] = context
+    return key, context
+
+
+async def _post_form(
+    url: str, form: dict[str, str], *, timeout: float, auth: tuple[str, str] | None = None,
+    ca_bundle: str | None = None,
+) -> dict[str, Any]:
     """POST a form and return the JSON object it answers; errors become AuthError."""
-    resp = await _request("POST", url, form=form, timeout=timeout, auth=auth)
+    resp = await _request("POST", url, form=form, timeout=timeout, auth=auth,
+                          ca_bundle=ca_bundle)
     payload: Any
     try:
         payload = resp.json()
@@ -465,8 +562,9 @@ def _short(text: str | bytes, limit: int = 200) -> str:
 class _Session:
     """The module's own small HTTP session over ``urllib`` (no httpx)."""
 
-    def __init__(self, timeout: float | None = None) -> None:
+    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None) -> None:
         self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
+        self.ca_bundle = ca_bundle
 
     async def request(
         self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True,
@@ -474,7 +572,7 @@ class _Session:
     ) -> _Response:
         """Send a request; the status is not checked."""
         return await _request(method, url, form=form, timeout=self.timeout,
-                              follow_redirects=follow, auth=auth)
+                              follow_redirects=follow, auth=auth, ca_bundle=self.ca_bundle)
 
     async def post_form(
         self, url: str, form: dict[str, str], *, deadline: float | None = None,
@@ -487,7 +585,8 @@ class _Session:
             if deadline is not None:
                 timeout = max(0.5, min(timeout, deadline - time.monotonic()))
             try:
-                return await _post_form(url, form, timeout=timeout, auth=auth)
+                return await _post_form(url, form, timeout=timeout, auth=auth,
+                                        ca_bundle=self.ca_bundle)
             except _TransientError as exc:
                 attempt += 1
                 delay = _backoff(attempt, exc)
@@ -699,7 +798,11 @@ def _lifetime(token: Token) -> int:
 
 
 def _access_valid(token: Token, now: float | None = None) -> bool:
-    return token["expires"] - _margin(token) > (now or time.time())
+    return token["expires"] - _margin(token) > (now or time.time()) and (
+        token["access_token"] not in _REJECTED)
+
+
+_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
 
 
 def _refresh_valid(token: Token, now: float | None = None) -> bool:
@@ -1201,27 +1304,45 @@ class _FileLock:
         self.path, self.timeout, self.fd = path, timeout, -1
 
     def __enter__(self) -> _FileLock:
-        try:
-            _make_private_dir(os.path.dirname(self.path))
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise _store_error(self.path, exc) from None
-        deadline, pause = time.monotonic() + self.timeout, 0.002
-        while True:
-            try:
-                _lock(fd)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise AuthError(
-                        f"Could not lock {self.path} within {self.timeout:g} s: another "
-                        "process holds it. If none is running, delete the lock file."
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+        fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
+        while not self._try(fd, deadline):
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
         self.fd = fd
         return self
+
+    async def acquire_async(self) -> _FileLock:
+        """``__enter__`` for coroutines: waits in asyncio sleeps, holding no thread."""
+        fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
+        while not self._try(fd, deadline):
+            try:
+                await _sleep(pause)
+            except BaseException:  # cancelled while waiting
+                os.close(fd)
+                raise
+            pause = min(pause * 2, 0.05)
+        self.fd = fd
+        return self
+
+    def _open(self) -> int:
+        try:
+            _make_private_dir(os.path.dirname(self.path))
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _store_error(self.path, exc) from None
+
+    def _try(self, fd: int, deadline: float) -> bool:
+        try:
+            _lock(fd)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AuthError(
+                    f"Could not lock {self.path} within {self.timeout:g} s: another "
+                    "process holds it. If none is running, delete the lock file."
+                ) from None
+            return False
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -1408,13 +1529,15 @@ class BaseFlow:
         The client's secret, for a confidential client.
     scopes : str or list of str or None
         Scopes to ask for; ``openid offline_access`` when None.
+    ca_bundle : str or None
+        CA certificates to trust for the server (see `Config`).
     """
 
     _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "store", "login_route", "token_route", "device_route", "redirect_ports",
         "timeout", "app_name", "token_env_var", "interactive", "client_id", "client_secret",
-        "scopes",
+        "scopes", "ca_bundle",
     })
 
     def __new__(cls: type[_F], host: str = "", config: Config | None = None,
@@ -1435,7 +1558,8 @@ class BaseFlow:
         if config is None:
             options = {k: v for k, v in kwargs.items()
                        if k in ("login_route", "token_route", "device_route",
-                                "app_name", "token_env_var", "client_id", "client_secret")}
+                                "app_name", "token_env_var", "client_id", "client_secret",
+                                "ca_bundle")}
             ports = kwargs.get("redirect_ports")
             config = Config(host=host, **options)
             if ports is not None:
@@ -1472,10 +1596,10 @@ class BaseFlow:
     @property
     def session(self) -> _Session:
         """The HTTP session: this module's own small ``urllib`` session, not httpx."""
-        if self._session is None or self._session.timeout != min(
-            self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT
+        if self._session is None or (self._session.timeout, self._session.ca_bundle) != (
+            min(self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT), self.config.ca_bundle
         ):
-            self._session = _Session(self.timeout)
+            self._session = _Session(self.timeout, self.config.ca_bundle)
         return self._session
 
     @property
@@ -1593,12 +1717,10 @@ class BaseFlow:
             return token
         if not _refresh_valid(token):
             return None
-        import asyncio
-
         store = self.store
         key = "" if store._single else self.host
-        lock = _FileLock(store.path + ".lock")
-        await asyncio.to_thread(lock.__enter__)
+        # Wait without a thread: a pool full of waiters would starve the refresh itself.
+        lock = await _FileLock(store.path + ".lock").acquire_async()
         try:
             # Another process may have refreshed while we waited for the lock.
             current = store._update_locked(lambda entries: None).get(key)
@@ -1873,7 +1995,8 @@ class DeviceFlow(BaseFlow):
             scope = self._scope(meta)
             form, auth = self._client_auth(meta, {"scope": scope} if scope else {})
         try:  # one attempt: a 503 here means "no device flow", not "try again"
-            raw = await _post_form(url, form, timeout=self.session.timeout, auth=auth)
+            raw = await _post_form(url, form, timeout=self.session.timeout, auth=auth,
+                                   ca_bundle=self.session.ca_bundle)
         except AuthError as exc:
             said = exc.message.split(" answered ", 1)[-1]  # the server's words, not the URL
             if exc.status_code in _NO_DEVICE_STATUS or (
@@ -2310,6 +2433,7 @@ def authenticate(
     client_id: str | None = None,
     client_secret: str | None = None,
     scopes: str | Sequence[str] | None = None,
+    ca_bundle: str | None = None,
 ) -> Token:
     """Authenticate to an OIDC protected server and return a token.
 
@@ -2356,6 +2480,8 @@ def authenticate(
     scopes : str or list of str or None
         Scopes to ask the provider for; ``openid offline_access`` when None.
         Tokens are kept per issuer, client id and scopes.
+    ca_bundle : str or None
+        CA certificates to trust for the server (see `Config`).
 
     Returns
     -------
@@ -2393,6 +2519,7 @@ def authenticate(
         host, login_route=login_route, token_route=token_route, device_route=device_route,
         redirect_ports=redirect_ports, store=store, app_name=app_name, force=force,
         timeout=timeout, client_id=client_id, client_secret=client_secret, scopes=scopes,
+        ca_bundle=ca_bundle,
     ))
 
 
@@ -2410,6 +2537,7 @@ async def authenticate_async(
     client_id: str | None = None,
     client_secret: str | None = None,
     scopes: str | Sequence[str] | None = None,
+    ca_bundle: str | None = None,
 ) -> Token:
     """Async version of `authenticate`, for code already inside an event loop.
 
@@ -2439,6 +2567,8 @@ async def authenticate_async(
         The client's secret, for a confidential client.
     scopes : str or list of str or None
         Scopes to ask the provider for; ``openid offline_access`` when None.
+    ca_bundle : str or None
+        CA certificates to trust for the server (see `Config`).
 
     Returns
     -------
@@ -2452,7 +2582,7 @@ async def authenticate_async(
     """
     config = Config(host=host, app_name=app_name, login_route=login_route,
                     token_route=token_route, device_route=device_route, client_id=client_id,
-                    client_secret=client_secret,
+                    client_secret=client_secret, ca_bundle=ca_bundle,
                     scopes=None if scopes is None else _scopes(scopes))
     if redirect_ports is not None:
         config.redirect_ports = list(redirect_ports)
@@ -2489,6 +2619,164 @@ def _cli_target(config: Config) -> str:
     if config.scopes is not None:
         words += ["--scope", " ".join(config.scopes)]
     return " ".join(shlex.quote(word) for word in words)
+class BearerAuth:
+    """Bearer-token auth for ``requests`` and ``httpx`` that keeps itself fresh.
+
+    Pass it as ``auth=`` to ``requests`` (one call or a ``Session``), to
+    ``httpx.Client`` or to ``httpx.AsyncClient``. Every request carries the
+    header of `authenticate` (a cached token costs no network), so a token is
+    refreshed shortly before it expires. If the server answers 401 all the
+    same, the token counts as expired: it is refreshed, or replaced by a newer
+    one in the store, and the request is sent once more. A second 401, or a
+    401 to a token that has no refresh token, is returned as it is: an API's
+    401 never starts a login by itself.
+
+    Parameters
+    ----------
+    host : str
+        Base URL of the server that issues the tokens.
+    **authenticate_kwargs
+        Keyword arguments of `authenticate` (``store``, ``app_name``,
+        ``timeout``, ``ca_bundle``, ...), except ``force``.
+
+    Notes
+    -----
+    Neither package is imported here. ``requests`` calls the object and its
+    response hook; ``httpx`` runs ``sync_auth_flow``/``async_auth_flow`` of an
+    ``httpx.Auth``, so an instance made after ``import httpx`` is one (httpx
+    turns any other callable into a one-shot auth: the header, no retry).
+    Async clients get the token with `authenticate_async`. For the retry a
+    ``requests`` body must be bytes or str; ``httpx`` reads the body first.
+
+    Examples
+    --------
+    >>> auth = BearerAuth("https://myapp.example.com")  # doctest: +SKIP
+    >>> requests.get("https://myapp.example.com/api/data", auth=auth)  # doctest: +SKIP
+    >>> httpx.Client(auth=auth).get("https://myapp.example.com/api/data")  # doctest: +SKIP
+    """
+
+    requires_request_body = True  # httpx: read the body first, so the retry can send it
+    requires_response_body = False
+
+    def __new__(cls, host: str, **authenticate_kwargs: Any) -> BearerAuth:
+        """Make an ``httpx.Auth`` as well when httpx is loaded (not imported here)."""
+        base = getattr(sys.modules.get("httpx"), "Auth", None)
+        if isinstance(base, type) and not issubclass(cls, base):
+            if cls not in _HTTPX_AUTH:
+                _HTTPX_AUTH[cls] = type(cls.__name__, (cls, base), {
+                    "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                    "__doc__": cls.__doc__})
+            cls = _HTTPX_AUTH[cls]
+        return super().__new__(cls)
+
+    def __init__(self, host: str, **authenticate_kwargs: Any) -> None:
+        unknown = set(authenticate_kwargs) - set(authenticate.__kwdefaults__ or ()) | (
+            {"force"} & set(authenticate_kwargs))
+        if unknown:
+            raise TypeError(f"BearerAuth got unexpected keyword arguments: "
+                            f"{', '.join(sorted(unknown))}")
+        _host_key(host)  # a bad URL fails here, not at the first request
+        self.host = host
+        self._kwargs = authenticate_kwargs
+
+    def __repr__(self) -> str:
+        return f"BearerAuth({_host_key(self.host)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _bearer_auth, (self.host, self._kwargs)
+
+    def __call__(self, request: Any) -> Any:
+        """Add the header to a ``requests`` request, with a hook that retries a 401."""
+        token = authenticate(self.host, **self._kwargs)
+        request.headers["Authorization"] = token["headers"]["Authorization"]
+        register = getattr(request, "register_hook", None)
+        if register is not None:  # httpx's function auth has no hooks: header only
+            register("response", lambda response, **kw: self._retry_401(response, token, **kw))
+        return request
+
+    def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
+        """The ``httpx.Client`` flow: send, and on a 401 once more with a fresh token."""
+        request.read()
+        token = authenticate(self.host, **self._kwargs)
+        request.headers["Authorization"] = token["headers"]["Authorization"]
+        response = yield request
+        if _refused(response, token):
+            header = _renewal(token, authenticate(self.host, **self._kwargs))
+            if header is not None:
+                request.headers["Authorization"] = header
+                yield request
+
+    auth_flow = sync_auth_flow
+
+    async def async_auth_flow(self, request: Any) -> AsyncGenerator[Any, Any]:
+        """The ``httpx.AsyncClient`` flow, with `authenticate_async`."""
+        await request.aread()
+        token = await authenticate_async(self.host, **self._kwargs)
+        request.headers["Authorization"] = token["headers"]["Authorization"]
+        response = yield request
+        if _refused(response, token):
+            header = _renewal(token, await authenticate_async(self.host, **self._kwargs))
+            if header is not None:
+                request.headers["Authorization"] = header
+                yield request
+
+    # -- Internals --
+
+    def _retry_401(self, response: Any, sent: Token, **send_kwargs: Any) -> Any:
+        """The ``requests`` response hook: resend a 401 once, with a fresh token."""
+        request = response.request
+        if (
+            getattr(request, "_oidc_retry", False)
+            or not (request.body is None or isinstance(request.body, (bytes, str)))
+            or getattr(response, "connection", None) is None
+            or not _refused(response, sent)
+        ):
+            return response
+        header = _renewal(sent, authenticate(self.host, **self._kwargs))
+        if header is None:
+            return response
+        response.content  # noqa: B018 -- read the 401 so its connection can be reused
+        response.close()
+        retry = request.copy()
+        retry.headers["Authorization"] = header
+        retry._oidc_retry = True
+        new = response.connection.send(retry, **send_kwargs)
+        new.history.append(response)
+        new.request = retry
+        return new
+
+
+_HTTPX_AUTH: dict[type, type[BearerAuth]] = {}
+
+
+def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
+    return BearerAuth(host, **kwargs)
+
+
+def _refused(response: Any, token: Token) -> bool:
+    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
+
+    Not after a redirect that dropped the header (another host), and not for a
+    token without a refresh token: an API's 401 must not start a login.
+    """
+    if (
+        response.status_code != 401
+        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
+        or not _refresh_valid(token)
+    ):
+        return False
+    if len(_REJECTED) > 4096:
+        _REJECTED.clear()
+    _REJECTED.add(token["access_token"])
+    return True
+
+
+def _renewal(sent: Token, token: Token) -> str | None:
+    """The header to retry with, or None when the refused token came back."""
+    if token["access_token"] == sent["access_token"]:
+        _REJECTED.discard(sent["access_token"])
+        return None
+    return token["headers"]["Authorization"]
 
 
 def _run_sync(coro: Coroutine[Any, Any, Token]) -> Token:
