@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
 
 if TYPE_CHECKING:
@@ -210,7 +209,6 @@ class DeviceCode(TypedDict):
     interval: int
 
 
-@dataclass
 class Config:
     """Connection and routing configuration for an OIDC enabled server.
 
@@ -245,17 +243,55 @@ class Config:
         when set.
     """
 
-    host: str
-    redirect_ports: list[int] = field(default_factory=lambda: list(_DEFAULT_PORTS))
-    token_env_var: str = "OIDC_TOKEN_FILE"
-    app_name: str = "py-oidc-auth"
-    login_route: str = "/auth/v2/login"
-    token_route: str = "/auth/v2/token"
-    device_route: str = "/auth/v2/device"
-    client_id: str | None = None
-    client_secret: str | None = field(default=None, repr=False)
-    scopes: list[str] | None = None
-    ca_bundle: str | None = None
+    # Written out rather than a @dataclass: importing dataclasses (and the inspect,
+    # ast and dis modules it pulls in) would double the cost of importing this module.
+    _FIELDS = ("host", "redirect_ports", "token_env_var", "app_name", "login_route",
+               "token_route", "device_route", "client_id", "client_secret", "scopes",
+               "ca_bundle")
+
+    def __init__(
+        self,
+        host: str,
+        redirect_ports: list[int] | None = None,
+        token_env_var: str = "OIDC_TOKEN_FILE",
+        app_name: str = "py-oidc-auth",
+        login_route: str = "/auth/v2/login",
+        token_route: str = "/auth/v2/token",
+        device_route: str = "/auth/v2/device",
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        scopes: list[str] | None = None,
+        ca_bundle: str | None = None,
+    ) -> None:
+        self.host = host
+        self.redirect_ports: list[int] = (
+            list(_DEFAULT_PORTS) if redirect_ports is None else redirect_ports)
+        self.token_env_var = token_env_var
+        self.app_name = app_name
+        self.login_route = login_route
+        self.token_route = token_route
+        self.device_route = device_route
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.scopes = scopes
+        self.ca_bundle = ca_bundle
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS
+                          if name != "client_secret")  # never in a repr
+        return f"Config({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a dataclass
+
+    def _replace(self, **changes: Any) -> Config:
+        values = {name: getattr(self, name) for name in self._FIELDS}
+        values.update(changes)
+        return Config(**values)
 
 
 # ---------------------------------------------------------------------------
@@ -1571,7 +1607,7 @@ class BaseFlow:
         key = _store_key(config.host, config.client_id, config.scopes)
         issuer, client_id, scopes = _split_key(key)
         if client_id and not config.client_id:  # a store key given as the host
-            config = replace(config, host=issuer, client_id=client_id, scopes=scopes)
+            config = config._replace(host=issuer, client_id=client_id, scopes=scopes)
         self.config = config
         self.host = key
         self.timeout: int | None = timeout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import dataclasses
 import inspect
 import json
 import os
@@ -159,11 +158,14 @@ def test_authenticate_async_signature():
 
 
 def test_config_fields_and_defaults():
-    fields = dataclasses.fields(oac.Config)
+    # Config is written out (no dataclasses import, for start-up time): same contract.
+    fields = list(inspect.signature(oac.Config).parameters.values())
     documented = ["host", "redirect_ports", "token_env_var", "app_name", "login_route",
                   "token_route", "device_route"]
     assert [f.name for f in fields][:len(documented)] == documented
-    assert all(f.default is not dataclasses.MISSING for f in fields[len(documented):])
+    assert fields[0].default is EMPTY
+    assert all(f.default is not EMPTY for f in fields[1:])
+    assert list(oac.Config._FIELDS) == [f.name for f in fields]
     config = oac.Config(host=HOST)
     assert config.redirect_ports == [53100, 53101, 53102, 53103, 53104, 53105]
     assert config.token_env_var == "OIDC_TOKEN_FILE"
@@ -181,6 +183,18 @@ def test_config_default_ports_are_not_shared():
     one.redirect_ports.append(1)
     assert two.redirect_ports == [53100, 53101, 53102, 53103, 53104, 53105]
     assert oac.Config(host=HOST).redirect_ports == two.redirect_ports
+
+
+def test_config_equality_and_repr_hide_the_secret():
+    one = oac.Config(HOST, client_id="cli", client_secret="s3cret-value")
+    assert one == oac.Config(HOST, client_id="cli", client_secret="s3cret-value")
+    assert one != oac.Config(HOST, client_id="cli", client_secret="other")
+    assert one != oac.Config(HOST)
+    assert "s3cret-value" not in repr(one)
+    assert repr(oac.Config(HOST)).startswith(f"Config(host={HOST!r}, redirect_ports=[53100,")
+    assert one._replace(host="https://other.example.org").client_secret == "s3cret-value"
+    with pytest.raises(TypeError):
+        hash(one)
 
 
 def test_config_positional_order():
