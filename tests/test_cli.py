@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import socket
@@ -122,10 +123,17 @@ def test_help_shows_examples():
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: oidc-auth")
     assert "examples:" in proc.stdout
-    assert "oidc-auth https://myapp.example.com --json" in proc.stdout
+    assert "URL=https://myapp.example.com" in proc.stdout
+    assert 'curl -H "Authorization: Bearer $(oidc-auth $URL --access-token)"' in proc.stdout
+    assert "oidc-auth $URL --export ~/job-token.json" in proc.stdout
     for option in ("--timeout", "--force", "--json", "--list", "--clear", "--remove",
-                   "--app-name", "--login-route", "--token-route", "--device-route", "--ports"):
+                   "--app-name", "--login-route", "--token-route", "--device-route", "--ports",
+                   "--access-token", "--header", "--show-secrets", "--export", "--min-valid",
+                   "--logout", "--doctor", "--verbose", "--version"):
         assert option in proc.stdout
+    codes = proc.stdout.split("exit codes:")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in codes.strip().splitlines()] == [
+        "0", "1", "2", "3", "130"]
 
 
 def test_no_arguments_is_a_usage_error():
@@ -168,10 +176,11 @@ def test_list_shows_hosts_and_validity(make_token):
     assert len(lines) == 2
     a, b = lines
     assert a.startswith("https://a.example.com\t")
-    assert "access for 1 h" in a
-    assert "refresh for 2 d" in a
+    assert "access valid for 1 h 59 min" in a
+    assert "refresh valid for 2 d 23 h" in a
     assert b.startswith("https://b.example.com\t")
-    assert "access expired" in b
+    assert re.search(r"\taccess expired 1\d s ago\t", b), b
+    assert "refresh valid for 2 d 23 h" in b
 
 
 def test_list_of_an_empty_cache_prints_nothing():
@@ -204,12 +213,18 @@ def test_clear_removes_everything(make_token):
 
 
 def test_json_with_a_cached_token_prints_only_json(fake_server, make_token):
-    token = make_token()
+    token = make_token(refresh="refresh-secret-123")
     default_store().put(fake_server.url, token)
     proc = cli(fake_server.url, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == token
+    shown = json.loads(proc.stdout)
+    assert "refresh_token" not in shown  # --json alone keeps the refresh token private
+    assert "refresh-secret-123" not in proc.stdout + proc.stderr
+    assert shown == {k: v for k, v in token.items() if k != "refresh_token"}
     assert proc.stderr == ""
+    proc = cli(fake_server.url, "--json", "--show-secrets")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == token
     assert fake_server.requests == []
 
 
@@ -228,7 +243,7 @@ def test_token_file_in_a_batch_job(fake_server, make_token, tmp_path):
     path = tmp_path / "token.json"
     path.write_text(json.dumps(token))
     path.chmod(0o600)
-    proc = cli(fake_server.url, "--json",
+    proc = cli(fake_server.url, "--json", "--show-secrets",
                env={"OIDC_TOKEN_FILE": str(path), "SLURM_JOB_ID": "4242"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == token
@@ -245,7 +260,7 @@ def test_device_login_prints_json_and_saves_the_token(fake_server):
     fake_server.reply("POST", DEVICE, 200, device_answer(interval=1))
     answer = token_answer()
     fake_server.reply("POST", TOKEN, 200, answer)
-    proc = cli(fake_server.url, "--json", env=LOGIN_ALLOWED)
+    proc = cli(fake_server.url, "--json", "--show-secrets", env=LOGIN_ALLOWED)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed["access_token"] == answer["access_token"]

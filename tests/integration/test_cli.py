@@ -11,20 +11,24 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.timeout(90)
 def test_cli_json_list_and_remove(stack, browser, run_cli):
-    done = run_cli(stack.host, "--json", "--timeout", "30")
+    done = run_cli(stack.host, "--json", "--show-secrets", "--timeout", "30")
     assert done.returncode == 0, done.stderr
     token = json.loads(done.stdout)  # stdout holds the JSON and nothing else
     assert stack.protected(token)[0] == 200
+    assert token["refresh_token"]  # --show-secrets: the whole token
     assert "Traceback" not in done.stderr
     assert stack.issuer + "/device" in done.stderr  # the prompt went to stderr
     assert token["access_token"] not in done.stderr
+    assert token["refresh_token"] not in done.stderr
     browser.wait_done()
     assert not browser.errors()
 
     stack.reset_requests()
     again = run_cli(stack.host, "--json")
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout) == token
+    shown = json.loads(again.stdout)
+    assert "refresh_token" not in shown  # plain --json keeps the refresh token private
+    assert shown == {k: v for k, v in token.items() if k != "refresh_token"}
     assert stack.requests() == []  # answered from the cache
 
     listed = run_cli("--list")
