@@ -1070,16 +1070,32 @@ def _no_login_reason(token_env_var: str | None = None) -> str | None:
     """
     token_file = os.environ.get(token_env_var) if token_env_var else None
     if token_file:
-        state = ("does not exist" if not os.path.exists(token_file) else
-                 "holds no usable token: its access and refresh tokens have expired or "
-                 "were refused")
-        return f"the token file {token_file} ({token_env_var}) {state}"
+        return f"the token file {token_file} ({token_env_var}) {_token_file_state(token_file)}"
     scheduler = _batch_scheduler()
     if scheduler:
         return f"this is a {scheduler} batch job"
     if _has_tty() or _in_jupyter() or os.environ.get("BROWSER"):
         return None
     return "there is no terminal, notebook or configured browser (BROWSER) to log in with"
+
+
+def _token_file_state(path: str) -> str:
+    """What is wrong with a token file that gave no token."""
+    try:
+        with open(path, "rb") as fh:
+            token = _as_token(json.loads(fh.read(_MAX_BODY)))
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError):
+        token = None
+    if token is None:
+        return "holds no token"
+    if not token["refresh_token"]:
+        return "holds an expired access token and no refresh token"
+    if not _refresh_valid(token):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(token["refresh_expires"]))
+        return f"holds expired tokens: its refresh token expired at {when}"
+    return "holds a refresh token that the server refused (revoked, or used elsewhere)"
 
 
 def _plain_terminal() -> bool:
