@@ -2097,10 +2097,15 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
 
     worker = threading.Thread(target=contextvars.copy_context().run, args=(_work,),
                               name="oidc-auth", daemon=True)
+    caller = asyncio.current_task()
     worker.start()
     try:
         while worker.is_alive():
             worker.join(0.25)  # a timed wait lets Ctrl-C / "interrupt kernel" through
+            # Python 3.11+: asyncio.run turns Ctrl-C into a cancel of its main task,
+            # which this blocked call would only see after the login.
+            if caller is not None and getattr(caller, "cancelling", lambda: 0)():
+                raise asyncio.CancelledError
     except BaseException:
         # Interrupted: cancel the login in the worker (it frees its port and stops
         # polling) instead of leaving it to run until its timeout.
