@@ -1110,12 +1110,12 @@ def _in_container() -> str | None:
                            ("KUBERNETES_SERVICE_HOST", "Kubernetes")):
         if os.environ.get(variable):
             return f"{kind} ({variable} is set)"
-    for path, kind in (("/.dockerenv", "Docker"), ("/run/.containerenv", "Podman")):
-        if os.path.exists(path):
-            return f"{kind} ({path} exists)"
     engine = os.environ.get("container")  # noqa: SIM112  set so by systemd-nspawn, LXC, podman
     if engine:
         return f"{engine} (container={engine})"
+    for path, kind in (("/.dockerenv", "Docker"), ("/run/.containerenv", "Podman")):
+        if os.path.exists(path):
+            return f"{kind} ({path} exists)"
     try:
         with open("/proc/1/cgroup", encoding="utf-8", errors="replace") as fh:
             cgroup = fh.read(1 << 16)
@@ -2247,15 +2247,15 @@ def _check_args(parser: Any, args: Any) -> None:
         if any((args.json, args.access_token, args.header, args.export, args.list, args.clear,
                 args.remove, args.logout, args.force, args.min_valid is not None)):
             parser.error("--doctor goes alone (a HOST may be given)")
-    elif not (args.host or args.list or args.clear or args.remove or args.logout):
-        parser.error("give a HOST, or one of --list, --clear, --remove HOST, --logout HOST, "
-                     "--doctor")
-    if not args.host:
+    elif not args.host:
         for flag, given in (("--json", args.json), ("--access-token", args.access_token),
                             ("--header", args.header), ("--export", args.export),
                             ("--min-valid", args.min_valid is not None)):
             if given:
                 parser.error(f"{flag} needs a HOST")
+        if not (args.list or args.clear or args.remove or args.logout):
+            parser.error("give a HOST, or one of --list, --clear, --remove HOST, "
+                         "--logout HOST, --doctor")
     if args.show_secrets and not args.json:
         parser.error("--show-secrets goes with --json")
     if args.timeout < 0:
