@@ -2357,9 +2357,10 @@ def _min_valid(args: Any, token: Token) -> Token | None:
     if until(token) >= want:
         return token
     host, now = _host_key(args.host), time.time()
-    what = "access token" if until(token) == token["expires"] else "refresh token"
+    by_access = bare or not token["refresh_token"]
+    what = "access token" if by_access else "refresh token"
     token_file = os.environ.get("OIDC_TOKEN_FILE")
-    if what == "access token" and _refresh_valid(token):
+    if by_access and _refresh_valid(token):
         advice = ("the server grants shorter access tokens: ask for less, or get a fresh one "
                   f"each time it is needed (oidc-auth {host} --access-token)")
     elif token_file:
