@@ -178,6 +178,8 @@ def test_live_progress_survives_a_closed_stderr():
     progress.close()
 
 
+# The forked child only changes directory and execs: safe beside the server's threads.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.timeout(40)
 def test_ctrl_c_on_the_terminal_exits_130_and_wipes_the_countdown(fake_server):
     fake_server.reply("POST", DEVICE, 200, device_answer(interval=1))
