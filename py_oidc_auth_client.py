@@ -2560,13 +2560,13 @@ def _doctor(args: Any, store: TokenStore) -> None:
                         f"{_describe_file(os.path.dirname(store.path))}"))
     token_file = os.environ.get("OIDC_TOKEN_FILE")
     if token_file:
-        add(("token file", f"OIDC_TOKEN_FILE={token_file}: {_describe_file(token_file)}"
-                           + _describe_token(_default_store(args.app_name, "OIDC_TOKEN_FILE"),
-                                             "")))
+        file_store = _default_store(args.app_name, "OIDC_TOKEN_FILE")
+        add(("token file", f"OIDC_TOKEN_FILE={token_file}: {_describe_file(token_file)}; "
+                           + _describe_token(file_store)))
     else:
         add(("token file", "OIDC_TOKEN_FILE is not set: tokens come from the cache"))
     if args.host:
-        add((_host_key(args.host), "cached: " + _describe_token(store, args.host).lstrip("; ")))
+        add(("cached token", f"{_host_key(args.host)}: {_describe_token(store, args.host)}"))
     add(("proxies", _proxy_settings()))
     add(("CA bundle", _ca_settings()))
     try:
@@ -2631,17 +2631,14 @@ def _describe_file(path: str) -> str:
     return text
 
 
-def _describe_token(store: TokenStore, host: str) -> str:
-    try:
-        entries, bad = store._parse()
-    except OSError as exc:
-        return f"; cannot be read ({exc})"
-    token = entries.get("" if store._single else _host_key(host)) if host or store._single \
-        else None
+def _describe_token(store: TokenStore, host: str = "") -> str:
+    """How long the token of *host* (or of a token file) lasts; read only, no secret."""
+    entries, bad = store._parse()
+    token = entries.get("" if store._single else _host_key(host))
     if token is None:
-        return f"; {bad}" if bad else "; no token"
+        return bad or "no token"
     now = time.time()
-    return (f"; access token {_validity(token['expires'], now)}, refresh token "
+    return (f"access token {_validity(token['expires'], now)}, refresh token "
             + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
 
 

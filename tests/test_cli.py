@@ -682,7 +682,7 @@ def test_doctor_explains_a_batch_job_and_never_prints_secrets(make_token, tmp_pa
     assert rows["token file"].startswith(f"OIDC_TOKEN_FILE={token_file}: mode 0640, READABLE")
     assert rows["token file"].endswith("access token valid for 59 min, refresh token valid "
                                        "for 23 h 59 min")
-    assert rows["https://a.example.com"].startswith("cached: access token valid for 59 min")
+    assert rows["cached token"].startswith("https://a.example.com: access token valid for 59 min")
     assert "http via http://[credentials hidden]@proxy.example:3128" not in rows["proxies"]
     assert "https via http://[credentials hidden]@proxy.example:3128" in rows["proxies"]
     assert "NO_PROXY localhost,.internal" in rows["proxies"]
