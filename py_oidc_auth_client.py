@@ -2507,7 +2507,10 @@ def _redact_random(match: Any) -> str:
 
 def _redact_record(record: logging.LogRecord) -> bool:
     """A logging filter that redacts secrets in the message and any traceback."""
-    record.msg, record.args = _redact_text(record.getMessage()), None
+    try:
+        record.msg, record.args = _redact_text(record.getMessage()), None
+    except Exception:  # a malformed log call: logging reports it, without the arguments
+        record.msg, record.args = _redact_text(str(record.msg)), None
     if record.exc_info and not record.exc_text:
         import logging
 

@@ -614,6 +614,15 @@ def test_redaction_filter_covers_arguments_and_tracebacks():
     assert "ValueError: bad token [redacted]" in formatted
 
 
+def test_redaction_filter_survives_a_malformed_log_call():
+    import logging
+
+    record = logging.LogRecord("x", logging.DEBUG, __file__, 1, "%d tokens: %s",
+                               ("many", "refresh_token=Zz9Yy8Xx7Ww6"), None)
+    assert oac._redact_record(record) is True
+    assert record.getMessage() == "%d tokens: %s"
+
+
 # ---------------------------------------------------------------------------
 # --doctor
 # ---------------------------------------------------------------------------
