@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from http.server import HTTPServer
 
     _F = TypeVar("_F", bound="BaseFlow")
+    _T = TypeVar("_T")
 
 __version__ = "0.1.0"
 
@@ -381,6 +382,7 @@ def _read_capped(resp: Any, status: int, where: str) -> bytes:
     length = (resp.headers.get("Content-Length") or "").strip()
     if length.isdigit() and len(body) < int(length):
         raise http.client.IncompleteRead(body, int(length) - len(body))
+    _logger().debug("%s -> %d (%d bytes)", where, status, len(body))  # never the body
     return body
 
 
@@ -1464,14 +1466,69 @@ def _has_tty() -> bool:
                for s in (sys.stdin, sys.stderr))
 
 
-def _no_login_reason() -> str | None:
-    """Why nobody could answer an interactive login here, or None if someone can."""
+def _no_login_reason(token_env_var: str | None = None) -> str | None:
+    """Why nobody could answer an interactive login here, or None if someone can.
+
+    A token file named by *token_env_var* means "use this file": a job that was
+    handed one must fail at once when it is used up, never start a login.
+    """
+    token_file = os.environ.get(token_env_var) if token_env_var else None
+    if token_file:
+        return f"the token file {token_file} ({token_env_var}) {_token_file_state(token_file)}"
     scheduler = _batch_scheduler()
     if scheduler:
         return f"this is a {scheduler} batch job"
     if _has_tty() or _in_jupyter() or os.environ.get("BROWSER"):
         return None
     return "there is no terminal, notebook or configured browser (BROWSER) to log in with"
+
+
+def _token_file_state(path: str) -> str:
+    """What is wrong with a token file that gave no token."""
+    try:
+        with open(path, "rb") as fh:
+            token = _as_token(json.loads(fh.read(_MAX_BODY)))
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError):
+        token = None
+    if token is None:
+        return "holds no token"
+    if not token["refresh_token"]:
+        return "holds an expired access token and no refresh token"
+    if not _refresh_valid(token):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(token["refresh_expires"]))
+        return f"holds expired tokens: its refresh token expired at {when}"
+    return "holds a refresh token that the server refused (revoked, or used elsewhere)"
+
+
+def _plain_terminal() -> bool:
+    """NO_COLOR (no-color.org) or TERM=dumb: no escape sequences but the carriage return."""
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+
+
+def _in_container() -> str | None:
+    """The kind of container we run in and the sign of it, if any (for --doctor)."""
+    for variable, kind in (("APPTAINER_CONTAINER", "Apptainer"),
+                           ("SINGULARITY_CONTAINER", "Singularity"),
+                           ("KUBERNETES_SERVICE_HOST", "Kubernetes")):
+        if os.environ.get(variable):
+            return f"{kind} ({variable} is set)"
+    engine = os.environ.get("container")  # noqa: SIM112  set so by systemd-nspawn, LXC, podman
+    if engine:
+        return f"{engine} (container={engine})"
+    for path, kind in (("/.dockerenv", "Docker"), ("/run/.containerenv", "Podman")):
+        if os.path.exists(path):
+            return f"{kind} ({path} exists)"
+    try:
+        with open("/proc/1/cgroup", encoding="utf-8", errors="replace") as fh:
+            cgroup = fh.read(1 << 16)
+    except OSError:
+        return None
+    for hint in ("docker", "kubepods", "containerd", "libpod", "lxc"):
+        if hint in cgroup:
+            return f"probably {hint} (/proc/1/cgroup mentions it)"
+    return None
 
 
 def _can_open_browser() -> bool:
@@ -1511,18 +1568,30 @@ def _say(text: str) -> None:
 
 def _show_device_code(host: str, code: DeviceCode) -> None:
     uri, user_code = code["uri"], code["user_code"]
-    _say(f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}")
-    if _in_jupyter():
-        from html import escape
-        from importlib import import_module
+    text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
+    if not (_in_jupyter() and _display_html(host, uri, user_code, text)):
+        _say(text)
 
-        try:
-            ipd = import_module("IPython.display")
-        except ImportError:
-            return
-        ipd.display(ipd.HTML(f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" '
-                     f'target="_blank">{escape(uri)}</a> and confirm the code '
-                     f"<b><code>{escape(user_code)}</code></b></p>"))
+
+def _display_html(host: str, uri: str, user_code: str, text: str) -> bool:
+    """Show the login as a clickable link in a notebook; False when IPython cannot."""
+    from html import escape
+    from importlib import import_module
+
+    try:
+        display = import_module("IPython.display").display
+    except (ImportError, AttributeError):  # a kernel without IPython: plain text
+        return False
+    html = (f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" target="_blank" '
+            f'rel="noopener">{escape(uri)}</a> and confirm the code '
+            f"<b><code>{escape(user_code)}</code></b></p>")
+    try:
+        # A MIME bundle: front ends that cannot show HTML show the text.
+        display({"text/html": html, "text/plain": text}, raw=True)
+    except Exception as exc:  # a broken display must not end the login
+        _logger().debug("IPython display failed: %s", exc)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1744,12 +1813,14 @@ class BaseFlow:
     async def _interactive_login(self) -> Token:
         raise NotImplementedError
 
-    async def _cached_or_refreshed(self) -> Token | None:
-        """The cached token if valid, else a refreshed one; None when a login is needed."""
+    async def _cached_or_refreshed(
+        self, enough: Callable[[Token], bool] = _access_valid
+    ) -> Token | None:
+        """The cached token if *enough*, else a refreshed one; None when a login is needed."""
         token = self.store.get(self.host)
         if token is None:
             return None
-        if _access_valid(token):
+        if enough(token):
             return token
         if not _refresh_valid(token):
             return None
@@ -1760,7 +1831,7 @@ class BaseFlow:
         try:
             # Another process may have refreshed while we waited for the lock.
             current = store._update_locked(lambda entries: None).get(key)
-            if current is None or _access_valid(current):
+            if current is None or enough(current):
                 return current
             if not _refresh_valid(current):
                 return None
@@ -2122,15 +2193,19 @@ class DeviceFlow(BaseFlow):
                 return self._save(await self._accept(raw))
         finally:
             if show:
-                sys.stderr.write("\r\033[K")
-                sys.stderr.flush()
+                show.close()
 
     # -- Internals --
 
-    def _show_countdown(self) -> bool:
-        if self.interactive is not None:
-            return self.interactive and sys.stderr.isatty()
-        return sys.stderr is not None and sys.stderr.isatty()
+    def _show_countdown(self) -> _Progress | None:
+        stream = sys.stderr
+        if stream is None:  # pythonw
+            return None
+        try:
+            tty = stream.isatty()
+        except (AttributeError, ValueError):  # no isatty, or closed
+            tty = False
+        return _Progress(stream, live=tty and self.interactive is not False)
 
     async def _interactive_login(self) -> Token:
         code = await self.get_device_code()
@@ -2141,18 +2216,56 @@ class DeviceFlow(BaseFlow):
         return await self.poll(code["device_code"], code["interval"])
 
 
-async def _countdown(seconds: float, deadline: float, show: bool) -> None:
-    """Sleep *seconds*; on a terminal, show the time left until *deadline*."""
+async def _countdown(seconds: float, deadline: float, show: _Progress | None) -> None:
+    """Sleep *seconds*, showing the time left until *deadline*."""
     end = time.monotonic() + max(0.0, seconds)
     while True:
         now = time.monotonic()
         if now >= end:
             return
-        if show:
-            left = max(0, int(deadline - now))
-            sys.stderr.write(f"\r\033[KWaiting for approval... {left // 60}:{left % 60:02d} left")
-            sys.stderr.flush()
+        if show is not None:
+            show.update(deadline - now)
         await _sleep(min(1.0, end - now))
+
+
+_PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+class _Progress:
+    """The wait for approval on stderr: one live line on a terminal, else a line every 30 s.
+
+    Batch logs and pipes get whole lines; ``NO_COLOR`` and ``TERM=dumb`` get
+    no escape sequence, only carriage returns.
+    """
+
+    def __init__(self, stream: Any, live: bool) -> None:
+        self.stream, self.live, self.plain = stream, live, _plain_terminal()
+        self.next_line = time.monotonic() + _PROGRESS_EVERY
+        self.width = 0
+
+    def update(self, left: float) -> None:
+        seconds = max(0, int(left))
+        when = f"{seconds // 60}:{seconds % 60:02d} left"
+        if self.live:
+            text = f"Waiting for approval... {when}"
+            self._write("\r" + text.ljust(self.width) if self.plain else "\r\033[K" + text)
+            self.width = len(text)
+        elif time.monotonic() >= self.next_line:
+            self.next_line = time.monotonic() + _PROGRESS_EVERY
+            self._write(f"still waiting for approval, {when}\n")
+
+    def close(self) -> None:
+        """Wipe the live line, so that what follows starts on a clean line."""
+        if self.live and self.width:
+            self._write("\r" + " " * self.width + "\r" if self.plain else "\r\033[K")
+            self.width = 0
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stderr must not end the login
+            pass
 
 
 class CodeFlow(BaseFlow):
@@ -2627,14 +2740,16 @@ async def authenticate_async(
         token = await device._cached_or_refreshed()
         if token is not None:
             return token
-    reason = _no_login_reason()
+    token_file = None if force else os.environ.get(config.token_env_var)
+    reason = _no_login_reason(config.token_env_var if token_file else None)
     if reason:
         command = f"python -m py_oidc_auth_client {_cli_target(device.config)}"
         raise AuthError(
+            f"Not logged in to {device.host}: {reason}. Make a new token file on a "
+            f"workstation: {command} --export {token_file}" if token_file else
             f"Not logged in to {device.host}, and {reason}. Log in once on a workstation "
-            f"({command}); in a batch job, point "
-            f"{config.token_env_var} at a token file made there "
-            f"({command} --json > token.json).",
+            f"({command}); in a batch job, point {config.token_env_var} at a token file "
+            f"made there ({command} --export token.json).",
             {"error": "login_required"}, 401,
         )
     try:
@@ -2815,7 +2930,7 @@ def _renewal(sent: Token, token: Token) -> str | None:
     return token["headers"]["Authorization"]
 
 
-def _run_sync(coro: Coroutine[Any, Any, Token]) -> Token:
+def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run *coro* to completion, also when the caller's thread runs a loop (Jupyter)."""
     import asyncio
 
@@ -2823,78 +2938,170 @@ def _run_sync(coro: Coroutine[Any, Any, Token]) -> Token:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    from concurrent.futures import ThreadPoolExecutor
+    import contextvars
+    import threading
 
-    with ThreadPoolExecutor(1, thread_name_prefix="oidc-auth") as pool:
-        return pool.submit(asyncio.run, coro).result()
+    # The caller's loop is blocked while we wait (the call is synchronous), so run
+    # our own loop in a worker thread.  It gets the caller's context: ipykernel
+    # keeps the current cell in context variables, so output lands in that cell.
+    done: dict[str, Any] = {}
+
+    async def _main() -> _T:
+        done["loop"], done["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        if done.get("cancel"):  # interrupted before the task was known
+            done["task"].cancel()
+        return await coro
+
+    def _work() -> None:
+        try:
+            done["result"] = asyncio.run(_main())
+        except BaseException as exc:
+            done["error"] = exc
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(_work,),
+                              name="oidc-auth", daemon=True)
+    caller = asyncio.current_task()
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.25)  # a timed wait lets Ctrl-C / "interrupt kernel" through
+            # Python 3.11+: asyncio.run turns Ctrl-C into a cancel of its main task,
+            # which this blocked call would only see after the login.
+            if caller is not None and getattr(caller, "cancelling", lambda: 0)():
+                raise asyncio.CancelledError
+    except BaseException:
+        # Interrupted: cancel the login in the worker (it frees its port and stops
+        # polling) instead of leaving it to run until its timeout.
+        done["cancel"] = True
+        if "task" in done:
+            done["loop"].call_soon_threadsafe(done["task"].cancel)
+        raise
+    if "error" in done:
+        raise done["error"]
+    return cast("_T", done["result"])
 
 
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
+_EXIT_MIN_VALID = 3
+
+_EPILOG = """\
+examples:
+  URL=https://myapp.example.com
+  oidc-auth $URL                           log in, or reuse the cached token
+  curl -H "Authorization: Bearer $(oidc-auth $URL --access-token)" $URL/api/data
+  curl -H "$(oidc-auth $URL --header)" $URL/api/data
+  oidc-auth $URL --json                    the token as JSON, without the refresh token
+  oidc-auth $URL --export ~/job-token.json   a private token file for batch jobs
+  OIDC_TOKEN_FILE=~/job-token.json oidc-auth $URL --min-valid 3600 || exit
+  oidc-auth --list                         cached hosts and how long their tokens last
+  oidc-auth --logout $URL                  revoke at the server if it can, then forget
+  oidc-auth --doctor                       what the library sees here, for bug reports
+
+exit codes:
+  0    success
+  1    the login, the refresh or the token store failed (the message says why)
+  2    usage error
+  3    --min-valid: the token would expire too soon, even after a refresh
+  130  interrupted
+
+environment:
+  OIDC_TOKEN_FILE      use and refresh this token file (--export makes one); never log in
+  BROWSER              the browser to open; also allows a login without a terminal
+  NO_COLOR, TERM=dumb  show the countdown without escape sequences
+  HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE   proxy and CA bundle for the connection
+"""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``oidc-auth`` command line; return its exit code.
 
-    Exit codes: 0 success, 1 authentication failure, 2 usage error,
-    130 interrupted.
+    Exit codes: 0 success, 1 authentication failure, 2 usage error, 3 the
+    token would not stay valid for ``--min-valid`` seconds, 130 interrupted.
     """
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="oidc-auth",
-        description="Log in to a py-oidc-auth server (or use the cached token) and print it.",
-        epilog="examples:\n  oidc-auth https://myapp.example.com\n"
-               "  oidc-auth https://myapp.example.com --json > token.json\n"
-               "  oidc-auth https://keycloak.example.org/realms/science --client-id cli\n"
-               "  oidc-auth --list",
+        description="Log in to a py-oidc-auth server (or use the cached token) and print it.\n"
+                    "Prompts and progress go to stderr; stdout carries only the result.",
+        epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("host", nargs="?", help="base URL of the server")
-    parser.add_argument("--timeout", type=int, default=30,
-                        help="seconds to wait for the login (default: 30; 0 waits forever)")
-    parser.add_argument("--force", action="store_true", help="log in even if a token is cached")
-    parser.add_argument("--json", action="store_true", help="print the token as JSON on stdout")
-    parser.add_argument("--list", action="store_true", help="list the hosts with cached tokens")
-    parser.add_argument("--clear", action="store_true", help="remove all cached tokens")
-    parser.add_argument("--remove", metavar="HOST", help="remove the cached token of HOST")
-    parser.add_argument("--app-name", default="py-oidc-auth",
-                        help="cache directory name (default: py-oidc-auth)")
-    parser.add_argument("-l", "--login-route", default="/auth/v2/login")
-    parser.add_argument("-t", "--token-route", default="/auth/v2/token")
-    parser.add_argument("-d", "--device-route", default="/auth/v2/device")
-    parser.add_argument("-p", "--ports", type=int, nargs="+", metavar="PORT",
-                        help="ports to try for the login callback")
-    parser.add_argument("--client-id", metavar="ID",
-                        help="log in to a standard OpenID provider directly, as this client: "
-                             "HOST is then the provider's issuer URL")
-    parser.add_argument("--client-secret", metavar="SECRET",
-                        help="the client's secret, for a confidential client (others on this "
-                             "machine may see command lines: prefer $OIDC_CLIENT_SECRET)")
-    parser.add_argument("--scope", action="append", metavar="SCOPE",
-                        help="scopes to ask the provider for, repeatable or space separated "
-                             "(default: openid offline_access)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("host", nargs="?", metavar="HOST", help="base URL of the server")
+    group = parser.add_argument_group("output (one of them; default: a one-line summary)")
+    output = group.add_mutually_exclusive_group()
+    output.add_argument("--access-token", action="store_true",
+                        help="print only the access token")
+    output.add_argument("--header", action="store_true",
+                        help='print the line "Authorization: Bearer <access token>"')
+    output.add_argument("--json", action="store_true",
+                        help="print the token as JSON on stdout, without the refresh token")
+    group.add_argument("--show-secrets", action="store_true",
+                       help="with --json: include the refresh token")
+    group = parser.add_argument_group("batch jobs")
+    group.add_argument("--export", metavar="FILE",
+                       help="also write the token, refresh token included, to FILE (readable "
+                            "by you only) for a batch job's OIDC_TOKEN_FILE")
+    group.add_argument("--min-valid", metavar="SECONDS", type=int,
+                       help=f"exit {_EXIT_MIN_VALID} unless the token stays usable for SECONDS "
+                            "more, refreshing it first if that helps: the refresh token counts, "
+                            "but only the access token with --access-token, --header or --json")
+    group = parser.add_argument_group("the token cache")
+    group.add_argument("--list", action="store_true",
+                       help="list the hosts with cached tokens and how long they last")
+    group.add_argument("--remove", metavar="HOST", help="remove the cached token of HOST")
+    group.add_argument("--logout", metavar="HOST",
+                       help="revoke the token of HOST at the server (where it offers that), "
+                            "then remove it from the cache")
+    group.add_argument("--clear", action="store_true", help="remove all cached tokens")
+    group.add_argument("--app-name", default="py-oidc-auth",
+                       help="cache directory name (default: py-oidc-auth)")
+    group = parser.add_argument_group("the login")
+    group.add_argument("--timeout", type=int, default=30, metavar="SECONDS",
+                       help="seconds to wait for the login (default: 30; 0 waits forever)")
+    group.add_argument("--force", action="store_true", help="log in even if a token is cached")
+    group.add_argument("-l", "--login-route", default="/auth/v2/login",
+                       help="default: %(default)s")
+    group.add_argument("-t", "--token-route", default="/auth/v2/token",
+                       help="default: %(default)s")
+    group.add_argument("-d", "--device-route", default="/auth/v2/device",
+                       help="default: %(default)s")
+    group.add_argument("-p", "--ports", type=int, nargs="+", metavar="PORT",
+                       help="ports to try for the login callback")
+    group.add_argument("--client-id", metavar="ID",
+                       help="log in to a standard OpenID provider directly, as this client: "
+                            "HOST is then the provider's issuer URL")
+    group.add_argument("--client-secret", metavar="SECRET",
+                       help="the client's secret, for a confidential client (others on this "
+                            "machine may see command lines: prefer $OIDC_CLIENT_SECRET)")
+    group.add_argument("--scope", action="append", metavar="SCOPE",
+                       help="scopes to ask the provider for, repeatable or space separated "
+                            "(default: openid offline_access)")
+    group = parser.add_argument_group("diagnostics")
+    group.add_argument("--doctor", action="store_true",
+                       help="show what the library detects here and what it decides")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="debug log on stderr, secrets redacted")
+    group.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
-    if not (args.host or args.list or args.clear or args.remove):
-        parser.error("give a HOST, or one of --list, --clear, --remove HOST")
-    if args.timeout < 0:
-        parser.error("--timeout must be 0 or more")
     if (args.client_secret or args.scope) and not args.client_id:
         parser.error("--client-secret and --scope need --client-id")
     if args.client_id and not args.client_secret:
         args.client_secret = os.environ.get("OIDC_CLIENT_SECRET") or None
     args.scope = _scopes(args.scope) if args.scope else None
-    for host in (args.host, args.remove):
-        try:
-            if host:
-                _store_key(host, args.client_id, args.scope)
-        except AuthError as exc:
-            parser.error(exc.message)
+    _check_args(parser, args)
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format="oidc-auth: %(message)s")
+    handler = logging.StreamHandler()
+    handler.addFilter(_redact_record)
+    handler.setFormatter(logging.Formatter(
+        "oidc-auth: %(levelname)s: %(message)s" if args.verbose else "oidc-auth: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    if args.verbose:
+        _logger().setLevel(logging.DEBUG)
     try:
         return _cli(args)
     except AuthError as exc:
@@ -2911,8 +3118,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _check_args(parser: Any, args: Any) -> None:
+    """Refuse combinations that make no sense, with exit code 2."""
+    if args.doctor:
+        if any((args.json, args.access_token, args.header, args.export, args.list, args.clear,
+                args.remove, args.logout, args.force, args.min_valid is not None)):
+            parser.error("--doctor goes alone (a HOST may be given)")
+    elif not args.host:
+        for flag, given in (("--json", args.json), ("--access-token", args.access_token),
+                            ("--header", args.header), ("--export", args.export),
+                            ("--min-valid", args.min_valid is not None)):
+            if given:
+                parser.error(f"{flag} needs a HOST")
+        if not (args.list or args.clear or args.remove or args.logout):
+            parser.error("give a HOST, or one of --list, --clear, --remove HOST, "
+                         "--logout HOST, --doctor")
+    if args.show_secrets and not args.json:
+        parser.error("--show-secrets goes with --json")
+    if args.timeout < 0:
+        parser.error("--timeout must be 0 or more")
+    if args.min_valid is not None and args.min_valid < 0:
+        parser.error("--min-valid must be 0 or more")
+    for host in (args.host, args.remove, args.logout):
+        try:
+            if host:
+                _store_key(host, args.client_id, args.scope)
+        except AuthError as exc:
+            parser.error(exc.message)
+
+
 def _cli(args: Any) -> int:
     store = _default_store(args.app_name)
+    log = _logger()
+    log.debug("py_oidc_auth_client %s (%s), Python %s", __version__, os.path.abspath(__file__),
+              sys.version.split()[0])
+    if args.doctor:
+        _doctor(args, store)
+        return 0
     if args.clear:
         store.clear()
         _say(f"Removed all tokens from {store.path}")
@@ -2920,6 +3162,8 @@ def _cli(args: Any) -> int:
         key = _store_key(args.remove, args.client_id, args.scope)
         removed = store.remove(key)
         _say(f"{'Removed' if removed else 'No token for'} {key}")
+    if args.logout:
+        _logout(args, store)
     if args.list:
         import shlex
 
@@ -2927,34 +3171,366 @@ def _cli(args: Any) -> int:
         for host in store.hosts():
             token = store.get(host)
             if token is not None:  # quoted where a shell needs it: "#...&scope=" keys
-                print(f"{shlex.quote(host)}\taccess {_left(token['expires'], now)}\t"
-                      f"refresh {_left(token['refresh_expires'], now)}")
+                print(f"{shlex.quote(host)}\taccess {_validity(token['expires'], now)}\t"
+                      + (f"refresh {_validity(token['refresh_expires'], now)}"
+                         if token["refresh_token"] else "no refresh token"))
     if not args.host:
         return 0
+    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    log.debug("token store: %s", f"{token_file} (OIDC_TOKEN_FILE)" if token_file else store.path)
+    log.debug("interactive login: %s", _no_login_reason() or "possible")
     token = authenticate(
         args.host, login_route=args.login_route, token_route=args.token_route,
         device_route=args.device_route, redirect_ports=args.ports, force=args.force,
         app_name=args.app_name, timeout=args.timeout or None, client_id=args.client_id,
         client_secret=args.client_secret, scopes=args.scope,
     )
-    if args.json:
-        print(json.dumps(token, indent=2))
-    else:
+    if args.min_valid is not None:
+        enough = _min_valid(args, token)
+        if enough is None:
+            return _EXIT_MIN_VALID
+        token = enough
+    if args.export:
+        _export(args.export, args.host, token, store)
+    if args.access_token:
+        print(token["access_token"])
+    elif args.header:
+        print(f"Authorization: {token['headers']['Authorization']}")
+    elif args.json:
+        print(json.dumps(token if args.show_secrets else
+                         {k: v for k, v in token.items() if k != "refresh_token"}, indent=2))
+    elif not args.export:
+        now = time.time()
         key = _store_key(args.host, args.client_id, args.scope)
-        print(f"Logged in to {key}: access token valid "
-              f"{_left(token['expires'], time.time())}, refresh token "
-              f"{_left(token['refresh_expires'], time.time())}")
+        print(f"Logged in to {key}: access token "
+              f"{_validity(token['expires'], now)}, refresh token "
+              + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
     return 0
 
 
-def _left(timestamp: int, now: float) -> str:
+def _cli_flow(args: Any, host: str, store: TokenStore | None = None) -> DeviceFlow:
+    """A flow configured by the command line's routes, ports and app name."""
+    config = Config(host=host, app_name=args.app_name, login_route=args.login_route,
+                    token_route=args.token_route, device_route=args.device_route,
+                    client_id=args.client_id, client_secret=args.client_secret,
+                    scopes=args.scope)
+    if args.ports:
+        config.redirect_ports = list(args.ports)
+    return DeviceFlow._detached(config, store=store, timeout=args.timeout or None)
+
+
+# -- --min-valid, --export, --logout --
+
+def _min_valid(args: Any, token: Token) -> Token | None:
+    """*token*, refreshed if that makes it last ``--min-valid`` seconds; None if nothing does."""
+    # A bare access token cannot refresh itself; a token kept with its refresh
+    # token (the cache, a token file, --json --show-secrets) lasts as long as that.
+    bare = args.access_token or args.header or (args.json and not args.show_secrets)
+    want = time.time() + args.min_valid
+
+    def until(token: Token) -> int:
+        if bare or not token["refresh_token"]:
+            return token["expires"]
+        return max(token["expires"], token["refresh_expires"])
+
+    refreshed = False
+    if until(token) < want and _refresh_valid(token):
+        flow = _cli_flow(args, args.host)
+        token = _run_sync(flow._cached_or_refreshed(lambda t: until(t) >= want)) or token
+        refreshed = True
+    if until(token) >= want:
+        return token
+    host, now = _host_key(args.host), time.time()
+    by_access = bare or not token["refresh_token"]
+    what = "access token" if by_access else "refresh token"
+    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    if by_access and _refresh_valid(token):
+        advice = ("the server grants shorter access tokens: ask for less, or get a fresh one "
+                  f"each time it is needed (oidc-auth {host} --access-token)")
+    elif token_file:
+        advice = f"make a new token file on a workstation: oidc-auth {host} --export {token_file}"
+    else:
+        advice = f"log in again: oidc-auth {host} --force"
+    print(f"oidc-auth: error: the {what} for {host} {_expiry(until(token), now)}"
+          f"{' even after a refresh' if refreshed else ''}, sooner than --min-valid "
+          f"{args.min_valid} asks ({_duration(args.min_valid)}); {advice}", file=sys.stderr)
+    return None
+
+
+def _export(path: str, host: str, token: Token, store: TokenStore) -> None:
+    """Write *token* as ``--json --show-secrets`` prints it to a private file."""
+    target = os.path.abspath(os.path.expanduser(path))
+    if target == store.path:
+        raise ValueError(f"{path} is the token cache itself; export to another file")
+    data = (json.dumps(token, indent=2) + "\n").encode()
+    try:
+        # The lock a job takes to refresh this file: a re-export never crosses it.
+        with _FileLock(target + ".lock"):
+            _atomic_write(target, data)
+    except OSError as exc:
+        raise AuthError(f"Cannot write the token file {target}: {exc.strerror or exc}") from None
+    now = time.time()
+    _say(f"Wrote the token for {_host_key(host)} to {target} (readable by you only): access "
+         f"token {_validity(token['expires'], now)}, refresh token "
+         + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none")
+         + f".\nIn a batch job: export OIDC_TOKEN_FILE={target}")
+
+
+def _logout(args: Any, store: TokenStore) -> None:
+    host = _store_key(args.logout, args.client_id, args.scope)
+    token = store.get(host)
+    if token is None:
+        _say(f"No token for {host}")
+        return
+    flow = _cli_flow(args, host, store)
+    outcome = ""
+    try:
+        if not _run_sync(flow._revoke(token)):
+            outcome = "the server offers no revocation"
+    except AuthError as exc:
+        outcome = f"revoking it at the server failed ({exc.message})"
+    store.remove(host)
+    if not outcome:
+        _say(f"Logged out of {host}: the server revoked the token, and it was removed "
+             f"from {store.path}")
+    else:
+        _say(f"Logged out of {host} on this machine only: removed the token from {store.path}; "
+             f"{outcome}, so the access token stays usable until it expires "
+             f"({_expiry(token['expires'], time.time())})")
+
+
+# -- Human terms --
+
+def _validity(timestamp: int, now: float) -> str:
+    """``"valid for 54 min"`` or ``"expired 3 h ago"``."""
     seconds = int(timestamp - now)
-    if seconds <= 0:
-        return "expired"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"for {seconds // size} {unit}"
-    return f"for {seconds} s"
+    return f"valid for {_duration(seconds)}" if seconds > 0 else _expiry(timestamp, now)
+
+
+def _expiry(timestamp: int, now: float) -> str:
+    """``"expires in 54 min"`` or ``"expired 3 h ago"``."""
+    seconds = int(timestamp - now)
+    if seconds > 0:
+        return f"expires in {_duration(seconds)}"
+    return f"expired {_duration(-seconds)} ago"
+
+
+def _duration(seconds: int) -> str:
+    """``"42 s"``, ``"54 min"``, ``"3 h 12 min"``, ``"29 d 23 h"``."""
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        hours, minutes = divmod(seconds // 60, 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(seconds // 3600, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+# -- --verbose: secrets never reach the log --
+
+_SECRET_PATTERNS: list[tuple[Any, str]] = []
+
+
+def _redact_text(text: str) -> str:
+    """Blank out anything in *text* that looks like a token, a code or another secret."""
+    import re
+
+    if not _SECRET_PATTERNS:
+        _SECRET_PATTERNS.extend((re.compile(pattern), repl) for pattern, repl in (
+            # JWTs: access, ID and many refresh tokens.
+            (r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?", "[redacted]"),
+            # Credentials in headers.
+            (r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+", r"\1\2[redacted]"),
+            # name=value and "name": "value" pairs that carry a secret.
+            (r"(?i)\b((?:access|refresh|id)[_-]?token|device[_-]?code|code[_-]?verifier"
+             r"|client[_-]?secret|password|code|state)(\"?\s*[:=]\s*\"?)([^\s\"'&,;}]+)",
+             r"\1\2[redacted]"),
+            # user:password@ in URLs.
+            (r"//[^/@\s:]+:[^/@\s]+@", "//[redacted]@"),
+        ))
+        # Opaque tokens: long runs that mix upper case, lower case and digits, or long hex.
+        _SECRET_PATTERNS.append((re.compile(r"[A-Za-z0-9_~+=-]{20,}"), ""))
+    for pattern, repl in _SECRET_PATTERNS[:-1]:
+        text = pattern.sub(repl, text)
+    redacted: str = _SECRET_PATTERNS[-1][0].sub(_redact_random, text)
+    return redacted
+
+
+def _redact_random(match: Any) -> str:
+    word: str = match.group()
+    mixed = (any(c.isupper() for c in word) and any(c.islower() for c in word)
+             and any(c.isdigit() for c in word))
+    hexadecimal = len(word) >= 32 and all(c in "0123456789abcdefABCDEF" for c in word)
+    return "[redacted]" if mixed or hexadecimal else word
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """A logging filter that redacts secrets in the message and any traceback."""
+    try:
+        record.msg, record.args = _redact_text(record.getMessage()), None
+    except Exception:  # a malformed log call: logging reports it, without the arguments
+        record.msg, record.args = _redact_text(str(record.msg)), None
+    if record.exc_info and not record.exc_text:
+        import logging
+
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = _redact_text(record.exc_text)
+    if record.stack_info:
+        record.stack_info = _redact_text(record.stack_info)
+    return True
+
+
+# -- --doctor --
+
+def _doctor(args: Any, store: TokenStore) -> None:
+    """Print what the library detects and decides here, and why; never a secret."""
+    import platform
+
+    rows: list[tuple[str, str]] = []
+    add = rows.append
+    add(("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"))
+    add(("python", f"{platform.python_version()} on {platform.platform()}"))
+    stdin_tty, stderr_tty = _isatty(sys.stdin), _isatty(sys.stderr)
+    add(("terminal", f"stdin {'is' if stdin_tty else 'is not'} a terminal, stderr "
+                     f"{'is' if stderr_tty else 'is not'}; TERM={os.environ.get('TERM', '')!r}"
+                     + (", NO_COLOR is set" if os.environ.get("NO_COLOR") else "")))
+    if stderr_tty:
+        progress = "a live countdown line on stderr" + (
+            ", without escape sequences (NO_COLOR or TERM=dumb)" if _plain_terminal() else "")
+    else:
+        progress = f"a line on stderr every {_PROGRESS_EVERY:g} s (stderr is not a terminal)"
+    add(("progress", progress))
+    jobs = [f"{name}={os.environ[name]}" for name in _BATCH_VARIABLES if os.environ.get(name)]
+    add(("batch job", f"{_batch_scheduler()} ({', '.join(jobs)})" if jobs else
+         "no (none of " + ", ".join(_BATCH_VARIABLES) + " is set)"))
+    ssh = [v for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY") if os.environ.get(v)]
+    add(("ssh session", f"yes ({', '.join(ssh)} set)" if ssh else "no"))
+    add(("container", _in_container() or "none detected"))
+    shown = [f"{v}={os.environ[v]}" for v in ("DISPLAY", "WAYLAND_DISPLAY") if os.environ.get(v)]
+    add(("display", ", ".join(shown) if shown else
+         f"desktop ({sys.platform})" if sys.platform in ("win32", "darwin") else
+         "none (DISPLAY and WAYLAND_DISPLAY are not set)"))
+    jupyter = ("yes (ipykernel is loaded): device codes show as a clickable link"
+               if _in_jupyter() else "no (ipykernel is not loaded in this process)")
+    if not _in_jupyter() and os.environ.get("JPY_PARENT_PID"):
+        jupyter += "; started from a Jupyter kernel (JPY_PARENT_PID is set)"
+    add(("jupyter", jupyter))
+    add(("browser", _browser_decision()))
+    add(("login", _login_decision()))
+    add(("token cache", f"{store.path}: {_describe_file(store.path)}; its folder "
+                        f"{_describe_file(os.path.dirname(store.path))}"))
+    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    if token_file:
+        file_store = _default_store(args.app_name, "OIDC_TOKEN_FILE")
+        add(("token file", f"OIDC_TOKEN_FILE={token_file}: {_describe_file(token_file)}; "
+                           + _describe_token(file_store)))
+    else:
+        add(("token file", "OIDC_TOKEN_FILE is not set: tokens come from the cache"))
+    if args.host:
+        add(("cached token", f"{_host_key(args.host)}: {_describe_token(store, args.host)}"))
+    add(("proxies", _proxy_settings()))
+    add(("CA bundle", _ca_settings()))
+    try:
+        from importlib.metadata import version
+
+        add(("platformdirs", version("platformdirs")))
+    except Exception:  # not installed, or installed without metadata
+        add(("platformdirs", "not installed: the cache is under XDG_CACHE_HOME or ~/.cache"))
+    width = max(len(key) for key, _ in rows) + 2
+    for key, value in rows:
+        print(f"{key + ':':<{width}}{value}")
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _browser_decision() -> str:
+    if os.environ.get("BROWSER"):
+        return f"opened with BROWSER={os.environ['BROWSER']}"
+    if _is_remote():
+        return "not opened: this is an SSH session; open the printed URL on your own machine"
+    if _can_open_browser():
+        return "opened: a desktop session is available"
+    return "not opened: no display and BROWSER is not set; open the printed URL yourself"
+
+
+def _login_decision() -> str:
+    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    if token_file:
+        return ("never: OIDC_TOKEN_FILE is set, so authenticate() uses and refreshes that "
+                "file only, and fails at once when its tokens are dead")
+    reason = _no_login_reason()
+    if reason:
+        return f"refused: {reason}; authenticate() raises AuthError at once"
+    why = ("stdin is a terminal" if _isatty(sys.stdin) else
+           "stderr is a terminal" if _isatty(sys.stderr) else
+           "this is a Jupyter kernel" if _in_jupyter() else "BROWSER is set")
+    return (f"allowed ({why}): the device flow, or the browser code flow when the server "
+            "has no device flow")
+
+
+def _describe_file(path: str) -> str:
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist yet"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if sys.platform == "win32":
+        return "exists (Windows: permissions follow the folder's ACL)"
+    mode = stat.S_IMODE(st.st_mode)
+    text = f"mode {mode:04o}, " + ("owner-only" if not mode & 0o077 else
+                                   f"READABLE BY OTHERS, fix with: chmod go= {path}")
+    if st.st_uid != os.getuid():
+        text += f", owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    return text
+
+
+def _describe_token(store: TokenStore, host: str = "") -> str:
+    """How long the token of *host* (or of a token file) lasts; read only, no secret."""
+    entries, bad = store._parse()
+    token = entries.get("" if store._single else _host_key(host))
+    if token is None:
+        return bad or "no token"
+    now = time.time()
+    return (f"access token {_validity(token['expires'], now)}, refresh token "
+            + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
+
+
+def _proxy_settings() -> str:
+    import re
+    import urllib.request
+
+    proxies = urllib.request.getproxies()  # the environment, or the system's settings
+    used = {k: v for k, v in proxies.items() if k in ("https", "http", "no")}
+    if not used:
+        return "none (HTTPS_PROXY, HTTP_PROXY and NO_PROXY are not set)"
+    return ", ".join(f"{'NO_PROXY' if k == 'no' else k + ' via'} "
+                     + re.sub(r"//[^/@\s]*@", "//[credentials hidden]@", v)
+                     for k, v in sorted(used.items()))
+
+
+def _ca_settings() -> str:
+    import ssl
+
+    shown = []
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        value = os.environ.get(name)
+        if value:
+            shown.append(f"{name}={value}" + ("" if os.path.exists(value) else " (MISSING)"))
+    paths = ssl.get_default_verify_paths()  # after SSL_CERT_FILE and SSL_CERT_DIR
+    shown.append(f"OpenSSL looks in {paths.cafile or '(no file)'} and "
+                 f"{paths.capath or '(no folder)'}")
+    return "; ".join(shown)
 
 
 # ---------------------------------------------------------------------------

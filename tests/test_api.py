@@ -131,7 +131,7 @@ ENTRY_POINT = [
     ("force", KW, False),
     ("timeout", KW, 30),
 ]
-# Issue 6 (standard providers directly): keyword-only additions, after the documented ones.
+# Standard providers directly: keyword-only additions, after the documented ones.
 PROVIDER_KEYWORDS = [
     ("client_id", KW, None),
     ("client_secret", KW, None),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -122,10 +125,17 @@ def test_help_shows_examples():
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: oidc-auth")
     assert "examples:" in proc.stdout
-    assert "oidc-auth https://myapp.example.com --json" in proc.stdout
+    assert "URL=https://myapp.example.com" in proc.stdout
+    assert 'curl -H "Authorization: Bearer $(oidc-auth $URL --access-token)"' in proc.stdout
+    assert "oidc-auth $URL --export ~/job-token.json" in proc.stdout
     for option in ("--timeout", "--force", "--json", "--list", "--clear", "--remove",
-                   "--app-name", "--login-route", "--token-route", "--device-route", "--ports"):
+                   "--app-name", "--login-route", "--token-route", "--device-route", "--ports",
+                   "--access-token", "--header", "--show-secrets", "--export", "--min-valid",
+                   "--logout", "--doctor", "--verbose", "--version"):
         assert option in proc.stdout
+    codes = proc.stdout.split("exit codes:")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in codes.strip().splitlines()] == [
+        "0", "1", "2", "3", "130"]
 
 
 def test_no_arguments_is_a_usage_error():
@@ -168,10 +178,11 @@ def test_list_shows_hosts_and_validity(make_token):
     assert len(lines) == 2
     a, b = lines
     assert a.startswith("https://a.example.com\t")
-    assert "access for 1 h" in a
-    assert "refresh for 2 d" in a
+    assert "access valid for 1 h 59 min" in a
+    assert "refresh valid for 2 d 23 h" in a
     assert b.startswith("https://b.example.com\t")
-    assert "access expired" in b
+    assert re.search(r"\taccess expired 1\d s ago\t", b), b
+    assert "refresh valid for 2 d 23 h" in b
 
 
 def test_list_of_an_empty_cache_prints_nothing():
@@ -204,12 +215,18 @@ def test_clear_removes_everything(make_token):
 
 
 def test_json_with_a_cached_token_prints_only_json(fake_server, make_token):
-    token = make_token()
+    token = make_token(refresh="refresh-secret-123")
     default_store().put(fake_server.url, token)
     proc = cli(fake_server.url, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == token
+    shown = json.loads(proc.stdout)
+    assert "refresh_token" not in shown  # --json alone keeps the refresh token private
+    assert "refresh-secret-123" not in proc.stdout + proc.stderr
+    assert shown == {k: v for k, v in token.items() if k != "refresh_token"}
     assert proc.stderr == ""
+    proc = cli(fake_server.url, "--json", "--show-secrets")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == token
     assert fake_server.requests == []
 
 
@@ -228,7 +245,7 @@ def test_token_file_in_a_batch_job(fake_server, make_token, tmp_path):
     path = tmp_path / "token.json"
     path.write_text(json.dumps(token))
     path.chmod(0o600)
-    proc = cli(fake_server.url, "--json",
+    proc = cli(fake_server.url, "--json", "--show-secrets",
                env={"OIDC_TOKEN_FILE": str(path), "SLURM_JOB_ID": "4242"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == token
@@ -245,7 +262,7 @@ def test_device_login_prints_json_and_saves_the_token(fake_server):
     fake_server.reply("POST", DEVICE, 200, device_answer(interval=1))
     answer = token_answer()
     fake_server.reply("POST", TOKEN, 200, answer)
-    proc = cli(fake_server.url, "--json", env=LOGIN_ALLOWED)
+    proc = cli(fake_server.url, "--json", "--show-secrets", env=LOGIN_ALLOWED)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed["access_token"] == answer["access_token"]
@@ -377,3 +394,308 @@ def test_unusable_cache_directory_is_one_clean_error_line(fake_server, tmp_path,
     proc = cli(*args, env={"XDG_CACHE_HOME": str(blocker), **LOGIN_ALLOWED})
     line = assert_one_clean_error(proc)
     assert str(blocker) in line
+
+
+# ---------------------------------------------------------------------------
+# Outputs for every consumer
+# ---------------------------------------------------------------------------
+
+
+def test_access_token_prints_the_bare_token(fake_server, make_token):
+    token = make_token()
+    default_store().put(fake_server.url, token)
+    proc = cli(fake_server.url, "--access-token")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, token["access_token"] + "\n", "")
+
+
+def test_header_prints_the_authorization_line(fake_server, make_token):
+    token = make_token()
+    default_store().put(fake_server.url, token)
+    proc = cli(fake_server.url, "--header")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"Authorization: Bearer {token['access_token']}\n"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("bash") is None,
+                    reason="needs curl and bash")
+@pytest.mark.parametrize("how", ["access-token", "header"])
+def test_curl_with_the_token(fake_server, make_token, how):
+    token = make_token()
+    default_store().put(fake_server.url, token)
+    fake_server.reply("GET", "/api/data", 200, {"ok": True})
+    oidc = f"{shlex.quote(sys.executable)} -m py_oidc_auth_client {fake_server.url}"
+    header = (f'"Authorization: Bearer $({oidc} --access-token)"' if how == "access-token"
+              else f'"$({oidc} --header)"')
+    proc = subprocess.run(["bash", "-c", f"curl -sf -H {header} {fake_server.url}/api/data"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"ok": True}
+    (hit,) = fake_server.hits("/api/data")
+    assert hit.headers["Authorization"] == f"Bearer {token['access_token']}"
+
+
+@pytest.mark.parametrize("args", [
+    ["--json", "--header"], ["--access-token", "--json"], ["--header", "--access-token"],
+])
+def test_output_flags_are_mutually_exclusive(fake_server, args):
+    proc = cli(fake_server.url, *args)
+    assert proc.returncode == 2
+    assert "not allowed with argument" in proc.stderr
+    assert proc.stdout == ""
+    assert fake_server.requests == []
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["HOST", "--show-secrets"], "--show-secrets goes with --json"),
+    (["--list", "--json"], "--json needs a HOST"),
+    (["--list", "--access-token"], "--access-token needs a HOST"),
+    (["--export", "x.json"], "--export needs a HOST"),
+    (["--min-valid", "60"], "--min-valid needs a HOST"),
+    (["--doctor", "--json"], "--doctor goes alone"),
+    (["--doctor", "--list"], "--doctor goes alone"),
+    (["--logout", "ftp://x"], "http(s) URL"),
+    (["HOST", "--min-valid", "soon"], "invalid int value"),
+])
+def test_usage_errors_exit_2(fake_server, args, says):
+    proc = cli(*[fake_server.url if a == "HOST" else a for a in args])
+    assert proc.returncode == 2
+    assert says in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fake_server.requests == []
+
+
+def test_list_shows_a_token_without_refresh_token(make_token):
+    default_store().put("https://a.example.com", make_token(lifetime=54 * 60 + 30, refresh=""))
+    proc = cli("--list")
+    assert proc.stdout == "https://a.example.com\taccess valid for 54 min\tno refresh token\n"
+
+
+# ---------------------------------------------------------------------------
+# --logout
+# ---------------------------------------------------------------------------
+
+
+def test_logout_without_revocation_removes_locally_and_says_so(fake_server, make_token):
+    default_store().put(fake_server.url, make_token())
+    default_store().put("https://other.example.com", make_token())
+    proc = cli("--logout", fake_server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert f"Logged out of {fake_server.url} on this machine only" in proc.stderr
+    assert "the server offers no revocation" in proc.stderr
+    assert "stays usable until it expires (expires in 59 min)" in proc.stderr
+    assert default_store().hosts() == ["https://other.example.com"]
+    again = cli("--logout", fake_server.url)
+    assert again.returncode == 0
+    assert f"No token for {fake_server.url}" in again.stderr
+
+
+@pytest.mark.parametrize(("outcome", "says"), [
+    (True, "the server revoked the token, and it was removed"),
+    (False, "the server offers no revocation"),
+    ("error", "revoking it at the server failed (revocation endpoint answered 500)"),
+])
+def test_logout_uses_the_flows_revoke_when_there_is_one(fake_server, make_token, monkeypatch,
+                                                        capsys, outcome, says):
+    token = make_token()
+    store = oac._default_store("py-oidc-auth")
+    store.put(fake_server.url, token)
+    seen: list[Any] = []
+
+    async def _revoke(self: Any, revoked: Any) -> bool:
+        seen.append((self.host, self.config.token_route, revoked))
+        if outcome == "error":
+            raise oac.AuthError("revocation endpoint answered 500")
+        return bool(outcome)
+
+    monkeypatch.setattr(oac.BaseFlow, "_revoke", _revoke, raising=False)
+    assert oac.main(["--logout", fake_server.url + "/", "-t", "/custom/token"]) == 0
+    assert seen == [(fake_server.url, "/custom/token", token)]
+    err = capsys.readouterr().err
+    assert says in err
+    assert token["access_token"] not in err
+    assert store.get(fake_server.url) is None
+
+
+# ---------------------------------------------------------------------------
+# -v / --verbose
+# ---------------------------------------------------------------------------
+
+
+def secret_token(lifetime: int = 3600) -> dict[str, Any]:
+    """A token answer whose every secret is long and unguessable."""
+    return token_answer(lifetime=lifetime, refresh="rT-" + secrets.token_urlsafe(32),
+                        access_token=make_jwt(lifetime, jti=secrets.token_hex(16)))
+
+
+@pytest.mark.timeout(60)
+def test_a_debug_run_leaks_no_secret(fake_server, tmp_path):
+    device_code = "Dc-" + secrets.token_urlsafe(24)
+    fake_server.reply("POST", DEVICE, 200, {**device_answer(interval=1),
+                                            "device_code": device_code})
+    fake_server.reply("POST", TOKEN, 400, oauth_error("authorization_pending"))
+    first = secret_token(lifetime=8)
+    fake_server.reply("POST", TOKEN, 200, first)
+    # A device login, with debug logging.
+    login = cli(fake_server.url, "-v", env=LOGIN_ALLOWED)
+    assert login.returncode == 0, login.stderr
+    debug = [line for line in login.stderr.splitlines() if line.startswith("oidc-auth: DEBUG:")]
+    assert any(f"POST {fake_server.url}/auth/v2/device -> 200" in line for line in debug)
+    assert any(f"POST {fake_server.url}/auth/v2/token -> 400" in line for line in debug)
+    assert any("token store:" in line for line in debug)
+    # A refresh, a refusal whose answer echoes the refresh token, an export and a logout.
+    time.sleep(max(0.0, first["expires"] - 2 + 0.2 - time.time()))  # margin: 2 to 4 s
+    second = secret_token()
+    fake_server.routes[("POST", TOKEN)].clear()
+    fake_server.reply("POST", TOKEN, 200, second)
+    refresh = cli(fake_server.url, "-v", "--export", str(tmp_path / "t.json"))
+    assert refresh.returncode == 0, refresh.stderr
+    assert "DEBUG: refreshed the token" in refresh.stderr, refresh.stderr
+    default_store().put(fake_server.url, {**default_store().get(fake_server.url),
+                                          "expires": int(time.time()) - 5})
+    fake_server.routes[("POST", TOKEN)].clear()
+    fake_server.reply("POST", TOKEN, 400, {"error": "invalid_grant", "error_description":
+                                           f"token {second['refresh_token']} is revoked"})
+    refused = cli(fake_server.url, "-v", "--timeout", "2",
+                  env={**LOGIN_ALLOWED, "SLURM_JOB_ID": "1"})
+    assert refused.returncode == 1
+    assert "was refused (invalid_grant)" in refused.stderr
+    logout = cli("-v", "--logout", fake_server.url)
+    everything = "".join(p.stdout + p.stderr for p in (login, refresh, refused, logout))
+    for secret in (device_code, first["access_token"], first["refresh_token"],
+                   second["access_token"], second["refresh_token"]):
+        assert secret not in everything
+        for part in secret.split("."):  # not even a piece of a JWT
+            assert len(part) < 12 or part not in everything, part
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("POST https://h.example/auth/v2/token -> 400 (57 bytes)", True),
+    ("token store: /tmp/pytest-of-root/pytest-12/test_x0/home/.cache/tokens.json", True),
+    ("authorization_pending: polling every 6 s now", True),
+    ("interactive login: this is a Slurm batch job", True),
+    ("user code ABCD-EFGH", True),
+])
+def test_redaction_keeps_what_helps(text, kept):
+    assert (oac._redact_text(text) == text) is kept
+
+
+@pytest.mark.parametrize("text", [
+    "got eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl back",
+    "Authorization: Bearer SlAV32hkKG",
+    "form refresh_token=abc.def&grant_type=refresh_token",
+    '{"refresh_token": "8xLOxBtZp8"}',
+    "device-code=GmRhmhcxhwAzkoEqiMEg_DnyEysNkuNhszIySk9eS",
+    "opaque 2YotnFZFEjr1zCsicMWpAA in the middle",
+    "hex 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "proxy http://user:hunter2@proxy:3128",
+    "state=abc|http://localhost:1/callback|verifier-1234",
+])
+def test_redaction_removes_secrets(text):
+    redacted = oac._redact_text(text)
+    assert "[redacted]" in redacted
+    for secret in ("SlAV32hkKG", "abc.def", "8xLOxBtZp8", "GmRhmhcx", "2YotnFZF", "9f86d0",
+                   "hunter2", "verifier-1234", "c2lnbmF0dXJl"):
+        assert secret not in redacted
+
+
+def test_redaction_filter_covers_arguments_and_tracebacks():
+    import logging
+
+    try:
+        raise ValueError("bad token eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln")
+    except ValueError:
+        record = logging.LogRecord("x", logging.DEBUG, __file__, 1, "sent %s", (
+            "refresh_token=Zz9Yy8Xx7Ww6",), sys.exc_info())
+    assert oac._redact_record(record) is True
+    formatted = logging.Formatter().format(record)
+    assert "Zz9Yy8Xx7Ww6" not in formatted
+    assert "eyJzdWIiOiJ4In0" not in formatted
+    assert "ValueError: bad token [redacted]" in formatted
+
+
+def test_redaction_filter_survives_a_malformed_log_call():
+    import logging
+
+    record = logging.LogRecord("x", logging.DEBUG, __file__, 1, "%d tokens: %s",
+                               ("many", "refresh_token=Zz9Yy8Xx7Ww6"), None)
+    assert oac._redact_record(record) is True
+    assert record.getMessage() == "%d tokens: %s"
+
+
+# ---------------------------------------------------------------------------
+# --doctor
+# ---------------------------------------------------------------------------
+
+
+def doctor_rows(stdout: str) -> dict[str, str]:
+    rows = {}
+    for line in stdout.splitlines():
+        key, _, value = line.partition(": ")
+        rows[key.strip()] = value.strip()
+    return rows
+
+
+def test_doctor_explains_a_plain_machine(make_token):
+    store = default_store()
+    store.put("https://a.example.com", make_token())
+    env = {k: "" for k in ("NO_COLOR", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+                           "CURL_CA_BUNDLE", "NO_PROXY", "no_proxy", "JPY_PARENT_PID")}
+    proc = cli("--doctor", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    rows = doctor_rows(proc.stdout)
+    assert rows["version"].startswith(f"py_oidc_auth_client {oac.__version__} (")
+    assert rows["terminal"].startswith("stdin is not a terminal, stderr is not")
+    assert rows["progress"] == "a line on stderr every 30 s (stderr is not a terminal)"
+    assert rows["batch job"].startswith("no (none of SLURM_JOB_ID, PBS_JOBID")
+    assert rows["ssh session"] == "no"
+    assert "container" in rows
+    assert rows["display"] == "none (DISPLAY and WAYLAND_DISPLAY are not set)"
+    assert rows["jupyter"] == "no (ipykernel is not loaded in this process)"
+    assert rows["browser"].startswith("not opened: no display")
+    assert rows["login"].startswith("refused: there is no terminal")
+    assert rows["token cache"] == (f"{store.path}: mode 0600, owner-only; its folder "
+                                   "mode 0700, owner-only")
+    assert rows["token file"] == "OIDC_TOKEN_FILE is not set: tokens come from the cache"
+    assert rows["proxies"] == "none (HTTPS_PROXY, HTTP_PROXY and NO_PROXY are not set)"
+    assert rows["CA bundle"].startswith("OpenSSL looks in ")
+
+
+def test_doctor_explains_a_batch_job_and_never_prints_secrets(make_token, tmp_path):
+    token = make_token(refresh="refresh-Secret-12345")
+    token_file = tmp_path / "job.json"
+    token_file.write_text(json.dumps(token))
+    token_file.chmod(0o640)
+    store = default_store()
+    store.put("https://a.example.com", token)
+    os.chmod(store.path, 0o644)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    env = {"SLURM_JOB_ID": "4242", "SSH_CONNECTION": "10.0.0.1 5 10.0.0.2 22",
+           "HTTPS_PROXY": "http://alice:s3cret-pass@proxy.example:3128",
+           "NO_PROXY": "localhost,.internal", "OIDC_TOKEN_FILE": str(token_file),
+           "SSL_CERT_FILE": str(ca), "REQUESTS_CA_BUNDLE": str(tmp_path / "missing.pem"),
+           "BROWSER": "firefox", "JPY_PARENT_PID": "77", "APPTAINER_CONTAINER": "/x.sif",
+           "NO_COLOR": "1"}
+    proc = cli("--doctor", "https://A.example.com/", env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = doctor_rows(proc.stdout)
+    assert rows["batch job"] == "Slurm (SLURM_JOB_ID=4242)"
+    assert rows["ssh session"] == "yes (SSH_CONNECTION set)"
+    assert rows["container"] == "Apptainer (APPTAINER_CONTAINER is set)"
+    assert rows["jupyter"].endswith("started from a Jupyter kernel (JPY_PARENT_PID is set)")
+    assert rows["browser"] == "opened with BROWSER=firefox"
+    assert rows["login"].startswith("never: OIDC_TOKEN_FILE is set")
+    assert "READABLE BY OTHERS, fix with: chmod go= " + store.path in rows["token cache"]
+    assert rows["token file"].startswith(f"OIDC_TOKEN_FILE={token_file}: mode 0640, READABLE")
+    assert rows["token file"].endswith("access token valid for 59 min, refresh token valid "
+                                       "for 23 h 59 min")
+    assert rows["cached token"].startswith("https://a.example.com: access token valid for 59 min")
+    assert "http via http://[credentials hidden]@proxy.example:3128" not in rows["proxies"]
+    assert "https via http://[credentials hidden]@proxy.example:3128" in rows["proxies"]
+    assert "NO_PROXY localhost,.internal" in rows["proxies"]
+    assert f"SSL_CERT_FILE={ca}" in rows["CA bundle"]
+    assert f"REQUESTS_CA_BUNDLE={tmp_path / 'missing.pem'} (MISSING)" in rows["CA bundle"]
+    for secret in ("s3cret-pass", "alice", token["access_token"], "refresh-Secret-12345"):
+        assert secret not in proc.stdout + proc.stderr

@@ -369,3 +369,61 @@ def test_explicit_flow_methods_are_not_gated(monkeypatch, no_tty, fake_server):
     code = asyncio.run(oac.DeviceFlow(fake_server.url).get_device_code())
     assert code == {"uri": fake_server.url + "/device", "user_code": "ABCD-EFGH",
                     "device_code": "dev-1", "interval": 2}
+
+
+# -- OIDC_TOKEN_FILE in the login gate ---------------------------------------------------------
+
+
+def test_a_token_file_refuses_a_login_even_with_a_browser(monkeypatch, tmp_path):
+    monkeypatch.setenv("BROWSER", "firefox")
+    assert oac._no_login_reason() is None
+    assert oac._no_login_reason("OIDC_TOKEN_FILE") is None  # the variable is not set
+    monkeypatch.setenv("OIDC_TOKEN_FILE", str(tmp_path / "job.json"))
+    reason = oac._no_login_reason("OIDC_TOKEN_FILE")
+    assert reason == f"the token file {tmp_path / 'job.json'} (OIDC_TOKEN_FILE) does not exist"
+
+
+@pytest.mark.parametrize(("content", "state"), [
+    ("not json", "holds no token"),
+    ('{"access_token": "a", "expires": 1}', "holds an expired access token and no refresh token"),
+    ('{"access_token": "a", "expires": 1, "refresh_token": "r", "refresh_expires": 2}',
+     "holds expired tokens: its refresh token expired at "
+     + time.strftime("%Y-%m-%d %H:%M", time.localtime(2))),
+    ('{"access_token": "a", "expires": 1, "refresh_token": "r", "refresh_expires": 9999999999}',
+     "holds a refresh token that the server refused"),
+])
+def test_token_file_state_says_what_is_wrong(tmp_path, content, state):
+    path = tmp_path / "job.json"
+    path.write_text(content)
+    assert oac._token_file_state(str(path)).startswith(state)
+
+
+# -- NO_COLOR / TERM=dumb, containers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("env", "plain"), [
+    ({}, False), ({"NO_COLOR": "1"}, True), ({"NO_COLOR": ""}, False),
+    ({"TERM": "dumb"}, True), ({"TERM": "xterm-256color"}, False),
+])
+def test_plain_terminal(monkeypatch, env, plain):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert oac._plain_terminal() is plain
+
+
+@pytest.mark.parametrize(("variable", "value", "kind"), [
+    ("APPTAINER_CONTAINER", "/images/x.sif", "Apptainer"),
+    ("SINGULARITY_CONTAINER", "/images/x.sif", "Singularity"),
+    ("KUBERNETES_SERVICE_HOST", "10.0.0.1", "Kubernetes"),
+    ("container", "podman", "podman"),
+])
+def test_container_hints(monkeypatch, variable, value, kind):
+    for name in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER", "KUBERNETES_SERVICE_HOST",
+                 "container"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    found = oac._in_container()
+    assert found is not None
+    assert found.startswith(kind)

@@ -1,4 +1,4 @@
-"""A standard OpenID provider, directly (issue 6), against a scripted fake provider.
+"""A standard OpenID provider, directly, against a scripted fake provider.
 
 Discovery (issuer check, missing endpoints, cache lifetime), the device and code
 flows' wire format, PKCE, state/iss/nonce, ID token claims and signatures (keys made
@@ -748,7 +748,7 @@ def test_refused_refresh_token_means_a_new_login(provider, tmp_store, monkeypatc
     stored(provider, tmp_store, lifetime=1)
     time.sleep(1.1)
     provider.fake.reply("POST", "/token", 400, {"error": "invalid_grant"})
-    monkeypatch.setattr(oac, "_no_login_reason", lambda: "this is a test")
+    monkeypatch.setattr(oac, "_no_login_reason", lambda *args: "this is a test")
     with pytest.raises(oac.AuthError) as info:
         run(oac.authenticate_async(provider.issuer, client_id=CLIENT, store=tmp_store))
     assert info.value.error == "login_required"
@@ -964,8 +964,8 @@ def test_cli_lists_keys_quoted_for_the_shell_and_removes_by_client(make_token):
     code, out, _ = run_cli("--list")
     assert code == 0
     lines = sorted(out.splitlines())
-    assert lines[0].startswith(f"'{ISSUER}#client_id=cli&scope=openid+profile'\taccess for ")
-    assert lines[1].startswith("https://plain.example.com\taccess for ")  # unchanged
+    assert lines[0].startswith(f"'{ISSUER}#client_id=cli&scope=openid+profile'\taccess valid for ")
+    assert lines[1].startswith("https://plain.example.com\taccess valid for ")  # unchanged
     assert shlex.split(lines[0].split("\t")[0]) == [oac._store_key(ISSUER, "cli",
                                                                    "openid profile")]
     code, _, err = run_cli("--remove", ISSUER, "--client-id", "cli", "--scope", "profile",

@@ -1,5 +1,5 @@
 """A standard OpenID provider, directly: the client talks to oidc-provider with no
-py-oidc-auth server in between (issue 6).
+py-oidc-auth server in between.
 
 The provider is the stack's own (``tests/stack/provider.mjs``) and its two clients:
 the public ``py-oidc-auth-public`` and the confidential ``py-oidc-auth`` (HTTP Basic).
