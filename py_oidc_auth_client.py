@@ -73,7 +73,12 @@ def _logger() -> logging.Logger:
     """The module's logger; logging is imported only when something is logged."""
     import logging
 
+    while _LOG_SETUP:  # the command line's handler, made on first use
+        _LOG_SETUP.pop()()
     return logging.getLogger(__name__)
+
+
+_LOG_SETUP: list[Callable[[], None]] = []
 
 
 _DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
@@ -3093,15 +3098,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.client_secret = os.environ.get("OIDC_CLIENT_SECRET") or None
     args.scope = _scopes(args.scope) if args.scope else None
     _check_args(parser, args)
-    import logging
 
-    handler = logging.StreamHandler()
-    handler.addFilter(_redact_record)
-    handler.setFormatter(logging.Formatter(
-        "oidc-auth: %(levelname)s: %(message)s" if args.verbose else "oidc-auth: %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    def setup_logging() -> None:
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.addFilter(_redact_record)
+        handler.setFormatter(logging.Formatter("oidc-auth: %(levelname)s: %(message)s"
+                                               if args.verbose else "oidc-auth: %(message)s"))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+        if args.verbose:
+            logging.getLogger(__name__).setLevel(logging.DEBUG)
+
+    _LOG_SETUP[:] = [setup_logging]  # logging is imported only if something is logged
     if args.verbose:
-        _logger().setLevel(logging.DEBUG)
+        _logger()
     try:
         return _cli(args)
     except AuthError as exc:
@@ -3149,9 +3160,10 @@ def _check_args(parser: Any, args: Any) -> None:
 
 def _cli(args: Any) -> int:
     store = _default_store(args.app_name)
-    log = _logger()
-    log.debug("py_oidc_auth_client %s (%s), Python %s", __version__, os.path.abspath(__file__),
-              sys.version.split()[0])
+    log = _logger() if args.verbose else None
+    if log:
+        log.debug("py_oidc_auth_client %s (%s), Python %s", __version__,
+                  os.path.abspath(__file__), sys.version.split()[0])
     if args.doctor:
         _doctor(args, store)
         return 0
@@ -3177,8 +3189,10 @@ def _cli(args: Any) -> int:
     if not args.host:
         return 0
     token_file = os.environ.get("OIDC_TOKEN_FILE")
-    log.debug("token store: %s", f"{token_file} (OIDC_TOKEN_FILE)" if token_file else store.path)
-    log.debug("interactive login: %s", _no_login_reason() or "possible")
+    if log:
+        log.debug("token store: %s",
+                  f"{token_file} (OIDC_TOKEN_FILE)" if token_file else store.path)
+        log.debug("interactive login: %s", _no_login_reason() or "possible")
     token = authenticate(
         args.host, login_route=args.login_route, token_route=args.token_route,
         device_route=args.device_route, redirect_ports=args.ports, force=args.force,
