@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 
-
 def _logger() -> logging.Logger:
     """The module's logger; logging is imported only when something is logged."""
     import logging
