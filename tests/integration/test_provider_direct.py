@@ -361,7 +361,7 @@ def test_cli_client_id_scope_list_and_remove(stack, browser, run_cli):
     listed = run_cli("--list")
     assert listed.returncode == 0, listed.stderr
     key = f"{stack.issuer}#client_id={PUBLIC_CLIENT_ID}&scope=openid+profile"
-    assert listed.stdout.startswith(shlex.quote(key) + "\taccess for ")
+    assert listed.stdout.startswith(shlex.quote(key) + "\taccess valid for ")
     assert shlex.split(listed.stdout.split("\t")[0]) == [key]  # pastes into a shell
 
     cached = run_cli(key, "--json")  # the listed key names the client and scopes
