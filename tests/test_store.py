@@ -706,13 +706,19 @@ def test_store_written_by_the_reference_package_is_migrated(tmp_store, make_toke
     assert on_disk(tmp_store)["https://a.example.com"] == token
 
 
-@pytest.mark.parametrize("xdg", ["absolute", "relative", None])
+def test_relative_xdg_cache_home_is_ignored(isolated_env, monkeypatch):
+    # The XDG spec: a relative path is invalid and must be ignored.
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    assert oac._cache_dir("my-project") == str(isolated_env / ".cache" / "my-project")
+
+
+@pytest.mark.parametrize("xdg", ["absolute", None])
 def test_cache_dir_agrees_with_platformdirs(tmp_path, monkeypatch, xdg):
     # On POSIX the module applies the XDG rule itself; it must give platformdirs' answer.
     platformdirs = pytest.importorskip("platformdirs")
     if xdg is None:
         monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     else:
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path) if xdg == "absolute" else "cache")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     expected = platformdirs.user_cache_dir("my-project", appauthor=False)
     assert oac._cache_dir("my-project") == expected
