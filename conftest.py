@@ -9,8 +9,9 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import count
 from typing import Any, Callable, Union
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
@@ -172,6 +173,33 @@ def token_answer(lifetime: int = 3600, refresh: str | None = "refresh-1",
     }
     body.update(extra)
     return body
+
+
+def device_answer(interval: int = 1, expires_in: int = 600) -> dict[str, Any]:
+    """A py-oidc-auth device answer."""
+    return {"device_code": "dev-123", "user_code": "ABCD-EFGH",
+            "verification_uri": "https://idp.example/device",
+            "verification_uri_complete": "https://idp.example/device?user_code=ABCD-EFGH",
+            "expires_in": expires_in, "interval": interval}
+
+
+def oauth_error(error: str) -> dict[str, Any]:
+    """An OAuth error as py-oidc-auth wraps it."""
+    return {"detail": "Upstream OIDC error: " + json.dumps({"error": error})}
+
+
+_STATES = count()
+
+
+def redirect_to_provider(fake: FakeServer) -> Callable[..., Any]:
+    """A login route body: 307 to the provider, state = random|redirect_uri|verifier123."""
+    def answer(req: Recorded) -> tuple[int, dict[str, str], bytes]:
+        redirect_uri = req.query["redirect_uri"]
+        state = f"rnd{next(_STATES)}|{redirect_uri}|verifier123"
+        query = urlencode({"client_id": "cli", "redirect_uri": redirect_uri, "state": state})
+        return 307, {"Location": f"{fake.url}/authorize?{query}"}, b""
+
+    return answer
 
 
 @pytest.fixture

@@ -15,11 +15,10 @@ import webbrowser
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlencode
 
 import pytest
 
-from conftest import make_jwt, token_answer
+from conftest import device_answer, make_jwt, oauth_error, redirect_to_provider, token_answer
 from tests import oac
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,30 +80,6 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Browser:
     return Browser(log)
 
 
-def device_answer(interval: int = 1, expires_in: int = 600) -> dict[str, Any]:
-    return {"device_code": "dev-123", "user_code": "ABCD-EFGH",
-            "verification_uri": "https://idp.example/device",
-            "verification_uri_complete": "https://idp.example/device?user_code=ABCD-EFGH",
-            "expires_in": expires_in, "interval": interval}
-
-
-def oauth_error(error: str) -> dict[str, Any]:
-    return {"detail": "Upstream OIDC error: " + json.dumps({"error": error})}
-
-
-_STATES = count()
-
-
-def redirect_to_provider(fake: Any) -> Callable[..., Any]:
-    """The login route: 307 to the provider, state = random|redirect_uri|verifier."""
-
-    def answer(req: Any) -> tuple[int, dict[str, str], bytes]:
-        redirect_uri = req.query["redirect_uri"]
-        state = f"rnd{next(_STATES)}|{redirect_uri}|verifier123"
-        query = urlencode({"client_id": "cli", "redirect_uri": redirect_uri, "state": state})
-        return 307, {"Location": f"{fake.url}/authorize?{query}"}, b""
-
-    return answer
 
 
 def fresh_tokens() -> Callable[..., Any]:

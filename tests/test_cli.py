@@ -12,14 +12,12 @@ import socket
 import subprocess
 import sys
 import time
-from itertools import count
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urlencode
+from typing import Any
 
 import pytest
 
-from conftest import make_jwt, token_answer
+from conftest import make_jwt, oauth_error, redirect_to_provider, token_answer
 from tests import oac
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +47,13 @@ if "state" in query:
 """
 
 
+def device_answer(interval: int = 1) -> dict[str, Any]:
+    """A device answer without verification_uri_complete."""
+    return {"device_code": "dev-123", "user_code": "ABCD-EFGH",
+            "verification_uri": "https://idp.example/device", "expires_in": 600,
+            "interval": interval}
+
+
 def cli(*args: str, env: dict[str, str] | None = None,
         timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run the CLI with the test's environment (private HOME and cache) plus *env*."""
@@ -76,27 +81,6 @@ def assert_one_clean_error(proc: subprocess.CompletedProcess[str]) -> str:
     return line
 
 
-def device_answer(interval: int = 1) -> dict[str, Any]:
-    return {"device_code": "dev-123", "user_code": "ABCD-EFGH",
-            "verification_uri": "https://idp.example/device", "expires_in": 600,
-            "interval": interval}
-
-
-def oauth_error(error: str) -> dict[str, Any]:
-    return {"detail": "Upstream OIDC error: " + json.dumps({"error": error})}
-
-
-_STATES = count()
-
-
-def redirect_to_provider(fake: Any) -> Callable[..., Any]:
-    def answer(req: Any) -> tuple[int, dict[str, str], bytes]:
-        redirect_uri = req.query["redirect_uri"]
-        state = f"rnd{next(_STATES)}|{redirect_uri}|verifier123"
-        query = urlencode({"client_id": "cli", "redirect_uri": redirect_uri, "state": state})
-        return 307, {"Location": f"{fake.url}/authorize?{query}"}, b""
-
-    return answer
 
 
 def free_port() -> int:
