@@ -304,6 +304,42 @@ class Config:
 # ---------------------------------------------------------------------------
 
 
+# C0 and C1 controls (ESC starts terminal commands) and the bidi overrides that
+# reorder text: removed from server and callback text before anyone reads it.
+_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
+                           *range(0x2066, 0x206A)])
+_CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
+
+
+def _printable(text: str) -> str:
+    """*text* without control characters: safe for a terminal, a log or a message."""
+    return text.translate(_CONTROLS)
+
+
+def _is_loopback(hostname: str) -> bool:
+    """Whether *hostname* (no brackets, no port) names this machine."""
+    name = hostname.lower().strip("[]")
+    return name == "localhost" or name.endswith(".localhost") or name == "::1" or (
+        name.startswith("127.") and name.replace(".", "").isdigit()
+    )
+
+
+_ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
+
+
+def _plain_http_allowed(url: str, allow_http: bool = False) -> bool:
+    """Whether *url* may be used: https, loopback http, or http explicitly allowed."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "https":
+        return True
+    if parts.scheme.lower() != "http":
+        return False
+    return allow_http or os.environ.get(_ALLOW_HTTP_VAR, "") not in ("", "0") or _is_loopback(
+        parts.hostname or "")
+
+
 class _Response:
     __slots__ = ("body", "headers", "status", "url")
 
