@@ -1101,7 +1101,7 @@ class TokenStore:
         if path is None:
             path = os.path.join(_cache_dir(app_name), "token-store.json")
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        self._single = False  # True for an OIDC_TOKEN_FILE: one Token, no hosts
+        self._single = False  # True for an OIDC_TOKEN_FILE: one Token, for the server it names
         self._signature: tuple[int, int, int] | None = None
         self._entries: dict[str, Token] = {}
         self._next_eviction = float("inf")
@@ -1131,7 +1131,9 @@ class TokenStore:
         entries = self._read()
         if time.time() >= self._next_eviction:
             entries = self._update(lambda entries: None)
-        return entries.get("" if self._single else key)
+        if self._single and entries and key not in entries:
+            raise self._foreign(next(iter(entries)), key)
+        return entries.get(key)
 
     def put(self, host: str, token: Token) -> None:
         """Store a token for *host*, overwriting any previous entry.
@@ -1143,11 +1145,11 @@ class TokenStore:
         token : Token
             The token to cache.
         """
-        key = "" if self._single else _host_key(host)
+        key = _host_key(host)
         checked = _as_token(token)
         if checked is None:
             raise ValueError("token must be a Token dict with access_token and expires")
-        self._update(lambda entries: entries.__setitem__(key, checked))
+        self._update(lambda entries: _set(entries, key, checked, self._single))
 
     def remove(self, host: str) -> bool:
         """Remove the cached token for *host*.
@@ -1162,7 +1164,7 @@ class TokenStore:
         bool
             ``True`` if an entry was removed, ``False`` if not found.
         """
-        key = "" if self._single else _host_key(host)
+        key = _host_key(host)
         found: list[bool] = []
         self._update(lambda entries: found.append(entries.pop(key, None) is not None))
         return found[0]
@@ -1222,9 +1224,9 @@ class TokenStore:
             return {}, "is not valid JSON"
         if not isinstance(obj, dict):
             return {}, "does not hold a JSON object"
-        if self._single:
+        if self._single:  # one token, keyed by the server it names ("" if none)
             token = _as_token(obj)
-            return ({"": token}, "") if token else ({}, "does not hold a token")
+            return ({_server_of(obj): token}, "") if token else ({}, "does not hold a token")
         entries: dict[str, Token] = {}
         for key, value in obj.items():
             token = _as_token(value)
@@ -1289,13 +1291,16 @@ class TokenStore:
         return self._read_locked(entries)
 
     def _write(self, entries: dict[str, Token]) -> None:
-        obj: Any = entries.get("") if self._single else entries
-        if self._single and obj is None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            return
+        obj: Any = entries
+        if self._single:
+            if not entries:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                return
+            ((server, token),) = entries.items()
+            obj = _token_file_object(server, token)
         if not self._single:
             # "headers" repeats the access token (half the file): it is rebuilt on read.
             # "lifetime" is kept because the expiry margin depends on it, and a standard
@@ -1314,6 +1319,23 @@ class TokenStore:
             self._warned_mode = True
             _logger().warning("Token store %s can be read or written by other users; "
                            "fix with: chmod 600 %s", self.path, self.path)
+
+    def _foreign(self, server: str, asked: str) -> AuthError:
+        """A token file asked for another server than the one it names: refuse, send nothing."""
+        import shlex
+
+        fix = f"oidc-auth {shlex.quote(asked)} --export FILE"
+        if not server:  # an older export or a hand-made file: it could belong anywhere
+            return AuthError(
+                f"The token file {self.path} does not say which server it was issued for, "
+                f"so its tokens are not used for {asked}. Make it anew: {fix}; or, if it "
+                f'was issued for {asked}, add "server": "{asked}" to its JSON object.',
+                {"error": "token_file_unbound"}, 400)
+        return AuthError(
+            f"The token file {self.path} was issued for {_printable(_short(server, 200))}, "
+            f"not for {asked}: its tokens are never used for, or sent to, another server. "
+            f"Make a token file for {asked}: {fix}",
+            {"error": "token_file_mismatch"}, 400)
 
 
 def _as_token(obj: object) -> Token | None:
@@ -1341,6 +1363,28 @@ def _as_token(obj: object) -> Token | None:
         _remember_id_token(access, obj["id_token"])
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
+
+
+def _server_of(obj: dict[str, Any]) -> str:
+    """The store key a token file names in its "server" field, normalised; "" if none."""
+    server = obj.get("server")
+    if not isinstance(server, str) or not server:
+        return ""
+    try:
+        return _host_key(server)
+    except AuthError:
+        return server  # matches no key: the file is refused, naming what it says
+
+
+def _token_file_object(server: str, token: Token) -> dict[str, Any]:
+    """A token file's JSON: the Token as ``--json --show-secrets`` prints it, and its server."""
+    return {"server": server, **token} if server else dict(token)
+
+
+def _set(entries: dict[str, Token], key: str, token: Token, single: bool) -> None:
+    if single:  # a token file holds one server's token: a login for another replaces it
+        entries.clear()
+    entries[key] = token
 
 
 def _store_error(path: str, exc: OSError) -> AuthError:
@@ -1865,7 +1909,7 @@ class BaseFlow:
         if not _refresh_valid(token):
             return None
         store = self.store
-        key = "" if store._single else self.host
+        key = self.host
         # Wait without a thread: a pool full of waiters would starve the refresh itself.
         lock = await _FileLock(store.path + ".lock").acquire_async()
         try:
@@ -3239,18 +3283,19 @@ def _cli(args: Any) -> int:
         if enough is None:
             return _EXIT_MIN_VALID
         token = enough
+    key = _store_key(args.host, args.client_id, args.scope)
     if args.export:
-        _export(args.export, args.host, token, store)
+        _export(args.export, key, token, store)
     if args.access_token:
         print(token["access_token"])
     elif args.header:
         print(f"Authorization: {token['headers']['Authorization']}")
-    elif args.json:
-        print(json.dumps(token if args.show_secrets else
-                         {k: v for k, v in token.items() if k != "refresh_token"}, indent=2))
+    elif args.json:  # with --show-secrets, exactly what --export writes
+        shown = _token_file_object(key, token)
+        print(json.dumps(shown if args.show_secrets else
+                         {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
         now = time.time()
-        key = _store_key(args.host, args.client_id, args.scope)
         print(f"Logged in to {key}: access token "
               f"{_validity(token['expires'], now)}, refresh token "
               + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
@@ -3306,12 +3351,12 @@ def _min_valid(args: Any, token: Token) -> Token | None:
     return None
 
 
-def _export(path: str, host: str, token: Token, store: TokenStore) -> None:
-    """Write *token* as ``--json --show-secrets`` prints it to a private file."""
+def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
+    """Write *token* as ``--json --show-secrets`` prints it, bound to *key*, to a private file."""
     target = os.path.abspath(os.path.expanduser(path))
     if target == store.path:
         raise ValueError(f"{path} is the token cache itself; export to another file")
-    data = (json.dumps(token, indent=2) + "\n").encode()
+    data = (json.dumps(_token_file_object(key, token), indent=2) + "\n").encode()
     try:
         # The lock a job takes to refresh this file: a re-export never crosses it.
         with _FileLock(target + ".lock"):
@@ -3319,7 +3364,7 @@ def _export(path: str, host: str, token: Token, store: TokenStore) -> None:
     except OSError as exc:
         raise AuthError(f"Cannot write the token file {target}: {exc.strerror or exc}") from None
     now = time.time()
-    _say(f"Wrote the token for {_host_key(host)} to {target} (readable by you only): access "
+    _say(f"Wrote the token for {key} to {target} (readable by you only): access "
          f"token {_validity(token['expires'], now)}, refresh token "
          + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none")
          + f".\nIn a batch job: export OIDC_TOKEN_FILE={target}")
@@ -3547,11 +3592,15 @@ def _describe_file(path: str) -> str:
 def _describe_token(store: TokenStore, host: str = "") -> str:
     """How long the token of *host* (or of a token file) lasts; read only, no secret."""
     entries, bad = store._parse()
-    token = entries.get("" if store._single else _host_key(host))
+    server = next(iter(entries), "") if store._single else _host_key(host)
+    token = entries.get(server)
     if token is None:
         return bad or "no token"
     now = time.time()
-    return (f"access token {_validity(token['expires'], now)}, refresh token "
+    whose = "" if not store._single else (
+        f"for {_printable(_short(server, 200))}: " if server else
+        'names no server (add "server": HOST, or export it anew): ')
+    return (f"{whose}access token {_validity(token['expires'], now)}, refresh token "
             + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
 
 
