@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
@@ -83,6 +84,9 @@ _LOG_SETUP: list[Callable[[], None]] = []
 _DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
 _MAX_BODY = 1 << 20  # 1 MiB: no token answer is anywhere near this
 _HTTP_TIMEOUT = 30.0  # per request, also when the flow itself may wait forever
+# Token files are never opened through a symbolic link (Windows has no O_NOFOLLOW: its
+# links need privileges to make); O_CLOEXEC: no child process inherits them.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _LOCK_TIMEOUT = 60.0  # a refresh (with retries) holds the store lock at most this long
 _MAX_MARGIN = 60  # seconds before expiry at which a token counts as expired
 _UNKNOWN_REFRESH_LIFETIME = 30 * 86400
@@ -1183,15 +1187,17 @@ class TokenStore:
         return sorted(entries)
 
     def clear(self) -> None:
-        """Remove all cached tokens."""
+        """Remove all cached tokens, and the copies of unreadable store contents kept aside."""
         self._update(lambda entries: entries.clear())
+        for aside in _aside_copies(self.path):
+            _remove_aside(aside)
 
     # -- Internals --
 
     def _read(self) -> dict[str, Token]:
         """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
         except FileNotFoundError:
             self._remember(None, {})
             return self._entries
@@ -1199,7 +1205,7 @@ class TokenStore:
             raise _store_error(self.path, exc) from None
         signature = (st.st_mtime_ns, st.st_size, st.st_ino)
         if signature != self._signature:
-            entries, bad = self._parse()
+            entries, bad, _ = self._parse()
             if bad:
                 with _FileLock(self.path + ".lock"):
                     entries = self._repair()
@@ -1207,53 +1213,70 @@ class TokenStore:
             self._remember(signature, entries)
         return self._entries
 
-    def _parse(self) -> tuple[dict[str, Token], str]:
-        """Parse the file: the good entries, and what is wrong with the rest."""
+    def _parse(self) -> tuple[dict[str, Token], str, bytes | None]:
+        """Parse the file: the good entries, what is wrong with the rest, and the rest.
+
+        The rest is the part that cannot be read (None: the path is no file at all).
+        """
         try:
-            with open(self.path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                data = fh.read()
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
-            return {}, ""
+            return {}, "", b""
         except OSError as exc:
-            return {}, f"cannot be read ({exc.strerror})"
+            if os.path.islink(self.path):
+                raise _symlink_error(self.path) from None
+            return {}, f"cannot be read ({exc.strerror})", None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read() if stat.S_ISREG(st.st_mode) else None
+        except OSError as exc:
+            return {}, f"cannot be read ({exc.strerror})", None
+        if data is None:
+            return {}, "is not a file", None
         self._check_mode(st.st_mode)
         try:
             obj = json.loads(data)
         except ValueError:
-            return {}, "is not valid JSON"
+            return {}, "is not valid JSON", data
         if not isinstance(obj, dict):
-            return {}, "does not hold a JSON object"
+            return {}, "does not hold a JSON object", data
         if self._single:  # one token, keyed by the server it names ("" if none)
             token = _as_token(obj)
-            return ({_server_of(obj): token}, "") if token else ({}, "does not hold a token")
+            return ({_server_of(obj): token}, "", b"") if token else (
+                {}, "does not hold a token", data)
         entries: dict[str, Token] = {}
         for key, value in obj.items():
             token = _as_token(value)
             if token is not None:
                 entries[key] = token
-        return entries, "" if len(entries) == len(obj) else "has malformed entries"
+        if len(entries) == len(obj):
+            return entries, "", b""
+        rest = {key: value for key, value in obj.items() if key not in entries}
+        return entries, "has malformed entries", json.dumps(rest).encode()
 
     def _repair(self) -> dict[str, Token]:
-        """Under the lock: move a bad file aside, keep its good entries."""
-        entries, bad = self._parse()
+        """Under the lock: keep the good entries live, set only the unreadable rest aside."""
+        entries, bad, rest = self._parse()
         if bad:
-            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             try:
-                os.replace(self.path, aside)
+                aside = _set_aside(self.path, rest)
+                if entries:
+                    self._write(entries)
+                elif rest is not None:
+                    os.unlink(self.path)
             except OSError as exc:
-                raise AuthError(f"Token store {self.path} {bad} and cannot be moved aside: {exc}"
-                                ) from None
-            _logger().warning("Token store %s %s; moved it to %s and kept %d good entries",
-                           self.path, bad, aside, len(entries))
-            if entries:
-                self._write(entries)
+                raise AuthError(f"Token store {self.path} {bad} and cannot be repaired: "
+                                f"{exc.strerror or exc}") from None
+            _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
+                              "part aside in %s (oidc-auth --clear removes it)",
+                              self.path, bad, len(entries), aside)
         self._signature = None
         return self._read_locked(entries)
 
     def _read_locked(self, entries: dict[str, Token]) -> dict[str, Token]:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
             self._remember((st.st_mtime_ns, st.st_size, st.st_ino), entries)
         except FileNotFoundError:
             self._remember(None, entries)
@@ -1276,7 +1299,7 @@ class TokenStore:
             raise _store_error(self.path, exc) from None
 
     def _update_locked(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
-        entries, bad = self._parse()
+        entries, bad, _ = self._parse()
         if bad:
             entries = self._repair()
         before = dict(entries)
@@ -1392,13 +1415,20 @@ def _store_error(path: str, exc: OSError) -> AuthError:
                      "check the folder, or pass another path or app_name")
 
 
+def _symlink_error(path: str) -> AuthError:
+    return AuthError(f"{path} is a symbolic link, and token files are never opened through "
+                     "one (another user could have placed it). If you made it, give the real "
+                     f"file's path instead ({os.path.realpath(path)}); if not, remove it.")
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     """Write via a private temp file in the same directory, fsync, then replace."""
     import tempfile
 
     folder = os.path.dirname(path)
     _make_private_dir(folder)
-    # mkstemp creates the file 0600 from the first byte: no write-then-chmod window.
+    # mkstemp opens O_EXCL | O_NOFOLLOW, 0600 from the first byte, and tries another
+    # name when one exists: no write-then-chmod window, no planted link followed.
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -1415,8 +1445,95 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _make_private_dir(folder: str) -> None:
-    if not os.path.isdir(folder):
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+    """Create *folder* and its missing parents 0700 whatever the umask; refuse an unsafe one."""
+    missing = []
+    path = folder
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):  # os.makedirs would give the parents 0777 & ~umask
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # made by another process meanwhile (its owner is checked below)
+        if sys.platform != "win32" and stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+            os.chmod(path, 0o700)  # a umask such as 0277 took our own bits away
+    _check_private_dir(folder)
+
+
+def _check_private_dir(folder: str) -> None:
+    """Refuse a folder that another user owns or may write to: they could swap our files."""
+    if sys.platform == "win32":  # ACLs: the folder's owner decides
+        return
+    st = os.stat(folder)
+    problem = ""
+    if st.st_uid not in (os.geteuid(), 0):
+        problem = f"belongs to another user (uid {st.st_uid})"
+    elif st.st_mode & 0o002:
+        problem = f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem:
+        raise AuthError(f"The folder {folder} {problem}, so token files there could be "
+                        "replaced or read through links another user plants; keep them in a "
+                        f"folder of your own (e.g. chmod 700 {folder}, or choose another path)")
+
+
+_MAX_ASIDE = 3  # copies of unreadable store contents kept for a human to look at
+
+
+def _set_aside(path: str, rest: bytes | None) -> str:
+    """Keep *rest* (None: whatever is at *path*) in a new private copy; drop the oldest."""
+    stamp = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for attempt in range(100):
+        aside = stamp if not attempt else f"{stamp}-{attempt}"
+        try:
+            if rest is None:  # a folder or some other non-file in the way: move it
+                if os.path.lexists(aside):
+                    continue
+                os.rename(path, aside)
+                break
+            # O_EXCL: a name taken, by a planted link too, is never written through.
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(rest)
+            fh.flush()
+            os.fsync(fh.fileno())
+        break
+    else:
+        raise FileExistsError(f"no free name beside {path}")
+    older = [p for p in _aside_copies(path) if p != aside]
+    for old in older[: max(0, len(older) - _MAX_ASIDE + 1)]:
+        _remove_aside(old)
+    return aside
+
+
+def _aside_copies(path: str) -> list[str]:
+    """The copies kept aside for the store at *path*, oldest first."""
+    folder, prefix = os.path.dirname(path), os.path.basename(path) + ".corrupt-"
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(prefix)]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            found.append((os.lstat(os.path.join(folder, name)).st_ctime_ns, name))
+        except OSError:
+            continue
+    return [os.path.join(folder, name) for _, name in sorted(found)]
+
+
+def _remove_aside(path: str) -> None:
+    import shutil
+
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)  # a link is removed itself, never followed
+    except OSError as exc:
+        _logger().warning("could not remove %s: %s", path, exc.strerror or exc)
 
 
 class _FileLock:
@@ -1449,8 +1566,10 @@ class _FileLock:
     def _open(self) -> int:
         try:
             _make_private_dir(os.path.dirname(self.path))
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         except OSError as exc:
+            if os.path.islink(self.path):
+                raise _symlink_error(self.path) from None
             raise _store_error(self.path, exc) from None
 
     def _try(self, fd: int, deadline: float) -> bool:
@@ -3591,7 +3710,7 @@ def _describe_file(path: str) -> str:
 
 def _describe_token(store: TokenStore, host: str = "") -> str:
     """How long the token of *host* (or of a token file) lasts; read only, no secret."""
-    entries, bad = store._parse()
+    entries, bad, _ = store._parse()
     server = next(iter(entries), "") if store._single else _host_key(host)
     token = entries.get(server)
     if token is None:

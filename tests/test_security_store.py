@@ -188,3 +188,189 @@ def test_batch_job_for_the_right_server_refreshes_in_place_and_keeps_the_binding
     done = cli(unrelated.url, "--json", env={"OIDC_TOKEN_FILE": str(target)})
     assert done.returncode == 1 and "not for" in done.stderr
     assert unrelated.requests == []
+
+
+# -- 13. Set-aside corrupt stores are not a second token store --------------------------------
+
+
+def test_good_entries_are_salvaged_and_only_the_unreadable_part_kept_aside(isolated_env):
+    store = oac.TokenStore(app_name="py-oidc-auth")
+    path = Path(store.path)
+    good = {f"https://good{i}.example.com": dict(token(refresh=f"refresh-good-{i}"))
+            for i in range(3)}
+    rounds = 5
+    for round_ in range(rounds):
+        bad = {"https://bad.example.com": {"access_token": 5, "expires": round_,
+                                           "refresh_token": f"refresh-bad-{round_}"}}
+        write_json(path, {**good, **bad})
+        # A second process reads the store and repairs it.
+        done = python("import py_oidc_auth_client as oac\n"
+                      "print(oac.TokenStore(app_name='py-oidc-auth').hosts())")
+        assert done.returncode == 0, done.stderr
+        assert sorted(good) == eval(done.stdout)
+        assert "set the unreadable part aside in" in done.stderr  # the warning names it
+        time.sleep(0.02)
+    live = json.loads(path.read_text())
+    assert sorted(live) == sorted(good)  # every good refresh token stays in the live store
+    assert [live[h]["refresh_token"] for h in sorted(good)] == [
+        f"refresh-good-{i}" for i in range(3)]
+    copies = sorted(path.parent.glob(path.name + ".corrupt-*"))
+    assert len(copies) == 3  # capped: the oldest were removed
+    for copy in copies:
+        text = copy.read_text()
+        assert "refresh-good-" not in text  # no good token in a copy
+        assert "refresh-bad-" in text
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert "refresh-bad-4" in copies[-1].read_text() or any(
+        "refresh-bad-4" in c.read_text() for c in copies)
+    assert not any("refresh-bad-0" in c.read_text() for c in copies)
+    # --clear removes the live tokens and the copies.
+    done = cli("--clear")
+    assert done.returncode == 0, done.stderr
+    assert sorted(path.parent.glob(path.name + ".corrupt-*")) == []
+    assert oac.TokenStore(app_name="py-oidc-auth").hosts() == []
+
+
+# -- 14. No link followed, every folder private ---------------------------------------------
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder another user (nobody) can reach, like a shared scratch file system."""
+    import shutil
+    import tempfile
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        print("skipped: planting files as another user needs root (the tests run as root in CI)")
+        pytest.skip("needs root to act as the user nobody")
+    folder = Path(tempfile.mkdtemp(prefix="oidc-shared-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_nobody(*command: str) -> None:
+    subprocess.run(command, check=True, user="nobody", capture_output=True, timeout=30)
+
+
+@posix_only
+def test_folders_made_under_umask_000_are_all_private(tmp_path):
+    nested = tmp_path / "a" / "b" / "c" / "tokens.json"
+    export = tmp_path / "x" / "y" / "job.json"
+    code = ("import os, sys, time\n"
+            "import py_oidc_auth_client as oac\n"
+            "os.umask(0)\n"
+            "now = int(time.time())\n"
+            "tok = oac._token('acc', 'Bearer', now + 600, 'ref', now + 6000, '')\n"
+            "oac.TokenStore(sys.argv[1]).put('https://a.example.com', tok)\n"
+            "oac._export(sys.argv[2], 'https://a.example.com', tok, oac.TokenStore(sys.argv[1]))\n")
+    done = python(code, str(nested), str(export))
+    assert done.returncode == 0, done.stderr
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c",
+                       tmp_path / "x", tmp_path / "x" / "y")}
+    assert set(modes.values()) == {"0o700"}, modes
+    assert stat.S_IMODE(nested.stat().st_mode) == 0o600
+    assert stat.S_IMODE(export.stat().st_mode) == 0o600
+
+
+@posix_only
+@pytest.mark.parametrize("planted", ["lock", "store"])
+def test_a_planted_link_at_the_lock_or_store_path_is_never_followed(shared_dir, tmp_path,
+                                                                    planted):
+    victim = tmp_path / "victim.txt"  # a file of the user's that the link points at
+    victim.write_text("precious")
+    never = tmp_path / "never-created"  # and a name the attacker wants us to create
+    folder = shared_dir / "cache"
+    folder.mkdir()
+    folder.chmod(0o777)  # loose for a while: another user plants links meanwhile
+    store_path = folder / "tokens.json"
+    if planted == "lock":
+        as_nobody("ln", "-s", str(never), str(store_path) + ".lock")
+    else:
+        as_nobody("ln", "-s", str(victim), str(store_path))
+    folder.chmod(0o700)  # the user tightens the folder; the links stay
+    store = oac.TokenStore(store_path)
+    with pytest.raises(oac.AuthError) as caught:
+        store.put("https://a.example.com", token())
+    assert "is a symbolic link" in caught.value.message
+    assert "Traceback" not in caught.value.message
+    assert victim.read_text() == "precious"
+    assert not never.exists()
+    if planted == "store":
+        with pytest.raises(oac.AuthError, match="symbolic link"):
+            store.get("https://a.example.com")
+        assert victim.read_text() == "precious"
+        assert os.path.islink(store_path)  # not moved aside as "corrupt" either
+
+
+@posix_only
+def test_a_planted_link_at_the_temp_path_is_skipped(shared_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = shared_dir / "cache"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    store_path = folder / "tokens.json"
+    # The attacker guessed the next temp name (here: we make the guess come true).
+    as_nobody("ln", "-s", str(victim), str(folder / ".tokens.json.guessed.tmp"))
+    folder.chmod(0o700)
+    names = iter(["guessed", "fresh"])
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)
+    oac.TokenStore(store_path).put("https://a.example.com", token(refresh="refresh-x"))
+    assert victim.read_text() == "precious"
+    assert os.path.islink(folder / ".tokens.json.guessed.tmp")
+    assert json.loads(store_path.read_text())["https://a.example.com"]["refresh_token"] == (
+        "refresh-x")
+
+
+@posix_only
+def test_a_planted_link_at_the_aside_path_is_never_written_through(shared_dir, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = shared_dir / "cache"
+    folder.mkdir()
+    folder.chmod(0o777)
+    store_path = folder / "tokens.json"
+    write_json(store_path, {"https://good.example.com": dict(token(refresh="refresh-good")),
+                            "https://bad.example.com": "not a token"})
+    # The aside name is predictable (time and pid): plant links for the next seconds.
+    now = time.time()
+    for ahead in range(4):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now + ahead))
+        as_nobody("ln", "-s", str(victim), f"{store_path}.corrupt-{stamp}-{os.getpid()}")
+    folder.chmod(0o700)
+    store = oac.TokenStore(store_path)
+    assert store.get("https://good.example.com")["refresh_token"] == "refresh-good"
+    assert victim.read_text() == "precious"
+    written = [p for p in folder.glob("tokens.json.corrupt-*") if not p.is_symlink()]
+    assert len(written) == 1
+    assert json.loads(written[0].read_text()) == {"https://bad.example.com": "not a token"}
+
+
+@posix_only
+@pytest.mark.parametrize("how", ["world-writable", "owned-by-nobody"])
+def test_a_store_folder_another_user_controls_is_refused(shared_dir, how):
+    folder = shared_dir / "py-oidc-auth"
+    folder.mkdir()
+    if how == "world-writable":
+        folder.chmod(0o777)
+    else:
+        folder.chmod(0o700)
+        os.chown(folder, 65534, 65534)
+    store = oac.TokenStore(folder / "tokens.json")
+    with pytest.raises(oac.AuthError) as caught:
+        store.put("https://a.example.com", token(refresh="refresh-secret"))
+    message = caught.value.message
+    assert str(folder) in message
+    assert ("can be written by other users (mode 0777)" if how == "world-writable"
+            else "belongs to another user (uid 65534)") in message
+    assert list(folder.iterdir()) == []  # nothing written there
+    # The command line: one clean error and exit code 1.
+    done = cli("--clear", env={"XDG_CACHE_HOME": str(shared_dir)})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"error: The folder {folder} " in done.stderr
+    assert list(folder.iterdir()) == []
