@@ -1110,6 +1110,7 @@ class TokenStore:
         self._entries: dict[str, Token] = {}
         self._next_eviction = float("inf")
         self._warned_mode = False
+        self._unsaved: dict[str, Token] = {}  # tokens a write failed for: kept, not lost
 
     def __repr__(self) -> str:
         return f"TokenStore({self.path!r})"
@@ -1283,6 +1284,7 @@ class TokenStore:
         return entries
 
     def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
+        self._with_unsaved(entries)
         self._signature, self._entries = signature, entries
         self._next_eviction = float("inf") if self._single else min(
             (max(t["expires"], t["refresh_expires"] if t["refresh_token"] else 0)
@@ -1303,6 +1305,8 @@ class TokenStore:
         if bad:
             entries = self._repair()
         before = dict(entries)
+        self._with_unsaved(entries)
+        merged = dict(entries)
         change(entries)
         now = time.time() if not self._single else 0.0  # never delete a user's token file
         for key in [k for k, t in entries.items()
@@ -1310,8 +1314,42 @@ class TokenStore:
                                                     and t["refresh_expires"] > now)]:
             del entries[key]
         if entries != before:
-            self._write(entries)
+            try:
+                self._write(entries)
+            except OSError:
+                if entries != merged:
+                    raise
+                return entries  # only kept tokens to save, and still no luck: keep them
+        self._unsaved.clear()  # written now, or older than what the file holds
         return self._read_locked(entries)
+
+    def _keep(self, host: str, token: Token, *, locked: bool = False) -> None:
+        """``put``; when the write fails, keep *token* in this process and warn.
+
+        A refreshed token must not be lost: the server may have rotated the refresh
+        token, and the old one is dead. The next write that works saves it.
+        """
+        key = _host_key(host)
+        try:
+            if locked:
+                self._update_locked(lambda entries: _set(entries, key, token, self._single))
+            else:
+                self._update(lambda entries: _set(entries, key, token, self._single))
+        except (OSError, AuthError) as exc:
+            self._unsaved[key] = token
+            self._signature = None  # read again, with the kept token on top
+            reason = exc.message if isinstance(exc, AuthError) else (
+                f"Cannot write {self.path}: {exc.strerror or exc}")
+            _logger().warning("The new token for %s could not be saved to %s (%s). This process "
+                              "keeps using it and saves it with the next write that works; fix "
+                              "the file or its folder, or the token is gone when it ends.",
+                              key, self.path, reason)
+
+    def _with_unsaved(self, entries: dict[str, Token]) -> None:
+        for key, token in self._unsaved.items():
+            current = entries.get(key)
+            if current is None or current["expires"] <= token["expires"]:
+                _set(entries, key, token, self._single)
 
     def _write(self, entries: dict[str, Token]) -> None:
         obj: Any = entries
@@ -1943,7 +1981,7 @@ class BaseFlow:
         if previous is not None and previous["refresh_token"] != refresh_token:
             previous = None
         token = await self._refresh_request(refresh_token, previous)
-        self.store.put(self.host, token)
+        self.store._keep(self.host, token)
         return token
 
     async def authenticate(self, *, force: bool = False) -> Token:
@@ -2050,7 +2088,7 @@ class BaseFlow:
                         store._update_locked(lambda entries: entries.pop(key, None))
                     return None
                 raise
-            store._update_locked(lambda entries: entries.__setitem__(key, token))
+            store._keep(key, token, locked=True)
             return token
         finally:
             lock.__exit__()
@@ -2074,7 +2112,7 @@ class BaseFlow:
         return await self._accept(raw, previous)
 
     def _save(self, token: Token) -> Token:
-        self.store.put(self.host, token)
+        self.store._keep(self.host, token)
         return token
 
     # -- Internals: standard providers --

@@ -374,3 +374,128 @@ def test_a_store_folder_another_user_controls_is_refused(shared_dir, how):
     assert "Traceback" not in done.stderr
     assert f"error: The folder {folder} " in done.stderr
     assert list(folder.iterdir()) == []
+
+
+# -- 11. A refreshed token is never lost when the store cannot be written ---------------------
+
+
+def victim_python() -> str:
+    """A Python the user nobody may run (this one may live in root's home)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        try:
+            done = subprocess.run([candidate, "-c", "pass"], user="nobody",
+                                  capture_output=True, timeout=30, check=False)
+        except OSError:
+            continue
+        if done.returncode == 0:
+            return candidate
+    print("skipped: no Python that the user nobody may run")
+    pytest.skip("no Python runnable by nobody")
+
+
+@pytest.fixture
+def unwritable_token_file(shared_dir, fake_server) -> Iterator[tuple[Path, Path, str]]:
+    """A token file nobody can read and lock but not replace: its folder is root's, 0755."""
+    python_ = victim_python()
+    folder = shared_dir / "job"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    target = folder / "token.json"
+    old = dict(token(lifetime=-60, refresh="refresh-1"))
+    write_json(target, {"server": fake_server.url, **old})
+    lock = folder / "token.json.lock"
+    lock.touch(mode=0o600)
+    for path in (target, lock):
+        os.chown(path, 65534, 65534)
+    yield target, folder, python_
+
+
+def rotating(fake_server: FakeServer, lifetime: int) -> None:
+    """The token route rotates refresh tokens and refuses a used one (as Keycloak can)."""
+    state = {"current": "refresh-1", "n": 1}
+
+    def answer(req: Any) -> tuple[int, dict[str, str], Any]:
+        if req.form.get("refresh-token") != state["current"]:
+            return 400, {}, {"detail": 'Upstream OIDC error: {"error": "invalid_grant"}'}
+        state["n"] += 1
+        state["current"] = f"refresh-{state['n']}"
+        return 200, {}, token_answer(lifetime=lifetime, refresh=state["current"])
+
+    fake_server.reply("POST", TOKEN, 200, answer)
+
+
+VICTIM = """
+import json, sys, time
+import py_oidc_auth_client as oac
+first = oac.authenticate(sys.argv[1])
+again = oac.DeviceFlow(sys.argv[1]).token
+time.sleep(float(sys.argv[2]))
+second = oac.authenticate(sys.argv[1])
+print(json.dumps([first["refresh_token"], again["refresh_token"], second["refresh_token"]]))
+"""
+
+
+@posix_only
+@pytest.mark.timeout(60)
+def test_refresh_with_an_unwritable_token_file_keeps_the_rotated_token(
+        unwritable_token_file, fake_server):
+    target, folder, python_ = unwritable_token_file
+    before = target.read_bytes()
+    rotating(fake_server, lifetime=4)  # valid for 2 s (half the lifetime is the margin)
+    done = subprocess.run([python_, "-c", VICTIM, fake_server.url, "2.5"], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               "OIDC_TOKEN_FILE": str(target), "SLURM_JOB_ID": "1"},
+                          user="nobody", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # The caller got the new token, later calls in the process still had the rotated
+    # refresh token, and the second refresh sent it (the server refuses a used one).
+    assert json.loads(done.stdout) == ["refresh-2", "refresh-2", "refresh-3"]
+    assert [hit.form["refresh-token"] for hit in fake_server.hits(TOKEN)] == [
+        "refresh-1", "refresh-2"]
+    # Without any logging set up, the warning reached stderr, naming file and OS error.
+    assert f"could not be saved to {target}" in done.stderr
+    assert "Permission denied" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "refresh-2" not in done.stderr
+    assert target.read_bytes() == before  # really not written
+    assert sorted(p.name for p in folder.iterdir()) == ["token.json", "token.json.lock"]
+
+
+@posix_only
+@pytest.mark.timeout(60)
+def test_the_cli_prints_the_refreshed_token_and_says_it_was_not_saved(
+        unwritable_token_file, fake_server):
+    target, _, python_ = unwritable_token_file
+    rotating(fake_server, lifetime=3600)
+    done = subprocess.run([python_, "-m", "py_oidc_auth_client", fake_server.url, "--json",
+                           "--show-secrets"], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               "OIDC_TOKEN_FILE": str(target)},
+                          user="nobody", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["refresh_token"] == "refresh-2"
+    assert done.stderr.startswith("oidc-auth: The new token for ")
+    assert f"could not be saved to {target}" in done.stderr
+    assert "Permission denied" in done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_login_token_is_returned_when_the_store_refuses_it(fake_server, shared_dir,
+                                                             monkeypatch, caplog):
+    # A store folder another user can write to is refused (item 14): the login the
+    # user just finished must not be thrown away for it.
+    loose = shared_dir / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    store = oac.TokenStore(loose / "tokens.json")
+    fake_server.reply("POST", "/auth/v2/device", 200, {
+        "device_code": "dev-1", "user_code": "ABCD-EFGH", "expires_in": 600, "interval": 1,
+        "verification_uri": "https://idp.example/device"})
+    fake_server.reply("POST", TOKEN, 200, token_answer(refresh="refresh-login"))
+    monkeypatch.setenv("BROWSER", "true")
+    got = oac.authenticate(fake_server.url, store=store, timeout=20)
+    assert got["refresh_token"] == "refresh-login"
+    assert f"could not be saved to {loose / 'tokens.json'}" in caplog.text
+    assert "can be written by other users" in caplog.text
+    assert store.get(fake_server.url)["refresh_token"] == "refresh-login"  # kept in process
+    assert list(loose.iterdir()) == []
