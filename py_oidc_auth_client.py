@@ -1220,7 +1220,8 @@ class TokenStore:
         The rest is the part that cannot be read (None: the path is no file at all).
         """
         try:
-            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+            # O_NONBLOCK: a FIFO put in the way cannot hang the open (it is no file).
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             return {}, "", b""
         except OSError as exc:
@@ -1346,7 +1347,7 @@ class TokenStore:
                               key, self.path, reason)
 
     def _with_unsaved(self, entries: dict[str, Token]) -> None:
-        for key, token in self._unsaved.items():
+        for key, token in list(self._unsaved.items()):
             current = entries.get(key)
             if current is None or current["expires"] <= token["expires"]:
                 _set(entries, key, token, self._single)
@@ -3748,7 +3749,10 @@ def _describe_file(path: str) -> str:
 
 def _describe_token(store: TokenStore, host: str = "") -> str:
     """How long the token of *host* (or of a token file) lasts; read only, no secret."""
-    entries, bad, _ = store._parse()
+    try:
+        entries, bad, _ = store._parse()
+    except AuthError as exc:  # a symbolic link: say so, as the store would
+        return exc.message
     server = next(iter(entries), "") if store._single else _host_key(host)
     token = entries.get(server)
     if token is None:

@@ -499,3 +499,30 @@ def test_a_login_token_is_returned_when_the_store_refuses_it(fake_server, shared
     assert "can be written by other users" in caplog.text
     assert store.get(fake_server.url)["refresh_token"] == "refresh-login"  # kept in process
     assert list(loose.iterdir()) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_kept_token_is_saved_by_the_next_write_that_works(fake_server, shared_dir, caplog):
+    folder = shared_dir / "cache"
+    folder.mkdir()
+    folder.chmod(0o777)
+    store = oac.TokenStore(folder / "tokens.json")
+    store._keep(fake_server.url, token(refresh="refresh-kept"))
+    assert "could not be saved" in caplog.text
+    assert not (folder / "tokens.json").exists()
+    folder.chmod(0o700)  # the user fixes the folder
+    store.put("https://other.example.com", token(refresh="refresh-other"))
+    on_disk = json.loads((folder / "tokens.json").read_text())
+    assert on_disk[fake_server.url]["refresh_token"] == "refresh-kept"
+    assert on_disk["https://other.example.com"]["refresh_token"] == "refresh-other"
+
+
+@posix_only
+@pytest.mark.timeout(20)
+def test_a_fifo_at_the_store_path_does_not_hang(tmp_path):
+    path = tmp_path / "store" / "tokens.json"
+    path.parent.mkdir(mode=0o700)
+    os.mkfifo(path)
+    store = oac.TokenStore(path)
+    assert store.get("https://a.example.com") is None
+    assert not path.exists()  # moved aside: it is no file
