@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
@@ -83,6 +84,9 @@ _LOG_SETUP: list[Callable[[], None]] = []
 _DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
 _MAX_BODY = 1 << 20  # 1 MiB: no token answer is anywhere near this
 _HTTP_TIMEOUT = 30.0  # per request, also when the flow itself may wait forever
+# Token files are never opened through a symbolic link (Windows has no O_NOFOLLOW: its
+# links need privileges to make); O_CLOEXEC: no child process inherits them.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 _LOCK_TIMEOUT = 60.0  # a refresh (with retries) holds the store lock at most this long
 _MAX_MARGIN = 60  # seconds before expiry at which a token counts as expired
 _UNKNOWN_REFRESH_LIFETIME = 30 * 86400
@@ -1101,11 +1105,12 @@ class TokenStore:
         if path is None:
             path = os.path.join(_cache_dir(app_name), "token-store.json")
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        self._single = False  # True for an OIDC_TOKEN_FILE: one Token, no hosts
+        self._single = False  # True for an OIDC_TOKEN_FILE: one Token, for the server it names
         self._signature: tuple[int, int, int] | None = None
         self._entries: dict[str, Token] = {}
         self._next_eviction = float("inf")
         self._warned_mode = False
+        self._unsaved: dict[str, Token] = {}  # tokens a write failed for: kept, not lost
 
     def __repr__(self) -> str:
         return f"TokenStore({self.path!r})"
@@ -1131,7 +1136,9 @@ class TokenStore:
         entries = self._read()
         if time.time() >= self._next_eviction:
             entries = self._update(lambda entries: None)
-        return entries.get("" if self._single else key)
+        if self._single and entries and key not in entries:
+            raise self._foreign(next(iter(entries)), key)
+        return entries.get(key)
 
     def put(self, host: str, token: Token) -> None:
         """Store a token for *host*, overwriting any previous entry.
@@ -1143,11 +1150,11 @@ class TokenStore:
         token : Token
             The token to cache.
         """
-        key = "" if self._single else _host_key(host)
+        key = _host_key(host)
         checked = _as_token(token)
         if checked is None:
             raise ValueError("token must be a Token dict with access_token and expires")
-        self._update(lambda entries: entries.__setitem__(key, checked))
+        self._update(lambda entries: _set(entries, key, checked, self._single))
 
     def remove(self, host: str) -> bool:
         """Remove the cached token for *host*.
@@ -1162,7 +1169,7 @@ class TokenStore:
         bool
             ``True`` if an entry was removed, ``False`` if not found.
         """
-        key = "" if self._single else _host_key(host)
+        key = _host_key(host)
         found: list[bool] = []
         self._update(lambda entries: found.append(entries.pop(key, None) is not None))
         return found[0]
@@ -1181,15 +1188,17 @@ class TokenStore:
         return sorted(entries)
 
     def clear(self) -> None:
-        """Remove all cached tokens."""
+        """Remove all cached tokens, and the copies of unreadable store contents kept aside."""
         self._update(lambda entries: entries.clear())
+        for aside in _aside_copies(self.path):
+            _remove_aside(aside)
 
     # -- Internals --
 
     def _read(self) -> dict[str, Token]:
         """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
         except FileNotFoundError:
             self._remember(None, {})
             return self._entries
@@ -1197,7 +1206,7 @@ class TokenStore:
             raise _store_error(self.path, exc) from None
         signature = (st.st_mtime_ns, st.st_size, st.st_ino)
         if signature != self._signature:
-            entries, bad = self._parse()
+            entries, bad, _ = self._parse()
             if bad:
                 with _FileLock(self.path + ".lock"):
                     entries = self._repair()
@@ -1205,59 +1214,78 @@ class TokenStore:
             self._remember(signature, entries)
         return self._entries
 
-    def _parse(self) -> tuple[dict[str, Token], str]:
-        """Parse the file: the good entries, and what is wrong with the rest."""
+    def _parse(self) -> tuple[dict[str, Token], str, bytes | None]:
+        """Parse the file: the good entries, what is wrong with the rest, and the rest.
+
+        The rest is the part that cannot be read (None: the path is no file at all).
+        """
         try:
-            with open(self.path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                data = fh.read()
+            # O_NONBLOCK: a FIFO put in the way cannot hang the open (it is no file).
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
-            return {}, ""
+            return {}, "", b""
         except OSError as exc:
-            return {}, f"cannot be read ({exc.strerror})"
+            if os.path.islink(self.path):
+                raise _symlink_error(self.path) from None
+            return {}, f"cannot be read ({exc.strerror})", None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read() if stat.S_ISREG(st.st_mode) else None
+        except OSError as exc:
+            return {}, f"cannot be read ({exc.strerror})", None
+        if data is None:
+            return {}, "is not a file", None
         self._check_mode(st.st_mode)
         try:
             obj = json.loads(data)
         except ValueError:
-            return {}, "is not valid JSON"
+            return {}, "is not valid JSON", data
         if not isinstance(obj, dict):
-            return {}, "does not hold a JSON object"
-        if self._single:
+            return {}, "does not hold a JSON object", data
+        if self._single:  # one token, keyed by the server it names ("" if none)
             token = _as_token(obj)
-            return ({"": token}, "") if token else ({}, "does not hold a token")
+            return ({_server_of(obj): token}, "", b"") if token else (
+                {}, "does not hold a token", data)
         entries: dict[str, Token] = {}
         for key, value in obj.items():
             token = _as_token(value)
             if token is not None:
                 entries[key] = token
-        return entries, "" if len(entries) == len(obj) else "has malformed entries"
+        if len(entries) == len(obj):
+            return entries, "", b""
+        rest = {key: value for key, value in obj.items() if key not in entries}
+        return entries, "has malformed entries", json.dumps(rest).encode()
 
     def _repair(self) -> dict[str, Token]:
-        """Under the lock: move a bad file aside, keep its good entries."""
-        entries, bad = self._parse()
+        """Under the lock: keep the good entries live, set only the unreadable rest aside."""
+        entries, bad, rest = self._parse()
         if bad:
-            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             try:
-                os.replace(self.path, aside)
+                aside = _set_aside(self.path, rest)
+                if entries:
+                    self._write(entries)
+                elif rest is not None:
+                    os.unlink(self.path)
             except OSError as exc:
-                raise AuthError(f"Token store {self.path} {bad} and cannot be moved aside: {exc}"
-                                ) from None
-            _logger().warning("Token store %s %s; moved it to %s and kept %d good entries",
-                           self.path, bad, aside, len(entries))
-            if entries:
-                self._write(entries)
+                raise AuthError(f"Token store {self.path} {bad} and cannot be repaired: "
+                                f"{exc.strerror or exc}") from None
+            _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
+                              "part aside in %s (oidc-auth --clear removes it)",
+                              self.path, bad, len(entries), aside)
         self._signature = None
         return self._read_locked(entries)
 
     def _read_locked(self, entries: dict[str, Token]) -> dict[str, Token]:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self.path)
             self._remember((st.st_mtime_ns, st.st_size, st.st_ino), entries)
         except FileNotFoundError:
             self._remember(None, entries)
         return entries
 
     def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
+        self._with_unsaved(entries)
         self._signature, self._entries = signature, entries
         self._next_eviction = float("inf") if self._single else min(
             (max(t["expires"], t["refresh_expires"] if t["refresh_token"] else 0)
@@ -1274,10 +1302,12 @@ class TokenStore:
             raise _store_error(self.path, exc) from None
 
     def _update_locked(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
-        entries, bad = self._parse()
+        entries, bad, _ = self._parse()
         if bad:
             entries = self._repair()
         before = dict(entries)
+        self._with_unsaved(entries)
+        merged = dict(entries)
         change(entries)
         now = time.time() if not self._single else 0.0  # never delete a user's token file
         for key in [k for k, t in entries.items()
@@ -1285,17 +1315,54 @@ class TokenStore:
                                                     and t["refresh_expires"] > now)]:
             del entries[key]
         if entries != before:
-            self._write(entries)
+            try:
+                self._write(entries)
+            except OSError:
+                if entries != merged:
+                    raise
+                return entries  # only kept tokens to save, and still no luck: keep them
+        self._unsaved.clear()  # written now, or older than what the file holds
         return self._read_locked(entries)
 
+    def _keep(self, host: str, token: Token, *, locked: bool = False) -> None:
+        """``put``; when the write fails, keep *token* in this process and warn.
+
+        A refreshed token must not be lost: the server may have rotated the refresh
+        token, and the old one is dead. The next write that works saves it.
+        """
+        key = _host_key(host)
+        try:
+            if locked:
+                self._update_locked(lambda entries: _set(entries, key, token, self._single))
+            else:
+                self._update(lambda entries: _set(entries, key, token, self._single))
+        except (OSError, AuthError) as exc:
+            self._unsaved[key] = token
+            self._signature = None  # read again, with the kept token on top
+            reason = exc.message if isinstance(exc, AuthError) else (
+                f"Cannot write {self.path}: {exc.strerror or exc}")
+            _logger().warning("The new token for %s could not be saved to %s (%s). This process "
+                              "keeps using it and saves it with the next write that works; fix "
+                              "the file or its folder, or the token is gone when it ends.",
+                              key, self.path, reason)
+
+    def _with_unsaved(self, entries: dict[str, Token]) -> None:
+        for key, token in list(self._unsaved.items()):
+            current = entries.get(key)
+            if current is None or current["expires"] <= token["expires"]:
+                _set(entries, key, token, self._single)
+
     def _write(self, entries: dict[str, Token]) -> None:
-        obj: Any = entries.get("") if self._single else entries
-        if self._single and obj is None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            return
+        obj: Any = entries
+        if self._single:
+            if not entries:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                return
+            ((server, token),) = entries.items()
+            obj = _token_file_object(server, token)
         if not self._single:
             # "headers" repeats the access token (half the file): it is rebuilt on read.
             # "lifetime" is kept because the expiry margin depends on it, and a standard
@@ -1314,6 +1381,23 @@ class TokenStore:
             self._warned_mode = True
             _logger().warning("Token store %s can be read or written by other users; "
                            "fix with: chmod 600 %s", self.path, self.path)
+
+    def _foreign(self, server: str, asked: str) -> AuthError:
+        """A token file asked for another server than the one it names: refuse, send nothing."""
+        import shlex
+
+        fix = f"oidc-auth {shlex.quote(asked)} --export FILE"
+        if not server:  # an older export or a hand-made file: it could belong anywhere
+            return AuthError(
+                f"The token file {self.path} does not say which server it was issued for, "
+                f"so its tokens are not used for {asked}. Make it anew: {fix}; or, if it "
+                f'was issued for {asked}, add "server": "{asked}" to its JSON object.',
+                {"error": "token_file_unbound"}, 400)
+        return AuthError(
+            f"The token file {self.path} was issued for {_printable(_short(server, 200))}, "
+            f"not for {asked}: its tokens are never used for, or sent to, another server. "
+            f"Make a token file for {asked}: {fix}",
+            {"error": "token_file_mismatch"}, 400)
 
 
 def _as_token(obj: object) -> Token | None:
@@ -1343,9 +1427,37 @@ def _as_token(obj: object) -> Token | None:
                   int(cast(float, refresh_expires)), scope)
 
 
+def _server_of(obj: dict[str, Any]) -> str:
+    """The store key a token file names in its "server" field, normalised; "" if none."""
+    server = obj.get("server")
+    if not isinstance(server, str) or not server:
+        return ""
+    try:
+        return _host_key(server)
+    except AuthError:
+        return server  # matches no key: the file is refused, naming what it says
+
+
+def _token_file_object(server: str, token: Token) -> dict[str, Any]:
+    """A token file's JSON: the Token as ``--json --show-secrets`` prints it, and its server."""
+    return {"server": server, **token} if server else dict(token)
+
+
+def _set(entries: dict[str, Token], key: str, token: Token, single: bool) -> None:
+    if single:  # a token file holds one server's token: a login for another replaces it
+        entries.clear()
+    entries[key] = token
+
+
 def _store_error(path: str, exc: OSError) -> AuthError:
     return AuthError(f"Cannot use the token store {path}: {exc.strerror or exc}; "
                      "check the folder, or pass another path or app_name")
+
+
+def _symlink_error(path: str) -> AuthError:
+    return AuthError(f"{path} is a symbolic link, and token files are never opened through "
+                     "one (another user could have placed it). If you made it, give the real "
+                     f"file's path instead ({os.path.realpath(path)}); if not, remove it.")
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -1354,7 +1466,8 @@ def _atomic_write(path: str, data: bytes) -> None:
 
     folder = os.path.dirname(path)
     _make_private_dir(folder)
-    # mkstemp creates the file 0600 from the first byte: no write-then-chmod window.
+    # mkstemp opens O_EXCL | O_NOFOLLOW, 0600 from the first byte, and tries another
+    # name when one exists: no write-then-chmod window, no planted link followed.
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -1371,8 +1484,95 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _make_private_dir(folder: str) -> None:
-    if not os.path.isdir(folder):
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+    """Create *folder* and its missing parents 0700 whatever the umask; refuse an unsafe one."""
+    missing = []
+    path = folder
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):  # os.makedirs would give the parents 0777 & ~umask
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # made by another process meanwhile (its owner is checked below)
+        if sys.platform != "win32" and stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+            os.chmod(path, 0o700)  # a umask such as 0277 took our own bits away
+    _check_private_dir(folder)
+
+
+def _check_private_dir(folder: str) -> None:
+    """Refuse a folder that another user owns or may write to: they could swap our files."""
+    if sys.platform == "win32":  # ACLs: the folder's owner decides
+        return
+    st = os.stat(folder)
+    problem = ""
+    if st.st_uid not in (os.geteuid(), 0):
+        problem = f"belongs to another user (uid {st.st_uid})"
+    elif st.st_mode & 0o002:
+        problem = f"can be written by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem:
+        raise AuthError(f"The folder {folder} {problem}, so token files there could be "
+                        "replaced or read through links another user plants; keep them in a "
+                        f"folder of your own (e.g. chmod 700 {folder}, or choose another path)")
+
+
+_MAX_ASIDE = 3  # copies of unreadable store contents kept for a human to look at
+
+
+def _set_aside(path: str, rest: bytes | None) -> str:
+    """Keep *rest* (None: whatever is at *path*) in a new private copy; drop the oldest."""
+    stamp = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for attempt in range(100):
+        aside = stamp if not attempt else f"{stamp}-{attempt}"
+        try:
+            if rest is None:  # a folder or some other non-file in the way: move it
+                if os.path.lexists(aside):
+                    continue
+                os.rename(path, aside)
+                break
+            # O_EXCL: a name taken, by a planted link too, is never written through.
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(rest)
+            fh.flush()
+            os.fsync(fh.fileno())
+        break
+    else:
+        raise FileExistsError(f"no free name beside {path}")
+    older = [p for p in _aside_copies(path) if p != aside]
+    for old in older[: max(0, len(older) - _MAX_ASIDE + 1)]:
+        _remove_aside(old)
+    return aside
+
+
+def _aside_copies(path: str) -> list[str]:
+    """The copies kept aside for the store at *path*, oldest first."""
+    folder, prefix = os.path.dirname(path), os.path.basename(path) + ".corrupt-"
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(prefix)]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            found.append((os.lstat(os.path.join(folder, name)).st_ctime_ns, name))
+        except OSError:
+            continue
+    return [os.path.join(folder, name) for _, name in sorted(found)]
+
+
+def _remove_aside(path: str) -> None:
+    import shutil
+
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)  # a link is removed itself, never followed
+    except OSError as exc:
+        _logger().warning("could not remove %s: %s", path, exc.strerror or exc)
 
 
 class _FileLock:
@@ -1405,8 +1605,10 @@ class _FileLock:
     def _open(self) -> int:
         try:
             _make_private_dir(os.path.dirname(self.path))
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         except OSError as exc:
+            if os.path.islink(self.path):
+                raise _symlink_error(self.path) from None
             raise _store_error(self.path, exc) from None
 
     def _try(self, fd: int, deadline: float) -> bool:
@@ -1780,7 +1982,7 @@ class BaseFlow:
         if previous is not None and previous["refresh_token"] != refresh_token:
             previous = None
         token = await self._refresh_request(refresh_token, previous)
-        self.store.put(self.host, token)
+        self.store._keep(self.host, token)
         return token
 
     async def authenticate(self, *, force: bool = False) -> Token:
@@ -1865,7 +2067,7 @@ class BaseFlow:
         if not _refresh_valid(token):
             return None
         store = self.store
-        key = "" if store._single else self.host
+        key = self.host
         # Wait without a thread: a pool full of waiters would starve the refresh itself.
         lock = await _FileLock(store.path + ".lock").acquire_async()
         try:
@@ -1887,7 +2089,7 @@ class BaseFlow:
                         store._update_locked(lambda entries: entries.pop(key, None))
                     return None
                 raise
-            store._update_locked(lambda entries: entries.__setitem__(key, token))
+            store._keep(key, token, locked=True)
             return token
         finally:
             lock.__exit__()
@@ -1911,7 +2113,7 @@ class BaseFlow:
         return await self._accept(raw, previous)
 
     def _save(self, token: Token) -> Token:
-        self.store.put(self.host, token)
+        self.store._keep(self.host, token)
         return token
 
     # -- Internals: standard providers --
@@ -3239,18 +3441,19 @@ def _cli(args: Any) -> int:
         if enough is None:
             return _EXIT_MIN_VALID
         token = enough
+    key = _store_key(args.host, args.client_id, args.scope)
     if args.export:
-        _export(args.export, args.host, token, store)
+        _export(args.export, key, token, store)
     if args.access_token:
         print(token["access_token"])
     elif args.header:
         print(f"Authorization: {token['headers']['Authorization']}")
-    elif args.json:
-        print(json.dumps(token if args.show_secrets else
-                         {k: v for k, v in token.items() if k != "refresh_token"}, indent=2))
+    elif args.json:  # with --show-secrets, exactly what --export writes
+        shown = _token_file_object(key, token)
+        print(json.dumps(shown if args.show_secrets else
+                         {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
         now = time.time()
-        key = _store_key(args.host, args.client_id, args.scope)
         print(f"Logged in to {key}: access token "
               f"{_validity(token['expires'], now)}, refresh token "
               + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
@@ -3306,12 +3509,12 @@ def _min_valid(args: Any, token: Token) -> Token | None:
     return None
 
 
-def _export(path: str, host: str, token: Token, store: TokenStore) -> None:
-    """Write *token* as ``--json --show-secrets`` prints it to a private file."""
+def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
+    """Write *token* as ``--json --show-secrets`` prints it, bound to *key*, to a private file."""
     target = os.path.abspath(os.path.expanduser(path))
     if target == store.path:
         raise ValueError(f"{path} is the token cache itself; export to another file")
-    data = (json.dumps(token, indent=2) + "\n").encode()
+    data = (json.dumps(_token_file_object(key, token), indent=2) + "\n").encode()
     try:
         # The lock a job takes to refresh this file: a re-export never crosses it.
         with _FileLock(target + ".lock"):
@@ -3319,7 +3522,7 @@ def _export(path: str, host: str, token: Token, store: TokenStore) -> None:
     except OSError as exc:
         raise AuthError(f"Cannot write the token file {target}: {exc.strerror or exc}") from None
     now = time.time()
-    _say(f"Wrote the token for {_host_key(host)} to {target} (readable by you only): access "
+    _say(f"Wrote the token for {key} to {target} (readable by you only): access "
          f"token {_validity(token['expires'], now)}, refresh token "
          + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none")
          + f".\nIn a batch job: export OIDC_TOKEN_FILE={target}")
@@ -3546,12 +3749,19 @@ def _describe_file(path: str) -> str:
 
 def _describe_token(store: TokenStore, host: str = "") -> str:
     """How long the token of *host* (or of a token file) lasts; read only, no secret."""
-    entries, bad = store._parse()
-    token = entries.get("" if store._single else _host_key(host))
+    try:
+        entries, bad, _ = store._parse()
+    except AuthError as exc:  # a symbolic link: say so, as the store would
+        return exc.message
+    server = next(iter(entries), "") if store._single else _host_key(host)
+    token = entries.get(server)
     if token is None:
         return bad or "no token"
     now = time.time()
-    return (f"access token {_validity(token['expires'], now)}, refresh token "
+    whose = "" if not store._single else (
+        f"for {_printable(_short(server, 200))}: " if server else
+        'names no server (add "server": HOST, or export it anew): ')
+    return (f"{whose}access token {_validity(token['expires'], now)}, refresh token "
             + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
 
 

@@ -293,10 +293,10 @@ def test_no_terminal_and_no_browser_gets_a_prompt_error(fake_server):
 # ---------------------------------------------------------------------------
 
 
-def write_token_file(path: Path, token: oac.Token) -> None:
+def write_token_file(path: Path, token: oac.Token, server: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(token, fh)
+        json.dump({"server": server, **token}, fh)
 
 
 def test_token_file_is_used_without_a_prompt(
@@ -304,7 +304,7 @@ def test_token_file_is_used_without_a_prompt(
 ):
     path = tmp_path / "token.json"
     token = make_token()
-    write_token_file(path, token)
+    write_token_file(path, token, fake_server.url)
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # how it is meant to be used
     assert oac.authenticate(fake_server.url) == token
@@ -316,7 +316,7 @@ def test_token_file_is_used_without_a_prompt(
 
 def test_token_file_is_refreshed_in_place(fake_server, tmp_path, make_token, monkeypatch):
     path = tmp_path / "token.json"
-    write_token_file(path, expired(make_token))
+    write_token_file(path, expired(make_token), fake_server.url)
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     answer = token_answer(refresh=None)
@@ -432,7 +432,7 @@ def test_a_cache_hit_loads_no_heavy_module(fake_server, tmp_store, make_token, t
         oac.TokenStore(app_name="py-oidc-auth").put(fake_server.url, make_token())
     else:
         path = tmp_path / "token.json"
-        write_token_file(path, make_token())
+        write_token_file(path, make_token(), fake_server.url)
         env["OIDC_TOKEN_FILE"] = str(path)
     proc = subprocess.run([sys.executable, "-c", PRELUDE + IMPORT_COST, fake_server.url, store_arg],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=15,

@@ -86,7 +86,7 @@ def test_export_writes_a_private_token_file(fake_server, make_token, tmp_path):
     assert "refresh-secret-1" not in proc.stderr
     assert mode(target) == 0o600
     assert mode(target.parent) == 0o700  # the folder it had to create
-    assert json.loads(target.read_text()) == token
+    assert json.loads(target.read_text()) == {"server": fake_server.url, **token}
     # The same object that --json --show-secrets prints, so a hand-copied one works too.
     shown = cli(fake_server.url, "--json", "--show-secrets")
     assert json.loads(shown.stdout) == json.loads(target.read_text())
@@ -108,7 +108,7 @@ def test_export_replaces_a_file_atomically_and_keeps_it_private(fake_server, mak
     assert proc.returncode == 0, proc.stderr
     assert target.stat().st_ino != before  # a new file renamed over the old one
     assert mode(target) == 0o600
-    assert json.loads(target.read_text()) == token
+    assert json.loads(target.read_text()) == {"server": fake_server.url, **token}
 
 
 def test_export_refuses_the_cache_itself(fake_server, make_token):
@@ -188,7 +188,7 @@ def test_export_then_jobs_use_and_refresh_the_file_in_place(fake_server, tmp_pat
 def test_many_jobs_starting_at_once_refresh_once(fake_server, tmp_path):
     target = tmp_path / "job-token.json"
     expired = short_lived(-30, refresh="refresh-1")
-    target.write_text(json.dumps(expired))
+    target.write_text(json.dumps({"server": fake_server.url, **expired}))
     target.chmod(0o600)
     answer = token_answer(refresh="refresh-2")
 
@@ -228,7 +228,7 @@ def test_a_hand_copied_json_show_secrets_output_works_as_token_file(fake_server,
 @pytest.mark.timeout(20)
 def test_dead_token_file_fails_fast_naming_the_file(fake_server, tmp_path):
     target = tmp_path / "job-token.json"
-    target.write_text(json.dumps(dead_token()))
+    target.write_text(json.dumps({"server": fake_server.url, **dead_token()}))
     target.chmod(0o600)
     before = target.read_text()
     start = time.monotonic()
@@ -247,7 +247,7 @@ def test_dead_token_file_fails_fast_naming_the_file(fake_server, tmp_path):
 @pytest.mark.timeout(20)
 def test_dead_token_file_in_the_cli_is_one_clean_error(fake_server, tmp_path):
     target = tmp_path / "job-token.json"
-    target.write_text(json.dumps(dead_token()))
+    target.write_text(json.dumps({"server": fake_server.url, **dead_token()}))
     proc = cli(fake_server.url, "--access-token",
                env={"OIDC_TOKEN_FILE": str(target), "SLURM_JOB_ID": "1", **LOGIN_ALLOWED})
     assert proc.returncode == 1
@@ -260,7 +260,7 @@ def test_dead_token_file_in_the_cli_is_one_clean_error(fake_server, tmp_path):
 @pytest.mark.timeout(20)
 def test_refused_refresh_in_a_token_file_fails_naming_the_file(fake_server, tmp_path):
     target = tmp_path / "job-token.json"
-    target.write_text(json.dumps(short_lived(-30)))
+    target.write_text(json.dumps({"server": fake_server.url, **short_lived(-30)}))
     fake_server.reply("POST", TOKEN, 400, {"error": "invalid_grant"})
     done = job(fake_server.url, target)
     assert done.returncode == 1
@@ -281,7 +281,7 @@ def test_missing_token_file_says_so(fake_server, tmp_path):
 def test_token_file_never_prompts_even_where_a_login_could_start(fake_server, tmp_path,
                                                                  monkeypatch):
     target = tmp_path / "job-token.json"
-    target.write_text(json.dumps(dead_token()))
+    target.write_text(json.dumps({"server": fake_server.url, **dead_token()}))
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(target))
     monkeypatch.setenv("BROWSER", "true")  # not a batch job, and a login would be allowed
     fake_server.reply("POST", "/auth/v2/device", 200, device_answer())
@@ -352,7 +352,8 @@ def test_min_valid_not_met_even_after_a_refresh_exits_3(fake_server):
 @pytest.mark.timeout(20)
 def test_min_valid_in_a_job_with_a_token_file_names_the_refresh_token(fake_server, tmp_path):
     target = tmp_path / "job-token.json"
-    target.write_text(json.dumps(short_lived(300, refresh_lifetime=1200)))
+    target.write_text(json.dumps({"server": fake_server.url,
+                                  **short_lived(300, refresh_lifetime=1200)}))
     fake_server.reply("POST", TOKEN, 200, token_answer(lifetime=900, refresh=None))
     proc = cli(fake_server.url, "--min-valid", "7200",
                env={"OIDC_TOKEN_FILE": str(target), "SLURM_JOB_ID": "1"})

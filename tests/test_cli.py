@@ -206,11 +206,12 @@ def test_json_with_a_cached_token_prints_only_json(fake_server, make_token):
     shown = json.loads(proc.stdout)
     assert "refresh_token" not in shown  # --json alone keeps the refresh token private
     assert "refresh-secret-123" not in proc.stdout + proc.stderr
-    assert shown == {k: v for k, v in token.items() if k != "refresh_token"}
+    assert shown == {"server": fake_server.url,
+                     **{k: v for k, v in token.items() if k != "refresh_token"}}
     assert proc.stderr == ""
     proc = cli(fake_server.url, "--json", "--show-secrets")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == token
+    assert json.loads(proc.stdout) == {"server": fake_server.url, **token}
     assert fake_server.requests == []
 
 
@@ -227,12 +228,12 @@ def test_without_json_a_summary_is_printed(fake_server, make_token):
 def test_token_file_in_a_batch_job(fake_server, make_token, tmp_path):
     token = make_token()
     path = tmp_path / "token.json"
-    path.write_text(json.dumps(token))
+    path.write_text(json.dumps({"server": fake_server.url, **token}))
     path.chmod(0o600)
     proc = cli(fake_server.url, "--json", "--show-secrets",
                env={"OIDC_TOKEN_FILE": str(path), "SLURM_JOB_ID": "4242"})
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == token
+    assert json.loads(proc.stdout) == {"server": fake_server.url, **token}
     assert fake_server.requests == []
 
 
@@ -251,6 +252,7 @@ def test_device_login_prints_json_and_saves_the_token(fake_server):
     printed = json.loads(proc.stdout)
     assert printed["access_token"] == answer["access_token"]
     assert "ABCD-EFGH" in proc.stderr
+    assert printed.pop("server") == fake_server.url
     assert default_store().get(fake_server.url) == printed
 
 

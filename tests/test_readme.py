@@ -158,7 +158,7 @@ def test_batch_section(shell, fake_server, make_token, isolated_env):
     (handoff,) = run_section("Batch jobs and clusters", shell)
     exported = isolated_env / "job-token.json"
     assert stat.S_IMODE(exported.stat().st_mode) == 0o600
-    assert json.loads(exported.read_text()) == token
+    assert json.loads(exported.read_text()) == {"server": fake_server.url, **token}
     assert handoff.stdout.splitlines() == [
         f"Logged in to {fake_server.url}: access token valid for 59 min, refresh token valid "
         "for 4 h 59 min",  # --min-valid 14400: the job may start

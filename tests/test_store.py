@@ -373,8 +373,9 @@ def test_partly_bad_entries_keep_the_good_ones(tmp_store, caplog):
     assert token is not None
     assert token["access_token"] == "good-access"
     assert tmp_store.get("https://bad1.example.com") is None
-    (aside,) = corrupt_copies(tmp_store)
-    assert json.loads(aside.read_text()) == original
+    (aside,) = corrupt_copies(tmp_store)  # only what could not be read is kept aside
+    assert json.loads(aside.read_text()) == {k: v for k, v in original.items()
+                                             if k != "https://good.example.com"}
     assert str(aside) in caplog.text
     assert "1 good" in caplog.text
     assert list(on_disk(tmp_store)) == ["https://good.example.com"]
@@ -603,22 +604,25 @@ def test_import_does_not_load_platformdirs():
 
 @pytest.fixture
 def token_file(tmp_path, monkeypatch, make_token):
-    """A token file as ``--json`` prints it, named by OIDC_TOKEN_FILE."""
+    """A token file for https://a.example.com as ``--json`` prints it, named by OIDC_TOKEN_FILE."""
     path = tmp_path / "job" / "token.json"
     path.parent.mkdir()
     token = make_token()
-    path.write_text(json.dumps(token, indent=2))
+    path.write_text(json.dumps({"server": "https://a.example.com", **token}, indent=2))
     path.chmod(0o600)
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
     return path, token
 
 
-def test_token_file_holds_one_token_for_any_host(token_file):
+def test_token_file_holds_one_token_for_its_server_only(token_file):
     path, token = token_file
     store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
     assert store.path == str(path)
-    assert store.get("https://a.example.com") == token
-    assert store.get("https://b.example.com/app") == token
+    assert store.get("https://A.example.com/") == token
+    with pytest.raises(oac.AuthError) as caught:
+        store.get("https://b.example.com/app")
+    assert "issued for https://a.example.com, not for https://b.example.com/app" in str(
+        caught.value)
 
 
 def test_token_file_put_writes_one_token_object(token_file, make_token):
@@ -626,7 +630,7 @@ def test_token_file_put_writes_one_token_object(token_file, make_token):
     store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
     new = make_token(lifetime=7200)
     store.put("https://a.example.com", new)
-    assert json.loads(path.read_text()) == new
+    assert json.loads(path.read_text()) == {"server": "https://a.example.com", **new}
     if sys.platform != "win32":
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
@@ -666,7 +670,8 @@ def test_garbage_token_file_is_kept_aside(tmp_path, monkeypatch, caplog):
 
 
 def test_token_file_is_what_flows_and_authenticate_use(token_file, fake_server):
-    _, token = token_file
+    path, token = token_file
+    path.write_text(json.dumps({"server": fake_server.url, **token}))
     assert oac.DeviceFlow(fake_server.url).token == token
     assert oac.authenticate(fake_server.url) == token
     assert fake_server.requests == []
@@ -678,7 +683,7 @@ def test_token_file_is_refreshed_in_place(tmp_path, monkeypatch, fake_server):
     now = int(time.time())
     old = oac._token(make_jwt(3600, now - 3700), "Bearer", now - 100, "refresh-old",
                      now + 86400, "openid")
-    path.write_text(json.dumps(old))
+    path.write_text(json.dumps({"server": fake_server.url, **old}))
     path.chmod(0o600)
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
     answer = token_answer(refresh=None)
@@ -691,6 +696,7 @@ def test_token_file_is_refreshed_in_place(tmp_path, monkeypatch, fake_server):
     on_file = json.loads(path.read_text())
     assert on_file["access_token"] == answer["access_token"]
     assert on_file["refresh_token"] == "refresh-old"
+    assert on_file["server"] == fake_server.url  # a refresh keeps the binding
 
 
 def test_store_written_by_the_reference_package_is_migrated(tmp_store, make_token):
