@@ -2563,6 +2563,9 @@ class _LoopbackReceiver:
 
     def _handle(self, conn: socket.socket) -> None:
         try:
+            if not _peer_is_this_user(conn):
+                _logger().debug("loopback receiver: refused a connection of another user")
+                return
             line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
             if line:
                 conn.sendall(self._answer(line))
@@ -2678,6 +2681,42 @@ def _read_request(conn: socket.socket, deadline: float) -> str:
             return ""
         data += chunk
     return data.split(b"\n", 1)[0].decode("latin-1").strip()
+
+
+def _peer_is_this_user(conn: socket.socket) -> bool:
+    """Whether the other end of a loopback connection runs as this user (or root).
+
+    Another user who read the entry URL from the browser's command line could
+    otherwise open it first. Linux lists every TCP socket with its owner in
+    /proc/net/tcp{,6}; elsewhere, or where that table does not show our own
+    socket (WSL 1), every peer is let in.
+    """
+    import socket
+    import struct
+
+    if not sys.platform.startswith("linux"):
+        return True
+
+    def key(address: Any) -> str:  # as the kernel writes it: host-order words, hex
+        host, port = address[:2]
+        if conn.family == socket.AF_INET6:
+            words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
+        else:
+            words = struct.unpack("=I", socket.inet_aton(host))
+        return "".join(f"{word:08X}" for word in words) + f":{port:04X}"
+
+    ours, theirs = key(conn.getsockname()), key(conn.getpeername())
+    table = "/proc/net/tcp6" if conn.family == socket.AF_INET6 else "/proc/net/tcp"
+    try:
+        with open(table, encoding="ascii", errors="replace") as fh:
+            rows = [line.split() for line in fh]
+    except OSError:
+        return True
+    owners = {(row[1], row[2]): row[7] for row in rows[1:] if len(row) > 7}
+    if (ours, theirs) not in owners:
+        return True  # the table does not show sockets: nothing to judge by
+    allowed = {str(os.geteuid()), "0", os.environ.get("SUDO_UID", "0")}
+    return owners.get((theirs, ours)) in allowed
 
 
 def _listen_on_loopback(ports: Sequence[int]) -> list[socket.socket]:
