@@ -2555,11 +2555,15 @@ class _LoopbackReceiver:
                         full = len(self._connections) >= _MAX_CONNECTIONS
                         if not full:
                             self._connections.add(conn)
-                    if full:
+                    try:
+                        if full:
+                            raise RuntimeError("too many connections")
+                        threading.Thread(target=self._handle, args=(conn,),
+                                         name="oidc-callback", daemon=True).start()
+                    except RuntimeError:  # full, or no thread to be had: drop it, go on
+                        with self._lock:
+                            self._connections.discard(conn)
                         conn.close()
-                        continue
-                    threading.Thread(target=self._handle, args=(conn,), name="oidc-callback",
-                                     daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -2568,7 +2572,11 @@ class _LoopbackReceiver:
                 return
             line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
             if line:
-                conn.sendall(self._answer(line))
+                try:
+                    answer = self._answer(line)
+                except ValueError:  # a target urlsplit cannot read, e.g. "//[x"
+                    answer = _page(400, "Bad request", "This is not a login callback.")
+                conn.sendall(answer)
         except OSError:  # timed out, reset, or dropped by close()
             pass
         finally:
@@ -2663,8 +2671,8 @@ def _page(status: int, title: str, text: str, location: str = "") -> bytes:
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
             "Content-Type: text/html; charset=utf-8", f"Content-Length: {len(body)}",
             "Cache-Control: no-store", "Referrer-Policy: no-referrer", "Connection: close"]
-    if location:
-        head.append(f"Location: {location}")
+    if location:  # a server's URL: no line break may end the header early
+        head.append(f"Location: {_printable(location)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body
 
 

@@ -336,8 +336,11 @@ def test_another_user_with_the_entry_url_gets_nothing(server, tmp_store, termina
     # The entry URL is in the browser's command line for a moment: the attacker
     # read it there and gets in before the browser.
     def act(entry: str) -> tuple[Any, Page]:
-        base = f"http://127.0.0.1:{urlsplit(entry).port}"
-        seen = other_user(GET_SCRIPT, base + "/", entry, base + "/callback?error=x")
+        port = urlsplit(entry).port
+        urls = [f"http://127.0.0.1:{port}/", entry, f"http://127.0.0.1:{port}/callback?error=x"]
+        if has_ipv6_loopback():
+            urls += [url.replace("//127.0.0.1:", "//[::1]:") for url in urls]
+        seen = other_user(GET_SCRIPT, *urls)
         return seen, deliver(open_entry(entry))
 
     out = login(code_flow(server, tmp_store), terminal, act)
@@ -680,3 +683,36 @@ def test_another_users_connections_are_dropped_at_once(server, tmp_store, termin
     print("connections of another user dropped at once:", dropped, "of 100")
     assert dropped == 100
     assert done.status == 200 and out.token is not None
+
+
+def raw(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+    return b"".join(chunks)
+
+
+@pytest.mark.timeout(60)
+def test_malformed_requests_get_a_plain_answer_and_the_login_goes_on(server, tmp_store,
+                                                                     terminal):
+    requests = [b"GET //[x/callback HTTP/1.1\r\n\r\n", b"\x1b[2J\x00\xff\r\n\r\n",
+                b"GET /callback?code=x HTTP/1.1\r\nX: " + b"a" * 40000 + b"\r\n\r\n",
+                b"POST /callback HTTP/1.1\r\nContent-Length: 0\r\n\r\n"]
+
+    def act(entry: str) -> tuple[list[bytes], Page]:
+        answers = [raw(urlsplit(entry).port or 0, data) for data in requests]
+        return answers, deliver(open_entry(entry))
+
+    out = login(code_flow(server, tmp_store), terminal, act)
+    answers, done = out.seen
+    print("answers:", [a.split(b"\r\n", 1)[0] for a in answers])
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [
+        b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 405 Method Not Allowed", b"",
+        b"HTTP/1.1 405 Method Not Allowed"]
+    assert done.status == 200 and out.token is not None
+    assert "Traceback" not in terminal.getvalue()
