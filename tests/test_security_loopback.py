@@ -716,3 +716,26 @@ def test_malformed_requests_get_a_plain_answer_and_the_login_goes_on(server, tmp
         b"HTTP/1.1 405 Method Not Allowed"]
     assert done.status == 200 and out.token is not None
     assert "Traceback" not in terminal.getvalue()
+
+
+def test_every_loopback_address_of_localhost_is_owned(monkeypatch):
+    # A hosts file that maps localhost to 127.0.1.1 as well (and wrongly to a LAN address).
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "localhost":
+            return real(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.7", 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert [host for _, host in oac._loopback_addresses()] == ["127.0.0.1", "::1", "127.0.1.1"]
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        with oac._LoopbackReceiver([0], loop, loop.create_future()) as receiver:
+            return [host for host in ("127.0.0.1", "127.0.1.1")
+                    if not bindable(host, receiver.port)]
+
+    assert asyncio.run(main()) == ["127.0.0.1", "127.0.1.1"]
