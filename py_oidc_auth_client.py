@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict, TypeVar, cast
 if TYPE_CHECKING:
     import asyncio
     import logging
+    import socket
     import ssl
     from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterable, Sequence
-    from http.server import HTTPServer
 
     _F = TypeVar("_F", bound="BaseFlow")
     _T = TypeVar("_T")
@@ -2566,11 +2566,11 @@ class CodeFlow(BaseFlow):
 
         loop = asyncio.get_running_loop()
         result: asyncio.Future[dict[str, str]] = loop.create_future()
-        server = _start_callback_server(self.config.redirect_ports, loop, result)
+        receiver = _LoopbackReceiver(self.config.redirect_ports, loop, result)
         meta: dict[str, Any] = {}
         verifier = nonce = ""  # in memory only: never in a URL, a log or a message
         try:
-            port = server.server_address[1]
+            port = receiver.port
             if self.config.client_id:
                 # RFC 8252, 7.3: the loopback IP literal, which is where the server listens.
                 redirect_uri = f"http://127.0.0.1:{port}/callback"
@@ -2584,27 +2584,25 @@ class CodeFlow(BaseFlow):
                 location = _with_query(meta["authorization_endpoint"],
                                        {k: v for k, v in query.items() if v})
                 # RFC 9207: the callback names its issuer; a wrong one means a mix-up attack.
-                server.expected_iss = str(meta["issuer"])
-                server.iss_required = meta.get("authorization_response_iss_parameter_supported") \
-                    is True
+                receiver.expect(state, location, iss=str(meta["issuer"]), iss_required=meta.get(
+                    "authorization_response_iss_parameter_supported") is True)
             else:
                 redirect_uri = f"http://localhost:{port}/callback"
                 location, state = await self._login_location(redirect_uri)
-            server.expected_state, server.login_url = state, location
-            # The provider URL carries py-oidc-auth's state (with the PKCE verifier):
-            # show and open a local address that redirects to it instead.
-            start = f"http://127.0.0.1:{port}/"
-            self._tell_user(start, port)
+                receiver.expect(state, location)
+            # The provider URL carries the state (py-oidc-auth's holds the PKCE verifier):
+            # show and open the receiver's one-time entry page that redirects to it instead.
+            self._tell_user(receiver.entry_url, port)
             if _can_open_browser():
-                _open_browser(start)
+                _open_browser(receiver.entry_url)
             try:
                 params = await asyncio.wait_for(result, self.timeout)
             except asyncio.TimeoutError:
                 raise AuthError(f"No login to {self.host} was completed within {self.timeout} s",
                                 {"error": "timeout"}, 408) from None
         finally:
-            await asyncio.to_thread(_stop_server, server)
-        if "error" in params:
+            await asyncio.to_thread(receiver.close)
+        if "error" in params:  # made printable and short by the receiver
             description = params.get("error_description", "")
             raise AuthError(
                 f"The login to {self.host} failed: {params['error']}"
@@ -2672,137 +2670,340 @@ def _random_string(size: int = 32) -> str:
     return secrets.token_urlsafe(size)
 
 
-# -- Loopback callback server (RFC 8252, 7.3) --
+# ---------------------------------------------------------------------------
+# Loopback receiver (RFC 8252, 7.3)
+# ---------------------------------------------------------------------------
 
 _PAGE = ("<!doctype html><meta charset=utf-8><title>{title}</title>"
          "<body style='font-family:sans-serif;margin:3em'><h1>{title}</h1><p>{text}</p>")
+# A browser sends its request at once: a connection that has not sent one in this
+# time is dropped, so idle or dripping clients hold neither a thread nor close().
+_REQUEST_SECONDS = 5.0
+_MAX_REQUEST = 16384
+_MAX_CONNECTIONS = 64
 
 
-def _start_callback_server(
-    ports: Sequence[int], loop: asyncio.AbstractEventLoop, result: asyncio.Future[dict[str, str]]
-) -> _CallbackServerType:
-    """Bind the first free port of *ports* on 127.0.0.1 and serve in a daemon thread."""
-    import threading
+class _LoopbackReceiver:
+    """The code flow's callback listener on every loopback address of one port.
 
-    server_class = _callback_classes()
+    The browser starts at ``entry_url``, an unguessable page served once, which
+    redirects to the provider; the provider sends it back to ``/callback``.
+    """
+
+    def __init__(self, ports: Sequence[int], loop: asyncio.AbstractEventLoop,
+                 result: asyncio.Future[dict[str, str]]) -> None:
+        import secrets
+        import threading
+
+        self._loop, self._result = loop, result
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._state = self._login_url = self._iss = ""
+        self._iss_required = self._served = False
+        # Another user sees the port in the process list: only this path serves the
+        # redirect that carries the state (and py-oidc-auth's verifier inside it).
+        self._entry = "/" + secrets.token_urlsafe(32)
+        self._sockets = _listen_on_loopback(ports)
+        self.port: int = self._sockets[0].getsockname()[1]
+        self.entry_url = f"http://127.0.0.1:{self.port}{self._entry}"
+        self._thread = threading.Thread(target=self._serve, name="oidc-callback", daemon=True)
+        self._thread.start()
+
+    def expect(self, state: str, login_url: str, iss: str = "",
+               iss_required: bool = False) -> None:
+        """Serve *login_url* at the entry page; accept only callbacks that carry *state*."""
+        with self._lock:
+            self._state, self._login_url = state, login_url
+            self._iss, self._iss_required = iss, iss_required
+
+    def close(self) -> None:
+        """Stop listening and drop every open connection; returns at once."""
+        import socket
+
+        self._closed.set()
+        self._thread.join(2)
+        with self._lock:
+            for conn in self._connections:  # wakes its thread, which closes it
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for sock in self._sockets:
+            sock.close()
+
+    def __enter__(self) -> _LoopbackReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- Internals --
+
+    def _serve(self) -> None:
+        import selectors
+        import threading
+
+        with selectors.DefaultSelector() as selector:
+            for sock in self._sockets:
+                selector.register(sock, selectors.EVENT_READ, sock)
+            while not self._closed.is_set():
+                for key, _ in selector.select(0.1):
+                    try:
+                        conn, _ = key.data.accept()
+                    except OSError:  # gone before it was accepted
+                        continue
+                    with self._lock:
+                        full = len(self._connections) >= _MAX_CONNECTIONS
+                        if not full:
+                            self._connections.add(conn)
+                    try:
+                        if full:
+                            raise RuntimeError("too many connections")
+                        threading.Thread(target=self._handle, args=(conn,),
+                                         name="oidc-callback", daemon=True).start()
+                    except RuntimeError:  # full, or no thread to be had: drop it, go on
+                        with self._lock:
+                            self._connections.discard(conn)
+                        conn.close()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            if not _peer_is_this_user(conn):
+                _logger().debug("loopback receiver: refused a connection of another user")
+                return
+            line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
+            if line:
+                try:
+                    answer = self._answer(line)
+                except ValueError:  # a target urlsplit cannot read, e.g. "//[x"
+                    answer = _page(400, "Bad request", "This is not a login callback.")
+                conn.sendall(answer)
+        except OSError:  # timed out, reset, or dropped by close()
+            pass
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _answer(self, line: str) -> bytes:
+        from urllib.parse import parse_qs, urlsplit
+
+        method, target, *_ = [*line.split(" ", 2), "", ""]
+        parts = urlsplit(target)
+        entry = _same(parts.path, self._entry)
+        # The path only: the query holds the code, the entry path is the secret.
+        _logger().debug("loopback receiver: %s %s", _printable(method)[:10],
+                        "(entry page)" if entry else _printable(parts.path)[:100])
+        if method != "GET":
+            return _page(405, "Not allowed", "This address only receives login callbacks.")
+        if entry:
+            return self._entry_page()
+        if parts.path != "/callback":
+            return _page(404, "Not found", "This address only receives login callbacks.")
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        return self._callback(query)
+
+    def _entry_page(self) -> bytes:
+        with self._lock:
+            first, self._served = not self._served, self._served or bool(self._login_url)
+            login_url = self._login_url
+        if not login_url:
+            return _page(404, "Not found", "This address only receives login callbacks.")
+        if first:
+            return _page(302, "Login", "Continue at the login page.", login_url)
+        # Someone else may hold the state now: this login can no longer be trusted.
+        text = ("This login page was opened twice, possibly by another user of this "
+                "machine. The login was stopped: start it again.")
+        self._deliver({"error": "login_page_reused", "error_description": text})
+        return _page(409, "Login stopped", text)
+
+    def _callback(self, query: dict[str, str]) -> bytes:
+        with self._lock:
+            expected, served, iss, iss_required = (
+                self._state, self._served, self._iss, self._iss_required)
+        if self._result.done():
+            return _page(409, "Already done", "This login has already finished.")
+        if not (expected and _same(query.get("state", ""), expected)):
+            # Not our login (an error without state too): refuse it, keep waiting.
+            return _page(400, "Login not accepted",
+                         "This callback does not belong to the waiting login (state "
+                         "mismatch). Start the login again from your terminal.")
+        if not served:  # the right state, yet nobody was sent to the provider with it
+            text = ("A login answer arrived before the login page was opened. The login "
+                    "was stopped: start it again.")
+            self._deliver({"error": "login_page_not_opened", "error_description": text})
+            return _page(400, "Login stopped", text)
+        if "error" in query:
+            error = _printable(query["error"])[:100]
+            description = _printable(query.get("error_description", ""))[:300]
+            self._deliver({"error": error, "error_description": description})
+            return _page(400, "Login failed", f"{error}: {description}")
+        if not query.get("code"):
+            return _page(400, "Login failed", "The callback carries no code.")
+        if iss and ("iss" in query or iss_required) and query.get("iss") != iss:
+            # RFC 9207, 2.4: a response from another issuer; never exchange its code.
+            text = f"The login answer did not come from {iss} (iss)."
+            self._deliver({"error": "invalid_issuer", "error_description": text})
+            return _page(400, "Login not accepted", text)
+        self._deliver({"code": query["code"]})
+        return _page(200, "Login successful",
+                     "You can close this window and return to your terminal.")
+
+    def _deliver(self, params: dict[str, str]) -> None:
+        def _set() -> None:
+            if not self._result.done():
+                self._result.set_result(params)
+
+        self._loop.call_soon_threadsafe(_set)
+
+
+def _same(text: str, secret: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(text.encode(), secret.encode())
+
+
+def _page(status: int, title: str, text: str, location: str = "") -> bytes:
+    """A complete HTTP/1.1 answer with a small HTML page; the connection then closes."""
+    from html import escape
+    from http import HTTPStatus
+
+    body = _PAGE.format(title=escape(title), text=escape(text)).encode()
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            "Content-Type: text/html; charset=utf-8", f"Content-Length: {len(body)}",
+            "Cache-Control: no-store", "Referrer-Policy: no-referrer", "Connection: close"]
+    if location:  # a server's URL: no line break may end the header early
+        head.append(f"Location: {_printable(location)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body
+
+
+def _read_request(conn: socket.socket, deadline: float) -> str:
+    """The request line, once the whole head has arrived before *deadline*; "" if not."""
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or len(data) > _MAX_REQUEST:
+            return ""
+        conn.settimeout(left)
+        chunk = conn.recv(4096)
+        if not chunk:
+            return ""
+        data += chunk
+    return data.split(b"\n", 1)[0].decode("latin-1").strip()
+
+
+def _peer_is_this_user(conn: socket.socket) -> bool:
+    """Whether the other end of a loopback connection runs as this user (or root).
+
+    Another user who read the entry URL from the browser's command line could
+    otherwise open it first. Linux lists every TCP socket with its owner in
+    /proc/net/tcp{,6}; elsewhere, or where that table does not show our own
+    socket (WSL 1), every peer is let in.
+    """
+    import socket
+    import struct
+
+    if not sys.platform.startswith("linux"):
+        return True
+
+    def key(address: Any) -> str:  # as the kernel writes it: host-order words, hex
+        host, port = address[:2]
+        if conn.family == socket.AF_INET6:
+            words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
+        else:
+            words = struct.unpack("=I", socket.inet_aton(host))
+        return "".join(f"{word:08X}" for word in words) + f":{port:04X}"
+
+    ours, theirs = key(conn.getsockname()), key(conn.getpeername())
+    table = "/proc/net/tcp6" if conn.family == socket.AF_INET6 else "/proc/net/tcp"
+    try:
+        with open(table, encoding="ascii", errors="replace") as fh:
+            rows = [line.split() for line in fh]
+    except OSError:
+        return True
+    owners = {(row[1], row[2]): row[7] for row in rows[1:] if len(row) > 7}
+    if (ours, theirs) not in owners:
+        return True  # the table does not show sockets: nothing to judge by
+    allowed = {str(os.geteuid()), "0", os.environ.get("SUDO_UID", "0")}
+    return owners.get((theirs, ours)) in allowed
+
+
+def _listen_on_loopback(ports: Sequence[int]) -> list[socket.socket]:
+    """Listening sockets on the first port of *ports* that is free on every loopback address."""
     errors = []
     for port in ports:
-        try:
-            server = server_class(("127.0.0.1", port), loop, result)
-            break
-        except OSError as exc:
-            errors.append(f"{port}: {exc.strerror}")
-    else:
-        raise AuthError("No free port for the login callback (" + "; ".join(errors)
-                        + "); pass other redirect_ports")
-    threading.Thread(target=server.serve_forever, args=(0.1,), name="oidc-callback",
-                     daemon=True).start()
-    return server
+        # Port 0: the port the kernel picked for 127.0.0.1 may be taken on ::1; pick again.
+        for _ in range(5 if port == 0 else 1):
+            try:
+                return _listen_all(port)
+            except OSError as exc:
+                error = f"{port}: {exc.strerror or exc}"
+        errors.append(error)
+    raise AuthError("No free port for the login callback (" + "; ".join(errors)
+                    + "); pass other redirect_ports")
 
 
-def _stop_server(server: HTTPServer) -> None:
-    server.shutdown()
-    server.server_close()
+def _listen_all(port: int) -> list[socket.socket]:
+    """One port on 127.0.0.1, ::1 and all that localhost resolves to; all or nothing.
+
+    The py-oidc-auth redirect URI says ``localhost``: a browser may try ``::1``
+    first, and whoever listens there gets the code and the state.
+    """
+    import errno
+    import socket
+
+    sockets: list[socket.socket] = []
+    try:
+        for family, host in _loopback_addresses():
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if family == socket.AF_INET6 and exc.errno == errno.EAFNOSUPPORT:
+                    continue  # no IPv6 at all: nobody can listen on ::1 either
+                raise
+            sockets.append(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if sys.platform == "win32":  # SO_REUSEADDR on Windows lets others steal the port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+            else:  # binds over an earlier login's TIME_WAIT; a second listener still fails
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    sockets.pop().close()  # IPv6 is off on this machine's loopback
+                    continue
+                raise
+            sock.listen(16)
+            sock.setblocking(False)
+            port = sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
-if TYPE_CHECKING:
+def _loopback_addresses() -> list[tuple[int, str]]:
+    """127.0.0.1 (first: the redirect URI of standard providers), ::1, and localhost's."""
+    import socket
 
-    class _CallbackServerType(HTTPServer):
-        expected_state: str
-        login_url: str
-        expected_iss: str
-        iss_required: bool
-
-        def __init__(self, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
-                     result: asyncio.Future[dict[str, str]]) -> None: ...
-
-
-_CLASSES: list[Any] = []
-
-
-def _callback_classes() -> type[_CallbackServerType]:
-    """Define the handler and server classes on first use (http.server is imported late)."""
-    if _CLASSES:
-        return cast("type[_CallbackServerType]", _CLASSES[0])
-    import hmac
-    from html import escape
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-    from urllib.parse import parse_qs, urlsplit
-
-    class _CallbackServer(HTTPServer):
-        allow_reuse_address = sys.platform != "win32"  # on Windows it allows port stealing
-
-        def __init__(self, address: tuple[str, int], loop: asyncio.AbstractEventLoop,
-                     result: asyncio.Future[dict[str, str]]) -> None:
-            super().__init__(address, _CallbackHandler)
-            self.loop, self.result = loop, result
-            self.expected_state = self.login_url = self.expected_iss = ""
-            self.iss_required = False
-
-        def deliver(self, params: dict[str, str]) -> None:
-            def _set() -> None:
-                if not self.result.done():
-                    self.result.set_result(params)
-
-            self.loop.call_soon_threadsafe(_set)
-
-    class _CallbackHandler(BaseHTTPRequestHandler):
-        server: _CallbackServer
-
-        def do_GET(self) -> None:
-            parts = urlsplit(self.path)
-            if parts.path == "/" and self.server.login_url and not self.server.result.done():
-                self.send_response(302)
-                self.send_header("Location", self.server.login_url)
-                self.send_header("Content-Length", "0")
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                return
-            if parts.path != "/callback":
-                self._page(404, "Not found", "This address only receives login callbacks.")
-                return
-            query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-            state, expected = query.get("state", ""), self.server.expected_state
-            good_state = bool(expected) and hmac.compare_digest(state.encode(), expected.encode())
-            if self.server.result.done():
-                self._page(409, "Already done", "This login has already finished.")
-            elif "error" in query and (good_state or not state):
-                description = query.get("error_description", "")
-                self._page(400, "Login failed", f"{query['error']}: {description}")
-                self.server.deliver({"error": query["error"], "error_description": description})
-            elif not good_state:
-                # Not our login: refuse it, never exchange its code, keep waiting.
-                self._page(400, "Login not accepted",
-                           "This callback does not belong to the waiting login (state "
-                           "mismatch). Start the login again from your terminal.")
-            elif not query.get("code"):
-                self._page(400, "Login failed", "The callback carries no code.")
-            elif self.server.expected_iss and ("iss" in query or self.server.iss_required) and (
-                query.get("iss") != self.server.expected_iss
-            ):  # RFC 9207, 2.4: a response from another issuer; never exchange its code
-                text = f"The login answer did not come from {self.server.expected_iss} (iss)."
-                self._page(400, "Login not accepted", text)
-                self.server.deliver({"error": "invalid_issuer", "error_description": text})
-            else:
-                self._page(200, "Login successful", "You can close this window and return "
-                           "to your terminal.")
-                self.server.deliver({"code": query["code"]})
-
-        def _page(self, status: int, title: str, text: str) -> None:
-            body = _PAGE.format(title=escape(title), text=escape(text)).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # The request line holds the code: log the path only.
-            _logger().debug("callback server: %s", urlsplit(self.path).path)
-
-    _CLASSES.append(_CallbackServer)
-    return cast("type[_CallbackServerType]", _CallbackServer)
+    found: list[tuple[int, str]] = [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+    try:
+        infos = socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)
+    except OSError:
+        infos = []
+    for family, _, _, _, address in infos:
+        host = str(address[0])
+        if family not in (socket.AF_INET, socket.AF_INET6) or (family, host) in found:
+            continue
+        if _is_loopback(host):
+            found.append((family, host))
+        else:  # never listen beyond loopback; browsers map localhost to loopback anyway
+            _logger().debug("localhost resolves to %s: not listening there", host)
+    return found
 
 
 # ---------------------------------------------------------------------------

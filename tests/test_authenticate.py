@@ -33,12 +33,12 @@ BROWSER_SCRIPT = """
 import http.client, os, sys, urllib.request
 from urllib.parse import parse_qs, urlencode, urlsplit
 def resolve(url):
-    # The client opens a local start address that redirects to the provider.
+    # The client opens a one-time local entry page that redirects to the provider.
     parts = urlsplit(url)
-    if parts.hostname != "127.0.0.1" or parts.path != "/":
+    if parts.hostname != "127.0.0.1" or parts.path in ("", "/", "/callback"):
         return url
     conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-    conn.request("GET", "/")
+    conn.request("GET", parts.path)
     return conn.getresponse().getheader("Location") or url
 url = resolve(sys.argv[1])
 with open(os.environ["FAKE_BROWSER_LOG"], "a") as log:

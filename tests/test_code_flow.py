@@ -87,10 +87,11 @@ def fetch(url: str) -> Page:
 
 def login_location(start: str) -> str:
     """The provider URL behind the client's local start address (one redirect, not followed)."""
-    assert urlsplit(start).hostname == "127.0.0.1" and urlsplit(start).path == "/", start
+    # The entry page is a one-time, unguessable path on 127.0.0.1.
+    assert urlsplit(start).hostname == "127.0.0.1" and len(urlsplit(start).path) > 40, start
     conn = http.client.HTTPConnection(urlsplit(start).netloc, timeout=5)
     try:
-        conn.request("GET", "/")
+        conn.request("GET", urlsplit(start).path)
         resp = conn.getresponse()
         assert resp.status == 302, resp.status
         return resp.getheader("Location") or ""

@@ -164,8 +164,10 @@ def test_code_flow_through_the_browser(client_module, stack, store, browser, red
     assert flow.token == token
     # The loopback redirect is the IP literal (RFC 8252, 7.3), and the provider URL the
     # browser was sent to carried the challenge, never the verifier.
+    # The browser starts at the receiver's one-time entry page (an unguessable path).
     opened = browser.events("open")[0]["url"]
-    assert opened == f"http://127.0.0.1:{redirect_port}/"
+    assert opened.startswith(f"http://127.0.0.1:{redirect_port}/")
+    assert len(opened) > len(f"http://127.0.0.1:{redirect_port}/") + 40
 
 
 @pytest.mark.timeout(90)
