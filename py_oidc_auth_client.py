@@ -391,7 +391,7 @@ async def _request(
         deadline = limit[0]
         if deadline <= now:
             raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
-                            "login ran out", {"error": "timeout"}, 408)
+                            "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
     # Secrets (client secret, code, verifier, refresh or device code) never follow
     # a redirect: urllib would carry them, Authorization header and all, elsewhere.
     follow = follow_redirects and method == "GET" and form is None and auth is None
@@ -662,8 +662,9 @@ def _transport_classes() -> list[Any]:
             ):
                 fp.close()
                 raise AuthError(f"GET {req.full_url} answered {code}, a redirect to "
-                                f"{_printable(_short(newurl, 100))}, which is not followed: "
-                                "not https", {"error": "redirect"}, code)
+                                f"{_printable(_short(newurl, 100))}; not followed: a redirect "
+                                "may lead to https (or allowed http), never from https to http",
+                                {"error": "redirect"}, code)
             new: Any = super().redirect_request(req, fp, code, msg, headers, newurl)
             if new is not None:
                 new.sockets, new.allow_http = req.sockets, req.allow_http
@@ -967,9 +968,10 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
             break
         except _TransientError as exc:
             attempt += 1
-            if attempt > _RETRIES:
+            delay, limit = _backoff(attempt, exc), _TIME_LIMIT.get()
+            if attempt > _RETRIES or (limit is not None and time.monotonic() + delay >= limit[0]):
                 raise
-            await _sleep(_backoff(attempt, exc))
+            await _sleep(delay)
     try:
         doc = resp.json()
     except ValueError:
