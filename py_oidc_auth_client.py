@@ -406,6 +406,9 @@ async def _request(
         _abort(sockets)
         raise _TransientError(f"{method} {url} timed out after "
                               f"{min(timeout, deadline - now):.3g} s") from None
+    except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
+        _abort(sockets)
+        raise
     location = resp.headers.get("Location") or resp.headers.get("location")
     if follow_redirects and not follow and resp.status in _REDIRECTS and location:
         raise AuthError(

@@ -175,7 +175,7 @@ class Dripper:
         self.sock.settimeout(0.1)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.mode = "body"
-        self.accepted = 0
+        self.accepted = self.hung_up = 0
         self.stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -205,7 +205,7 @@ class Dripper:
                     conn.sendall(slow[i:i + 1])
                     time.sleep(0.5)
             except OSError:  # the client hung up: the point of the test
-                pass
+                self.hung_up += 1
 
     def close(self) -> None:
         self.stop.set()
@@ -230,6 +230,22 @@ def test_dripping_server_cannot_hold_a_request(dripper, mode):
     elapsed = time.monotonic() - start  # asyncio.run included: it joins its threads
     assert elapsed < 3, f"held for {elapsed:.1f} s"
     assert "timed out" in info.value.message and url in info.value.message
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_request_hangs_up(dripper):
+    """A caller's own timeout (or Ctrl-C) ends the connection too, not only the wait."""
+    dripper.mode = "head"
+
+    async def caller() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(oac._request("GET", dripper.url + "/jwks", timeout=30), 1)
+
+    run(caller())
+    end = time.monotonic() + 3
+    while not dripper.hung_up and time.monotonic() < end:
+        time.sleep(0.1)
+    assert dripper.hung_up == 1
 
 
 @pytest.mark.timeout(60)
