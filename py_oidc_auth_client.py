@@ -360,6 +360,7 @@ class _Response:
 # for it may run past that, whatever its own timeout (see _TimeLimit).
 _TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
     "_TIME_LIMIT", default=None)
+_LATE_GRACE = 1.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -387,8 +388,10 @@ async def _request(
         raise AuthError(refusal, {"error": "insecure_transport"})
     now = time.monotonic()
     deadline, limit = now + timeout, _TIME_LIMIT.get()
-    if limit is not None and limit[0] < deadline:
-        deadline = limit[0]
+    if limit is not None:
+        # A request made just in time (a last poll, the code exchange after a login
+        # done in time) may finish a little after the limit: an answer in time counts.
+        deadline = min(deadline, limit[0] + _LATE_GRACE)
         if deadline <= now:
             raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
                             "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
@@ -901,6 +904,15 @@ class _TimeLimit:
 
     def __exit__(self, *exc: object) -> None:
         _TIME_LIMIT.reset(self.token)
+
+
+def _time_left(seconds: float | None) -> float | None:
+    """*seconds*, or less when the login's time limit comes sooner; None waits forever."""
+    limit = _TIME_LIMIT.get()
+    if limit is None:
+        return seconds
+    left = max(0.0, limit[0] - time.monotonic())
+    return left if seconds is None else min(seconds, left)
 
 
 def _backoff(attempt: int, exc: AuthError) -> float:
@@ -2423,8 +2435,9 @@ class DeviceFlow(BaseFlow):
         """
         start = time.monotonic()
         deadline = self._device_deadlines.pop(device_code, start + 1800)
-        if self.timeout is not None:
-            deadline = min(deadline, start + self.timeout)
+        left = _time_left(self.timeout)
+        if left is not None:
+            deadline = min(deadline, start + left)
         interval = max(1, int(interval))
         show = self._show_countdown()
         url, auth = self._url(self.config.token_route), None
@@ -2627,7 +2640,7 @@ class CodeFlow(BaseFlow):
             if _can_open_browser():
                 _open_browser(start)
             try:
-                params = await asyncio.wait_for(result, self.timeout)
+                params = await asyncio.wait_for(result, _time_left(self.timeout))
             except asyncio.TimeoutError:
                 raise AuthError(f"No login to {self.host} was completed within {self.timeout} s",
                                 {"error": "timeout"}, 408) from None

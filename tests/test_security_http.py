@@ -17,7 +17,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from conftest import FakeServer, _handler, token_answer
+from conftest import FakeServer, _handler, device_answer, oauth_error, token_answer
 from tests import oac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,6 +276,41 @@ def test_dripping_server_cannot_hold_authenticate_in_a_running_loop(dripper, tmp
         return time.monotonic() - start
 
     assert run(caller()) < 3
+
+
+@pytest.mark.timeout(30)
+def test_device_login_ends_at_the_time_limit(fake_server, tmp_store, monkeypatch):
+    """A slow device route uses up part of timeout=3: the polling stops at the limit."""
+    monkeypatch.setenv("BROWSER", "true")  # someone could answer the login
+
+    def slow(req):
+        time.sleep(1.5)
+        return 200, {}, device_answer(interval=1)
+
+    fake_server.reply("POST", "/auth/v2/device", 200, slow)
+    fake_server.reply("POST", "/auth/v2/token", 400, oauth_error("authorization_pending"))
+    start = time.monotonic()
+    with pytest.raises(oac.AuthError):
+        oac.authenticate(fake_server.url, store=tmp_store, timeout=3)
+    elapsed = time.monotonic() - start
+    assert elapsed < 3 + 1.2, f"ran for {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(30)
+def test_answer_given_in_time_counts(fake_server):
+    """A request made at the limit (a last poll, a code exchange) still gets its answer."""
+    def prompt(req):
+        time.sleep(0.3)
+        return 200, {}, {"access_token": "a"}
+
+    fake_server.reply("POST", "/token", 200, prompt)
+
+    async def at_the_limit():
+        with oac._TimeLimit(0.5):
+            await asyncio.sleep(0.55)
+            return await oac._request("POST", fake_server.url + "/token", form={}, timeout=5)
+
+    assert run(at_the_limit()).json() == {"access_token": "a"}
 
 
 @pytest.mark.timeout(60)
