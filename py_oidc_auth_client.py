@@ -357,7 +357,7 @@ class _Response:
 
 
 # The deadline of the login under way and its length in seconds: no request made
-# for it may run past that, whatever its own timeout (see _TimeLimit).
+# for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
 _TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
     "_TIME_LIMIT", default=None)
 _LATE_GRACE = 1.0
@@ -375,7 +375,7 @@ async def _request(
     ca_bundle: str | None = None,
     allow_http: bool = False,
 ) -> _Response:
-    """Send one request, over by *timeout* (and the login's time limit) whatever the server does.
+    """Send one request; it ends by *timeout* and the login's time limit, come what may.
 
     Only a GET without credentials follows redirects; for any other request a
     redirect is an AuthError, unless *follow_redirects* is False (the caller
