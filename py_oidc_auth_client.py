@@ -30,6 +30,7 @@ From the shell::
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import stat
@@ -250,13 +251,16 @@ class Config:
         A PEM file of CA certificates to trust for this server instead of
         the system's; None uses ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE``
         when set.
+    allow_http : bool
+        Allow plain ``http://`` to a host that is not this machine (tokens and
+        secrets then travel in clear); ``OIDC_ALLOW_HTTP=1`` does the same.
     """
 
     # Written out rather than a @dataclass: importing dataclasses (and the inspect,
     # ast and dis modules it pulls in) would double the cost of importing this module.
     _FIELDS = ("host", "redirect_ports", "token_env_var", "app_name", "login_route",
                "token_route", "device_route", "client_id", "client_secret", "scopes",
-               "ca_bundle")
+               "ca_bundle", "allow_http")
 
     def __init__(
         self,
@@ -271,6 +275,7 @@ class Config:
         client_secret: str | None = None,
         scopes: list[str] | None = None,
         ca_bundle: str | None = None,
+        allow_http: bool = False,
     ) -> None:
         self.host = host
         self.redirect_ports: list[int] = (
@@ -284,6 +289,7 @@ class Config:
         self.client_secret = client_secret
         self.scopes = scopes
         self.ca_bundle = ca_bundle
+        self.allow_http = allow_http
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS
@@ -354,6 +360,14 @@ class _Response:
         return json.loads(self.body)
 
 
+# The deadline of the login under way and its length in seconds: no request made
+# for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
+_TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "_TIME_LIMIT", default=None)
+_LATE_GRACE = 1.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
 async def _request(
     method: str,
     url: str,
@@ -363,23 +377,105 @@ async def _request(
     follow_redirects: bool = True,
     auth: tuple[str, str] | None = None,
     ca_bundle: str | None = None,
+    allow_http: bool = False,
 ) -> _Response:
-    """Send one request in a worker thread; transport failures become AuthError."""
+    """Send one request; it ends by *timeout* and the login's time limit, come what may.
+
+    Only a GET without credentials follows redirects; for any other request a
+    redirect is an AuthError, unless *follow_redirects* is False (the caller
+    reads the 3xx itself).
+    """
     import asyncio
 
-    call = asyncio.to_thread(_request_blocking, method, url, form, timeout, follow_redirects,
-                             auth, ca_bundle)
+    refusal = _insecure(url, allow_http)
+    if refusal:
+        raise AuthError(refusal, {"error": "insecure_transport"})
+    now = time.monotonic()
+    deadline, limit = now + timeout, _TIME_LIMIT.get()
+    if limit is not None:
+        # A request made just in time (a last poll, the code exchange after a login
+        # done in time) may finish a little after the limit: an answer in time counts.
+        deadline = min(deadline, limit[0] + _LATE_GRACE)
+        if deadline <= now:
+            raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
+                            "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
+    # Secrets (client secret, code, verifier, refresh or device code) never follow
+    # a redirect: urllib would carry them, Authorization header and all, elsewhere.
+    follow = follow_redirects and method == "GET" and form is None and auth is None
+    sockets: list[Any] = []
+    done = _in_daemon_thread(_request_blocking, method, url, form, deadline, follow, auth,
+                             ca_bundle, allow_http, sockets)
     try:
-        # The socket timeout bounds each read; this bounds a server that drips.
-        return await asyncio.wait_for(call, timeout + 5)
+        # The worker stops itself at the deadline; this is for a server that drips
+        # its headers, which urllib reads line by line with no deadline of its own.
+        resp = await asyncio.wait_for(done, deadline - time.monotonic() + 0.25)
     except asyncio.TimeoutError:
-        raise _TransientError(f"{method} {url} timed out after {timeout:g} s") from None
+        _abort(sockets)
+        raise _TransientError(f"{method} {url} timed out after "
+                              f"{min(timeout, deadline - now):.3g} s") from None
+    except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
+        _abort(sockets)
+        raise
+    location = resp.headers.get("Location") or resp.headers.get("location")
+    if follow_redirects and not follow and resp.status in _REDIRECTS and location:
+        raise AuthError(
+            f"{method} {url} answered {resp.status}, a redirect to "
+            f"{_printable(_short(location, 100))}; a request that carries credentials never "
+            "follows a redirect: configure the endpoint's final URL",
+            {"error": "redirect"}, resp.status)
+    return resp
+
+
+def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    """Run *func* in a daemon thread; its outcome settles the returned future.
+
+    Not ``asyncio.to_thread``: ``asyncio.run`` and interpreter exit wait for the
+    default executor, so a stuck read there would hold the process.
+    """
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller gave up (timeout, cancel)
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        result, error = None, None
+        try:
+            result = func(*args)
+        except BaseException as exc:  # handed to the caller, who raises it
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=work, name="oidc-auth-http", daemon=True).start()
+    return future
+
+
+def _abort(sockets: list[Any]) -> None:
+    """End a request stuck in a read: a shut down socket reads as closed at once."""
+    import socket
+
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _request_blocking(
-    method: str, url: str, form: dict[str, str] | None, timeout: float, follow: bool,
-    auth: tuple[str, str] | None = None,
-    ca_bundle: str | None = None,
+    method: str, url: str, form: dict[str, str] | None, deadline: float, follow: bool,
+    auth: tuple[str, str] | None = None, ca_bundle: str | None = None,
+    allow_http: bool = False, sockets: list[Any] | None = None,
 ) -> _Response:
     import http.client
     import urllib.error
@@ -396,33 +492,53 @@ def _request_blocking(
         pair = ":".join(urllib.parse.quote_plus(part) for part in auth)
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     # Only http(s) URLs get here: hosts are checked by _normalise_host.
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
+    request: Any = urllib.request.Request(url, data=data, headers=headers,  # noqa: S310
+                                          method=method)
+    # Read by the handlers of _transport_classes: where to note the sockets, and
+    # which redirects a GET may follow.
+    request.sockets, request.allow_http = [] if sockets is None else sockets, allow_http
     proxy = _proxy_for(url)
     where = f"{method} {url}" + (f" (via proxy {proxy})" if proxy else "")
     opener = _opener(follow, ca_bundle)
     try:
         try:
-            with opener.open(request, timeout=timeout) as resp:
+            with opener.open(request, timeout=max(0.001, deadline - time.monotonic())) as resp:
                 return _Response(url, resp.status, dict(resp.headers),
-                                 _read_capped(resp, resp.status, where))
+                                 _read_capped(resp, resp.status, where, deadline,
+                                              request.sockets))
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
             with exc:
                 return _Response(url, exc.code, dict(exc.headers or {}),
-                                 _read_capped(exc, exc.code, where))
+                                 _read_capped(exc, exc.code, where, deadline, request.sockets))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline:  # shut down by _abort, or a read at the deadline
+            raise _TransientError(f"{where}: timed out") from None
         raise _transport_error(where, exc, ca_bundle, proxy) from None
 
 
-def _read_capped(resp: Any, status: int, where: str) -> bytes:
+def _read_capped(resp: Any, status: int, where: str, deadline: float = float("inf"),
+                 sockets: Sequence[Any] = ()) -> bytes:
     import http.client
 
-    body: bytes = resp.read(_MAX_BODY + 1)
-    if len(body) > _MAX_BODY:
-        raise AuthError(f"{where} answered {status} with more than {_MAX_BODY >> 20} MiB; "
-                        "that is not a token answer", status_code=502)
-    # read(n) returns short instead of raising when the peer closes early.
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:  # a server that drips its body
+            raise _TransientError(f"{where}: timed out reading the answer")
+        for sock in sockets[-1:]:  # each read waits at most for what is left
+            sock.settimeout(min(left, _HTTP_TIMEOUT))
+        chunk: bytes = resp.read1(_MAX_BODY + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > _MAX_BODY:
+            raise AuthError(f"{where} answered {status} with more than {_MAX_BODY >> 20} MiB; "
+                            "that is not a token answer", status_code=502)
+    body = b"".join(chunks)
+    # A short read is no error to urllib when the peer closes early.
     length = (resp.headers.get("Content-Length") or "").strip()
     if length.isdigit() and len(body) < int(length):
         raise http.client.IncompleteRead(body, int(length) - len(body))
@@ -496,17 +612,105 @@ def _opener(follow: bool, ca_bundle: str | None = None) -> Any:
     key = (follow, tuple(sorted(proxies.items())), context_key)
     opener = _OPENERS.get(key)
     if opener is None:
-        handlers: list[Any] = [urllib.request.ProxyHandler(proxies),
-                               urllib.request.HTTPSHandler(context=context)]
-        if not follow:
-
-            class _NoRedirect(urllib.request.HTTPRedirectHandler):
-                def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-                    return None
-
-            handlers.append(_NoRedirect)
-        opener = _OPENERS[key] = urllib.request.build_opener(*handlers)
+        http_handler, https_handler, redirect, no_redirect = _transport_classes()
+        opener = _OPENERS[key] = urllib.request.build_opener(
+            urllib.request.ProxyHandler(proxies), http_handler, https_handler(context=context),
+            redirect if follow else no_redirect)
     return opener
+
+
+_TRANSPORT: list[Any] = []
+
+
+def _transport_classes() -> list[Any]:
+    """The handlers: each notes its sockets; a GET follows safe redirects only, else none."""
+    if _TRANSPORT:
+        return _TRANSPORT
+    import http.client
+    import urllib.request
+
+    class _Noted:
+        """A connection that notes its socket on the request, for _abort and _read_capped."""
+
+        sockets: list[Any]
+
+        def connect(self) -> None:
+            super().connect()  # type: ignore[misc]
+            self.sockets.append(self.sock)  # type: ignore[attr-defined]
+
+    class _HTTP(_Noted, http.client.HTTPConnection):
+        pass
+
+    class _HTTPS(_Noted, http.client.HTTPSConnection):
+        pass
+
+    def noted(base: type[Any], req: Any) -> Callable[..., Any]:
+        def connection(host: str, **kwargs: Any) -> Any:
+            conn = base(host, **kwargs)
+            conn.sockets = getattr(req, "sockets", [])
+            return conn
+        return connection
+
+    class _HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(noted(_HTTP, req), req)
+
+    class _HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(noted(_HTTPS, req), req,
+                                context=self._context)  # type: ignore[attr-defined]
+
+    class _Redirect(urllib.request.HTTPRedirectHandler):
+        """Follow to https, or to an allowed http URL; never from https down to http."""
+
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                             newurl: str) -> Any:
+            target = newurl.lower()
+            if not target.startswith("https://") and (
+                req.full_url.lower().startswith("https://")
+                or _insecure(newurl, getattr(req, "allow_http", False))
+            ):
+                fp.close()
+                raise AuthError(f"GET {req.full_url} answered {code}, a redirect to "
+                                f"{_printable(_short(newurl, 100))}; not followed: a redirect "
+                                "may lead to https (or allowed http), never from https to http",
+                                {"error": "redirect"}, code)
+            new: Any = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None:
+                new.sockets, new.allow_http = req.sockets, req.allow_http
+            return new
+
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    _TRANSPORT[:] = [_HTTPHandler, _HTTPSHandler, _Redirect, _NoRedirect]
+    return _TRANSPORT
+
+
+_WARNED_HTTP: set[str] = set()
+
+
+def _insecure(url: str, allow_http: bool = False) -> str:
+    """Why *url* must not be used (plain http to another machine), or ``""``.
+
+    Allowed plain http is named in one warning per host.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = _printable(parts.hostname or "")
+    if not _plain_http_allowed(url, allow_http):
+        if parts.scheme.lower() != "http":
+            return f"{_printable(_short(url, 100))} is not an https URL"
+        return (f"Refused to send anything to {_printable(_short(url, 100))}: plain http to "
+                f"{host}, another machine, would carry tokens and secrets in clear. Use https, "
+                f"or allow plain http explicitly: {_ALLOW_HTTP_VAR}=1 in the environment, or "
+                "allow_http=True (--allow-http on the command line)")
+    if parts.scheme.lower() == "http" and not _is_loopback(host) and host not in _WARNED_HTTP:
+        _WARNED_HTTP.add(host)
+        _logger().warning("plain http to %s is allowed: tokens and secrets travel in clear", host)
+    return ""
 
 
 def _proxy_for(url: str) -> str:
@@ -561,11 +765,11 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
 
 async def _post_form(
     url: str, form: dict[str, str], *, timeout: float, auth: tuple[str, str] | None = None,
-    ca_bundle: str | None = None,
+    ca_bundle: str | None = None, allow_http: bool = False,
 ) -> dict[str, Any]:
     """POST a form and return the JSON object it answers; errors become AuthError."""
     resp = await _request("POST", url, form=form, timeout=timeout, auth=auth,
-                          ca_bundle=ca_bundle)
+                          ca_bundle=ca_bundle, allow_http=allow_http)
     payload: Any
     try:
         payload = resp.json()
@@ -644,9 +848,11 @@ def _short(text: str | bytes, limit: int = 200) -> str:
 class _Session:
     """The module's own small HTTP session over ``urllib`` (no httpx)."""
 
-    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None) -> None:
+    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None,
+                 allow_http: bool = False) -> None:
         self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
         self.ca_bundle = ca_bundle
+        self.allow_http = allow_http
 
     async def request(
         self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True,
@@ -654,7 +860,8 @@ class _Session:
     ) -> _Response:
         """Send a request; the status is not checked."""
         return await _request(method, url, form=form, timeout=self.timeout,
-                              follow_redirects=follow, auth=auth, ca_bundle=self.ca_bundle)
+                              follow_redirects=follow, auth=auth, ca_bundle=self.ca_bundle,
+                              allow_http=self.allow_http)
 
     async def post_form(
         self, url: str, form: dict[str, str], *, deadline: float | None = None,
@@ -662,13 +869,16 @@ class _Session:
     ) -> dict[str, Any]:
         """POST a form, retrying transient faults with backoff until *deadline*."""
         attempt = 0
+        limit = _TIME_LIMIT.get()
+        if limit is not None:  # no retry past the login's time limit either
+            deadline = limit[0] if deadline is None else min(deadline, limit[0])
         while True:
             timeout = self.timeout
             if deadline is not None:
                 timeout = max(0.5, min(timeout, deadline - time.monotonic()))
             try:
                 return await _post_form(url, form, timeout=timeout, auth=auth,
-                                        ca_bundle=self.ca_bundle)
+                                        ca_bundle=self.ca_bundle, allow_http=self.allow_http)
             except _TransientError as exc:
                 attempt += 1
                 delay = _backoff(attempt, exc)
@@ -682,6 +892,31 @@ class _Session:
                     ) from None
                 _logger().debug("retrying in %.1f s after: %s", delay, exc.message)
                 await _sleep(delay)
+
+
+class _TimeLimit:
+    """``with _TimeLimit(seconds):`` no request inside runs past *seconds* from now."""
+
+    def __init__(self, seconds: float | None) -> None:
+        limit = _TIME_LIMIT.get()
+        if seconds is not None and (limit is None or time.monotonic() + seconds < limit[0]):
+            limit = (time.monotonic() + seconds, float(seconds))
+        self.limit = limit
+
+    def __enter__(self) -> None:
+        self.token = _TIME_LIMIT.set(self.limit)
+
+    def __exit__(self, *exc: object) -> None:
+        _TIME_LIMIT.reset(self.token)
+
+
+def _time_left(seconds: float | None) -> float | None:
+    """*seconds*, or less when the login's time limit comes sooner; None waits forever."""
+    limit = _TIME_LIMIT.get()
+    if limit is None:
+        return seconds
+    left = max(0.0, limit[0] - time.monotonic())
+    return left if seconds is None else min(seconds, left)
 
 
 def _backoff(attempt: int, exc: AuthError) -> float:
@@ -752,9 +987,10 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
             break
         except _TransientError as exc:
             attempt += 1
-            if attempt > _RETRIES:
+            delay, limit = _backoff(attempt, exc), _TIME_LIMIT.get()
+            if attempt > _RETRIES or (limit is not None and time.monotonic() + delay >= limit[0]):
                 raise
-            await _sleep(_backoff(attempt, exc))
+            await _sleep(delay)
     try:
         doc = resp.json()
     except ValueError:
@@ -1878,13 +2114,15 @@ class BaseFlow:
         Scopes to ask for; ``openid offline_access`` when None.
     ca_bundle : str or None
         CA certificates to trust for the server (see `Config`).
+    allow_http : bool
+        Allow plain ``http://`` to a host that is not this machine (see `Config`).
     """
 
     _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
     _OPTIONS: ClassVar[frozenset[str]] = frozenset({
         "store", "login_route", "token_route", "device_route", "redirect_ports",
         "timeout", "app_name", "token_env_var", "interactive", "client_id", "client_secret",
-        "scopes", "ca_bundle",
+        "scopes", "ca_bundle", "allow_http",
     })
 
     def __new__(cls: type[_F], host: str = "", config: Config | None = None,
@@ -1906,7 +2144,7 @@ class BaseFlow:
             options = {k: v for k, v in kwargs.items()
                        if k in ("login_route", "token_route", "device_route",
                                 "app_name", "token_env_var", "client_id", "client_secret",
-                                "ca_bundle")}
+                                "ca_bundle", "allow_http")}
             ports = kwargs.get("redirect_ports")
             config = Config(host=host, **options)
             if ports is not None:
@@ -1943,11 +2181,14 @@ class BaseFlow:
     @property
     def session(self) -> _Session:
         """The HTTP session: this module's own small ``urllib`` session, not httpx."""
-        if self._session is None or (self._session.timeout, self._session.ca_bundle) != (
-            min(self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT), self.config.ca_bundle
+        session = self._session
+        if session is None or (session.timeout, session.ca_bundle, session.allow_http) != (
+            min(self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT), self.config.ca_bundle,
+            self.config.allow_http,
         ):
-            self._session = _Session(self.timeout, self.config.ca_bundle)
-        return self._session
+            session = self._session = _Session(self.timeout, self.config.ca_bundle,
+                                               self.config.allow_http)
+        return session
 
     @property
     def token(self) -> Token | None:
@@ -1998,11 +2239,12 @@ class BaseFlow:
         Token
             The authentication token.
         """
-        if not force:
-            token = await self._cached_or_refreshed()
-            if token is not None:
-                return token
-        return await self._interactive_login()
+        with _TimeLimit(self.timeout):
+            if not force:
+                token = await self._cached_or_refreshed()
+                if token is not None:
+                    return token
+            return await self._interactive_login()
 
     async def logout(self) -> str | None:
         """Revoke this host's tokens where the provider offers it, then forget them.
@@ -2345,7 +2587,8 @@ class DeviceFlow(BaseFlow):
             form, auth = self._client_auth(meta, {"scope": scope} if scope else {})
         try:  # one attempt: a 503 here means "no device flow", not "try again"
             raw = await _post_form(url, form, timeout=self.session.timeout, auth=auth,
-                                   ca_bundle=self.session.ca_bundle)
+                                   ca_bundle=self.session.ca_bundle,
+                                   allow_http=self.session.allow_http)
         except AuthError as exc:
             said = exc.message.split(" answered ", 1)[-1]  # the server's words, not the URL
             if exc.status_code in _NO_DEVICE_STATUS or (
@@ -2394,8 +2637,9 @@ class DeviceFlow(BaseFlow):
         """
         start = time.monotonic()
         deadline = self._device_deadlines.pop(device_code, start + 1800)
-        if self.timeout is not None:
-            deadline = min(deadline, start + self.timeout)
+        left = _time_left(self.timeout)
+        if left is not None:
+            deadline = min(deadline, start + left)
         interval = max(1, int(interval))
         show = self._show_countdown()
         url, auth = self._url(self.config.token_route), None
@@ -2596,7 +2840,7 @@ class CodeFlow(BaseFlow):
             if _can_open_browser():
                 _open_browser(receiver.entry_url)
             try:
-                params = await asyncio.wait_for(result, self.timeout)
+                params = await asyncio.wait_for(result, _time_left(self.timeout))
             except asyncio.TimeoutError:
                 raise AuthError(f"No login to {self.host} was completed within {self.timeout} s",
                                 {"error": "timeout"}, 408) from None
@@ -3026,6 +3270,7 @@ def authenticate(
     client_secret: str | None = None,
     scopes: str | Sequence[str] | None = None,
     ca_bundle: str | None = None,
+    allow_http: bool = False,
 ) -> Token:
     """Authenticate to an OIDC protected server and return a token.
 
@@ -3074,6 +3319,9 @@ def authenticate(
         Tokens are kept per issuer, client id and scopes.
     ca_bundle : str or None
         CA certificates to trust for the server (see `Config`).
+    allow_http : bool
+        Allow plain ``http://`` to a host that is not this machine: tokens and
+        secrets then travel in clear. ``OIDC_ALLOW_HTTP=1`` does the same.
 
     Returns
     -------
@@ -3111,7 +3359,7 @@ def authenticate(
         host, login_route=login_route, token_route=token_route, device_route=device_route,
         redirect_ports=redirect_ports, store=store, app_name=app_name, force=force,
         timeout=timeout, client_id=client_id, client_secret=client_secret, scopes=scopes,
-        ca_bundle=ca_bundle,
+        ca_bundle=ca_bundle, allow_http=allow_http,
     ))
 
 
@@ -3130,6 +3378,7 @@ async def authenticate_async(
     client_secret: str | None = None,
     scopes: str | Sequence[str] | None = None,
     ca_bundle: str | None = None,
+    allow_http: bool = False,
 ) -> Token:
     """Async version of `authenticate`, for code already inside an event loop.
 
@@ -3161,6 +3410,9 @@ async def authenticate_async(
         Scopes to ask the provider for; ``openid offline_access`` when None.
     ca_bundle : str or None
         CA certificates to trust for the server (see `Config`).
+    allow_http : bool
+        Allow plain ``http://`` to a host that is not this machine: tokens and
+        secrets then travel in clear. ``OIDC_ALLOW_HTTP=1`` does the same.
 
     Returns
     -------
@@ -3174,33 +3426,34 @@ async def authenticate_async(
     """
     config = Config(host=host, app_name=app_name, login_route=login_route,
                     token_route=token_route, device_route=device_route, client_id=client_id,
-                    client_secret=client_secret, ca_bundle=ca_bundle,
+                    client_secret=client_secret, ca_bundle=ca_bundle, allow_http=allow_http,
                     scopes=None if scopes is None else _scopes(scopes))
     if redirect_ports is not None:
         config.redirect_ports = list(redirect_ports)
     device = DeviceFlow._detached(config, store=store, timeout=timeout)
-    if not force:
-        token = await device._cached_or_refreshed()
-        if token is not None:
-            return token
-    token_file = None if force else os.environ.get(config.token_env_var)
-    reason = _no_login_reason(config.token_env_var if token_file else None)
-    if reason:
-        command = f"python -m py_oidc_auth_client {_cli_target(device.config)}"
-        raise AuthError(
-            f"Not logged in to {device.host}: {reason}. Make a new token file on a "
-            f"workstation: {command} --export {token_file}" if token_file else
-            f"Not logged in to {device.host}, and {reason}. Log in once on a workstation "
-            f"({command}); in a batch job, point {config.token_env_var} at a token file "
-            f"made there ({command} --export token.json).",
-            {"error": "login_required"}, 401,
-        )
-    try:
-        return await device._interactive_login()
-    except _NoDeviceFlow as exc:
-        _logger().debug("%s; using the code flow", exc.message)
-    code = CodeFlow._detached(config, store=store, timeout=timeout)
-    return await code._interactive_login()
+    with _TimeLimit(timeout):  # the whole login, requests included
+        if not force:
+            token = await device._cached_or_refreshed()
+            if token is not None:
+                return token
+        token_file = None if force else os.environ.get(config.token_env_var)
+        reason = _no_login_reason(config.token_env_var if token_file else None)
+        if reason:
+            command = f"python -m py_oidc_auth_client {_cli_target(device.config)}"
+            raise AuthError(
+                f"Not logged in to {device.host}: {reason}. Make a new token file on a "
+                f"workstation: {command} --export {token_file}" if token_file else
+                f"Not logged in to {device.host}, and {reason}. Log in once on a workstation "
+                f"({command}); in a batch job, point {config.token_env_var} at a token file "
+                f"made there ({command} --export token.json).",
+                {"error": "login_required"}, 401,
+            )
+        try:
+            return await device._interactive_login()
+        except _NoDeviceFlow as exc:
+            _logger().debug("%s; using the code flow", exc.message)
+        code = CodeFlow._detached(config, store=store, timeout=timeout)
+        return await code._interactive_login()
 
 
 def _cli_target(config: Config) -> str:
@@ -3455,6 +3708,7 @@ environment:
   BROWSER              the browser to open; also allows a login without a terminal
   NO_COLOR, TERM=dumb  show the countdown without escape sequences
   HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE   proxy and CA bundle for the connection
+  OIDC_ALLOW_HTTP=1    allow plain http:// to other machines, as --allow-http does
 """
 
 
@@ -3506,6 +3760,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--timeout", type=int, default=30, metavar="SECONDS",
                        help="seconds to wait for the login (default: 30; 0 waits forever)")
     group.add_argument("--force", action="store_true", help="log in even if a token is cached")
+    group.add_argument("--allow-http", action="store_true",
+                       help="allow plain http:// to a host that is not this machine (tokens "
+                            f"and secrets travel in clear); also {_ALLOW_HTTP_VAR}=1")
     group.add_argument("-l", "--login-route", default="/auth/v2/login",
                        help="default: %(default)s")
     group.add_argument("-t", "--token-route", default="/auth/v2/token",
@@ -3635,7 +3892,7 @@ def _cli(args: Any) -> int:
         args.host, login_route=args.login_route, token_route=args.token_route,
         device_route=args.device_route, redirect_ports=args.ports, force=args.force,
         app_name=args.app_name, timeout=args.timeout or None, client_id=args.client_id,
-        client_secret=args.client_secret, scopes=args.scope,
+        client_secret=args.client_secret, scopes=args.scope, allow_http=args.allow_http,
     )
     if args.min_valid is not None:
         enough = _min_valid(args, token)
@@ -3666,7 +3923,7 @@ def _cli_flow(args: Any, host: str, store: TokenStore | None = None) -> DeviceFl
     config = Config(host=host, app_name=args.app_name, login_route=args.login_route,
                     token_route=args.token_route, device_route=args.device_route,
                     client_id=args.client_id, client_secret=args.client_secret,
-                    scopes=args.scope)
+                    scopes=args.scope, allow_http=args.allow_http)
     if args.ports:
         config.redirect_ports = list(args.ports)
     return DeviceFlow._detached(config, store=store, timeout=args.timeout or None)

@@ -255,7 +255,7 @@ def test_refused_connection(closed_port):
 
 @pytest.mark.timeout(5)
 def test_dns_failure_is_not_retried():
-    url = "http://no-such-host.invalid/auth/v2/token"
+    url = "https://no-such-host.invalid/auth/v2/token"
     start = time.monotonic()
     with pytest.raises(oac.AuthError) as info:
         run(oac._Session(2).post_form(url, FORM))
