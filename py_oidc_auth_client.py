@@ -1101,10 +1101,10 @@ def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: st
 
 def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
     """Why an ID token signed with *alg* is refused before any key is fetched; "" if not."""
+    if alg is None or (isinstance(alg, str) and alg.strip().lower() in ("", "none")):
+        return f"it is not signed (alg {_short(json.dumps(alg), 40)})"
     if not isinstance(alg, str):
         return f"its alg header {_short(json.dumps(alg), 40)} is not an algorithm name"
-    if alg.strip().lower() in ("", "none"):
-        return f"it is not signed (alg {_short(json.dumps(alg), 40)})"
     if alg in _RSA_DIGESTS:
         return "" if meta.get("jwks_uri") else (
             f"its {alg} signature cannot be checked: the provider publishes no jwks_uri")
@@ -2282,7 +2282,7 @@ class DeviceFlow(BaseFlow):
             raise
         try:
             uris = [raw[name] for name in ("verification_uri_complete", "verification_uri")
-                    if raw.get(name) or name == "verification_uri"]
+                    if raw.get(name)] or [raw["verification_uri"]]
             code: DeviceCode = {
                 "uri": _web_url(uris[0], "the verification URI"),
                 "user_code": _short(str(raw["user_code"]), 100),

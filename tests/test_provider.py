@@ -704,7 +704,7 @@ def test_other_algorithms_are_trusted_from_the_token_endpoint_but_claims_still_c
 @pytest.mark.parametrize("header", [{"alg": "none"}, {}, {"alg": 5}])
 def test_unsigned_id_tokens_are_refused(provider, tmp_store, header):
     token = f"{part(header)}.{part(provider.claims_now())}."
-    with pytest.raises(oac.AuthError, match="not signed"):
+    with pytest.raises(oac.AuthError, match=r"not signed|not an algorithm name"):
         id_token_check(provider, tmp_store, token)
 
 
