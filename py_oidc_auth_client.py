@@ -1035,13 +1035,13 @@ _RSA_DIGESTS = {
     "RS384": ("sha384", "3041300d060960864801650304020205000430"),
     "RS512": ("sha512", "3051300d060960864801650304020305000440"),
 }
+_PSS_DIGESTS = {"PS256": "sha256", "PS384": "sha384", "PS512": "sha512"}  # RFC 7518, 3.5
 _HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 # Algorithms this module cannot verify, with the key type that signs them. OIDC Core
 # 3.1.3.7 (6) lets a client trust an ID token on the strength of the TLS connection to
 # the token endpoint; we do so only for these, only when the provider lists the
 # algorithm and its key set holds a key that can have made the signature.
-_UNVERIFIED_ALGS = {"ES256": "EC", "ES384": "EC", "ES512": "EC", "PS256": "RSA",
-                    "PS384": "RSA", "PS512": "RSA", "EdDSA": "OKP"}
+_UNVERIFIED_ALGS = {"ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP"}
 
 
 def _jws_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
@@ -1105,14 +1105,14 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
         return f"it is not signed (alg {_short(json.dumps(alg), 40)})"
     if not isinstance(alg, str):
         return f"its alg header {_short(json.dumps(alg), 40)} is not an algorithm name"
-    if alg in _RSA_DIGESTS:
+    if alg in _RSA_DIGESTS or alg in _PSS_DIGESTS:
         return "" if meta.get("jwks_uri") else (
             f"its {alg} signature cannot be checked: the provider publishes no jwks_uri")
     if alg in _HMAC_DIGESTS:
         return "" if secret else (
             f"it is signed with {alg}, which needs the client secret, and none is configured")
     if alg not in _UNVERIFIED_ALGS:
-        known = ", ".join([*_RSA_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS])
+        known = ", ".join([*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS])
         return f"its algorithm {_short(json.dumps(alg), 40)} is not one of {known}"
     listed = meta.get("id_token_signing_alg_values_supported")
     if not isinstance(listed, list) or alg not in listed:
@@ -1136,7 +1136,7 @@ def _remember_id_token(access: str, id_token: str) -> None:
 
 
 def _rsa_verify(key: dict[str, Any], alg: str, signed: bytes, signature: bytes) -> bool:
-    """RSASSA-PKCS1-v1_5 (RFC 8017, 8.2.2) with a JWK's ``n`` and ``e``."""
+    """RSASSA-PKCS1-v1_5 (RFC 8017, 8.2.2) or RSASSA-PSS (8.1.2) with a JWK's ``n``, ``e``."""
     import hashlib
     import hmac
 
@@ -1150,11 +1150,39 @@ def _rsa_verify(key: dict[str, Any], alg: str, signed: bytes, signature: bytes) 
     s = int.from_bytes(signature, "big")
     if s >= n:
         return False
+    if alg in _PSS_DIGESTS:
+        return _pss_verify(pow(s, e, n), n.bit_length() - 1, _PSS_DIGESTS[alg], signed)
     # Build the one valid encoded message and compare it whole: no parsing of padding.
     hash_name, prefix = _RSA_DIGESTS[alg]
     digest_info = bytes.fromhex(prefix) + hashlib.new(hash_name, signed).digest()
     expected = b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info
     return hmac.compare_digest(pow(s, e, n).to_bytes(size, "big"), expected)
+
+
+def _pss_verify(m: int, em_bits: int, hash_name: str, signed: bytes) -> bool:
+    """EMSA-PSS-VERIFY (RFC 8017, 9.1.2): MGF1 with the same hash, salt as long as the hash."""
+    import hashlib
+    import hmac
+
+    h_len = hashlib.new(hash_name).digest_size
+    em_len = (em_bits + 7) // 8
+    if m.bit_length() > em_bits or em_len < 2 * h_len + 2:
+        return False
+    em = m.to_bytes(em_len, "big")
+    masked, digest = em[: em_len - h_len - 1], em[em_len - h_len - 1 : -1]
+    if em[-1] != 0xBC:
+        return False
+    mask = b"".join(hashlib.new(hash_name, digest + i.to_bytes(4, "big")).digest()
+                    for i in range((len(masked) + h_len - 1) // h_len))
+    db = bytearray(a ^ b for a, b in zip(masked, mask))
+    db[0] &= 0xFF >> (8 * em_len - em_bits)  # the bits above em_bits are not part of DB
+    pad = len(db) - h_len - 1
+    if any(db[:pad]) or db[pad] != 1:
+        return False
+    salt = bytes(db[pad + 1 :])
+    expected = hashlib.new(hash_name, bytes(8) + hashlib.new(hash_name, signed).digest()
+                           + salt).digest()
+    return hmac.compare_digest(digest, expected)
 
 
 # ---------------------------------------------------------------------------
@@ -2087,7 +2115,7 @@ class BaseFlow:
         secret = self.config.client_secret
         problem = _alg_problem(header.get("alg"), meta, secret)
         alg = str(header.get("alg"))
-        if not problem and alg in _RSA_DIGESTS:
+        if not problem and (alg in _RSA_DIGESTS or alg in _PSS_DIGESTS):
             keys = await self._signing_keys(meta, header, "RSA")
             if not any(_rsa_verify(k, alg, signed, signature) for k in keys):
                 problem = f"its {alg} signature does not verify"

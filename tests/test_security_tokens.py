@@ -334,12 +334,19 @@ def rsa_jwk(kid: str = "k1") -> dict[str, Any]:
             "e": b64u(numbers.e.to_bytes(3, "big"))}
 
 
-def rs256(claims: Any, raw_claims: str = "", **header: Any) -> str:
-    """An ID token signed by the provider's RSA key."""
-    head = {"alg": "RS256", "kid": "k1", **header}
+HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+
+
+def rs256(claims: Any, raw_claims: str = "", alg: str = "RS256", salt: Any = None,
+          **header: Any) -> str:
+    """An ID token signed by the provider's RSA key (RS* or PS*)."""
+    head = {"alg": alg, "kid": "k1", **header}
     body = raw_claims or json.dumps(claims)
     signed = f"{b64u(json.dumps(head).encode())}.{b64u(body.encode())}".encode()
-    signature = rsa_key().sign(signed, padding.PKCS1v15(), hashes.SHA256())
+    digest = HASHES[alg[2:]]()
+    pad = padding.PKCS1v15() if alg.startswith("RS") else padding.PSS(
+        padding.MGF1(digest), padding.PSS.DIGEST_LENGTH if salt is None else salt)
+    signature = rsa_key().sign(signed, pad, digest)
     return f"{signed.decode()}.{b64u(signature)}"
 
 
@@ -422,7 +429,7 @@ def test_an_algorithm_outside_the_list_is_refused(provider, tmp_store, alg):
     assert "is not one of RS256" in message
 
 
-@pytest.mark.parametrize("alg", ["EdDSA", "ES256", "PS256"])
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256", "ES512"])
 def test_an_unverifiable_algorithm_the_provider_does_not_list_is_refused(provider, tmp_store,
                                                                          alg):
     provider.id_token = jwt({"alg": alg, "kid": "k1"}, provider.claims(), b"garbage")
@@ -458,6 +465,36 @@ def test_rs256_without_a_jwks_uri_is_refused(fake_server, tmp_store):
     provider.id_token = rs256(provider.claims())
     assert "no jwks_uri" in refused(provider, tmp_store)
     assert fake_server.hits("/jwks") == []
+
+
+@pytest.mark.parametrize("alg", ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"])
+def test_rsa_signatures_are_verified_here(provider, tmp_store, alg):
+    provider.id_token = rs256(provider.claims(), alg=alg)  # not listed by the provider: verified
+    assert refreshed(provider, tmp_store)["access_token"]
+    head, _, signature = rs256(provider.claims(), alg=alg).split(".")
+    forged = b64u(json.dumps(provider.claims(sub="mallory")).encode())
+    provider.id_token = f"{head}.{forged}.{signature}"
+    assert f"{alg} signature does not verify" in refused(provider, tmp_store)
+
+
+@pytest.mark.parametrize("salt", [0, 20, padding.PSS.MAX_LENGTH])
+def test_pss_signatures_need_the_salt_length_of_rfc_7518(provider, tmp_store, salt):
+    provider.id_token = rs256(provider.claims(), alg="PS256", salt=salt)
+    assert "PS256 signature does not verify" in refused(provider, tmp_store)
+
+
+@pytest.mark.parametrize("bits", [2049, 2057])  # the encoded message is one byte shorter
+def test_pss_verification_agrees_with_cryptography_for_any_key_size(bits):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    numbers = key.public_key().public_numbers()
+    size = (bits + 7) // 8
+    public = {"n": b64u(numbers.n.to_bytes(size, "big")), "e": b64u(numbers.e.to_bytes(3, "big"))}
+    for i in range(10):
+        message = f"message {i}".encode()
+        signature = key.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()),
+                                                  padding.PSS.DIGEST_LENGTH), hashes.SHA256())
+        assert oac._rsa_verify(public, "PS256", message, signature)
+        assert not oac._rsa_verify(public, "PS256", message + b".", signature)
 
 
 def test_rs256_with_a_garbage_signature_is_refused(provider, tmp_store):
