@@ -602,8 +602,8 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
     if resp.status not in _TRANSIENT_STATUS or error:
         return AuthError(message, detail, resp.status)
     exc = _TransientError(message, detail, resp.status)
-    retry_after = resp.headers.get("Retry-After") or resp.headers.get("retry-after") or ""
-    if retry_after.strip().isdigit():
+    retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after") or "").strip()
+    if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
         exc.retry_after = min(float(retry_after), 60.0)
     return exc
 

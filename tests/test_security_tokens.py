@@ -578,6 +578,17 @@ def test_token_lifetimes_from_a_server_never_crash_the_cli(fake_server, value):
     assert listing.returncode == 0 and "Traceback" not in listing.stderr
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "9" * 400, "1e9", "-1", "NaN"])
+def test_a_garbled_retry_after_is_ignored(fake_server, tmp_store, value):
+    fake_server.reply("POST", TOKEN, 503, b"", {"Retry-After": value})
+    fake_server.reply("POST", TOKEN, 400, {"error": "invalid_request"})
+    started = time.monotonic()
+    # Retried after the backoff, or given up at once when the 60-s cap passes the deadline.
+    with pytest.raises(oac.AuthError, match=r"invalid_request|gave up"):
+        run(oac.DeviceFlow(fake_server.url, store=tmp_store).refresh("refresh-token-1"))
+    assert time.monotonic() - started < 30
+
+
 @pytest.mark.timeout(60)
 def test_keycloak_offline_refresh_expires_in_0_refreshes_instead_of_logging_in(fake_server):
     now = int(time.time())
