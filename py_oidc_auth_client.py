@@ -794,6 +794,13 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     access = raw.get("access_token")
     if not isinstance(access, str) or not access:
         raise AuthError("The token answer has no access_token", status_code=502)
+    token_type = str(raw.get("token_type") or "Bearer").strip()
+    # Both go into an Authorization header and onto a terminal (--header) as they are.
+    word = token_type.replace("-", "").replace("_", "").replace(".", "")
+    if _printable(access) != access or " " in access or not (word.isascii() and word.isalnum()):
+        raise AuthError(f"The token answer's access_token or its token_type "
+                        f"({_short(json.dumps(token_type), 40)}) holds spaces or control "
+                        "characters; it cannot be used in an HTTP header", status_code=502)
     expires = _timestamp(raw, "expires", "expires_at", "expires_in", now)
     if expires is None:
         expires = _exp_claim(access, now) or now + 300
@@ -814,7 +821,6 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
         refresh, refresh_expires = previous["refresh_token"], previous["refresh_expires"]
     else:
         refresh, refresh_expires = "", 0
-    token_type = str(raw.get("token_type") or "Bearer")
     if token_type.lower() == "bearer":
         token_type = "Bearer"
     scope = raw.get("scope")

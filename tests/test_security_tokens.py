@@ -294,6 +294,20 @@ def test_server_text_reaches_stderr_without_control_characters(fake_server, brow
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("changes", [{"token_type": "Bearer" + LACED},
+                                     {"token_type": "Bearer\r\nX-Injected: 1"},
+                                     {"access_token": "abc\r\nX-Injected: 1"},
+                                     {"access_token": "abc\x1b]52;c;ZXZpbA==\x07"}])
+def test_token_answers_that_would_inject_header_lines_are_refused(fake_server, changes):
+    fake_server.reply("POST", DEVICE, 200, device_answer())
+    fake_server.reply("POST", TOKEN, 200, token_answer(**changes))
+    proc = cli(fake_server.url, "--header", "--timeout", "10", env={"BROWSER": "true"})
+    assert "cannot be used in an HTTP header" in one_error_line(proc)
+    assert control_chars(proc.stdout + proc.stderr) == []
+    assert "X-Injected" not in proc.stdout
+
+
+@pytest.mark.timeout(60)
 def test_discovery_errors_reach_stderr_without_control_characters(fake_server):
     Provider(fake_server, issuer="https://evil.example" + LACED)
     proc = cli(fake_server.url, "--client-id", CLIENT, "--timeout", "10",
