@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import math
 import os
 import stat
 import sys
@@ -776,7 +777,7 @@ async def _post_form(
     except ValueError:
         payload = None
     if resp.status >= 400:
-        raise _redact(_http_error(resp, payload), [*form.values(), *(auth or ())])
+        raise _http_error(resp, payload, [*form.values(), *(auth or ())])
     if not isinstance(payload, dict):
         kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
         raise AuthError(
@@ -786,18 +787,31 @@ async def _post_form(
     return payload
 
 
-def _http_error(resp: _Response, payload: Any) -> AuthError:
-    error, description = _oauth_error(payload)
+def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> AuthError:
+    """The error answer *resp* as an AuthError; any of *secrets* it echoes is blanked out."""
+    secrets = sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True)
+
+    def clean(text: str, limit: int = 200) -> str:
+        # Printable first (a control byte inside an echoed secret would defeat the
+        # match), redacted next, cut last: a cut secret would survive as a prefix.
+        text = _printable(text)
+        for secret in secrets:
+            text = text.replace(secret, "[redacted]")
+        return _short(text, limit)
+
+    error, description = _oauth_error(payload, clean)
+    error, description = clean(error, 100), clean(description)
     text = f"{error}: {description}" if error and description else error or description
     if not text:
-        text = _short(resp.body) if payload is not None else "no OAuth error in the answer"
+        text = (clean(resp.body.decode("utf-8", "replace")) if payload is not None
+                else "no OAuth error in the answer")
     detail = {"error": error, "error_description": description} if error else {}
     message = f"{resp.url} answered {resp.status}: {text}"
     if resp.status not in _TRANSIENT_STATUS or error:
         return AuthError(message, detail, resp.status)
     exc = _TransientError(message, detail, resp.status)
-    retry_after = resp.headers.get("Retry-After") or resp.headers.get("retry-after") or ""
-    if retry_after.strip().isdigit():
+    retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after") or "").strip()
+    if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
         exc.retry_after = min(float(retry_after), 60.0)
     return exc
 
@@ -814,14 +828,17 @@ def _redact(exc: AuthError, secrets: Iterable[str]) -> AuthError:
     return exc
 
 
-def _oauth_error(payload: Any) -> tuple[str, str]:
-    """Find ``(error, error_description)`` at the top level or nested in ``detail``."""
+def _oauth_error(payload: Any, clean: Callable[[str], str] | None = None) -> tuple[str, str]:
+    """Find ``(error, error_description)`` at the top level or nested in ``detail``.
+
+    A plain text answer is passed through *clean* (default `_short`) as the description.
+    """
     if isinstance(payload, dict):
         error = payload.get("error")
         if isinstance(error, str) and error:
             return error, str(payload.get("error_description") or "")
         if "detail" in payload:
-            return _oauth_error(payload["detail"])
+            return _oauth_error(payload["detail"], clean)
     elif isinstance(payload, str):
         # py-oidc-auth wraps the provider's answer: "Upstream OIDC error: {...}".
         start = payload.find("{")
@@ -831,17 +848,18 @@ def _oauth_error(payload: Any) -> tuple[str, str]:
             except ValueError:
                 inner = None
             if inner is not None:
-                error, description = _oauth_error(inner)
+                error, description = _oauth_error(inner, clean)
                 if error:
                     return error, description
-        return "", _short(payload)
+        return "", (clean or _short)(payload)
     return "", ""
 
 
 def _short(text: str | bytes, limit: int = 200) -> str:
+    """Server text for a message: printable, on one line, at most *limit* characters."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    text = " ".join(text.split())
+    text = " ".join(_printable(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -965,6 +983,7 @@ async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
         ):
             problem = "missing" if value is None else f"not an {'https' if secure else 'http'} URL"
             raise AuthError(f"{url}: {name} is {problem}", status_code=502)
+        _web_url(value, f"{name} (in {url})", allow_http=True)  # no hidden characters, a host
     return meta
 
 
@@ -1015,10 +1034,16 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     access = raw.get("access_token")
     if not isinstance(access, str) or not access:
         raise AuthError("The token answer has no access_token", status_code=502)
+    token_type = str(raw.get("token_type") or "Bearer").strip()
+    # Both go into an Authorization header and onto a terminal (--header) as they are.
+    word = token_type.replace("-", "").replace("_", "").replace(".", "")
+    if _printable(access) != access or " " in access or not (word.isascii() and word.isalnum()):
+        raise AuthError(f"The token answer's access_token or its token_type "
+                        f"({_short(json.dumps(token_type), 40)}) holds spaces or control "
+                        "characters; it cannot be used in an HTTP header", status_code=502)
     expires = _timestamp(raw, "expires", "expires_at", "expires_in", now)
     if expires is None:
-        expires = _jwt_claims(access).get("exp")
-        expires = int(expires) if isinstance(expires, (int, float)) else now + 300
+        expires = _exp_claim(access, now) or now + 300
     if expires <= now:
         raise AuthError(
             "The server sent an access token that has already expired; "
@@ -1031,16 +1056,11 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
                                      "refresh_expires_in", now)
         # py-oidc-auth invents now + 180 s when the provider gives no lifetime.
         if refresh_expires is None or abs(refresh_expires - now - 180) <= 3:
-            claim = _jwt_claims(refresh).get("exp")
-            refresh_expires = (
-                int(claim) if isinstance(claim, (int, float))
-                else now + _UNKNOWN_REFRESH_LIFETIME
-            )
+            refresh_expires = _exp_claim(refresh, now) or now + _UNKNOWN_REFRESH_LIFETIME
     elif previous is not None:
         refresh, refresh_expires = previous["refresh_token"], previous["refresh_expires"]
     else:
         refresh, refresh_expires = "", 0
-    token_type = str(raw.get("token_type") or "Bearer")
     if token_type.lower() == "bearer":
         token_type = "Bearer"
     scope = raw.get("scope")
@@ -1064,30 +1084,69 @@ def _token(
 
 
 def _timestamp(raw: dict[str, Any], absolute: str, alt: str, relative: str, now: int) -> int | None:
+    """An expiry time from an absolute or a relative field; None when no field says one.
+
+    A relative 0 means "no known expiry" (Keycloak's offline tokens); NaN, Infinity
+    and text count as not given; lifetimes past _MAX_LIFETIME are cut to it.
+    """
     for key in (absolute, alt):
-        value = raw.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return int(value)
-    value = raw.get(relative)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return now + int(value)
-    if isinstance(value, str) and value.isdigit():
-        return now + int(value)
-    return None
+        value = _finite(raw.get(key))
+        if value is not None and value > 0:
+            return int(min(value, now + _MAX_LIFETIME))
+    value = _finite(raw.get(relative))
+    if not value:
+        return None
+    return now + int(min(value, _MAX_LIFETIME))
+
+
+_MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
+
+
+def _finite(value: object) -> float | None:
+    """A finite number from a server (a JSON number or a string of digits), else None."""
+    if isinstance(value, str):  # some servers send "3600"
+        return float(value) if value.isascii() and value.isdigit() and len(value) < 16 else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _exp_claim(token: str, now: int) -> int | None:
+    """The ``exp`` of a JWT-shaped token, cut to _MAX_LIFETIME from *now*; None without one."""
+    exp = _finite(_jwt_claims(token).get("exp"))
+    return int(min(exp, now + _MAX_LIFETIME)) if exp and exp > 0 else None
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
     """Decode a JWT payload without verifying it (only to read timestamps)."""
-    import base64
-
     parts = token.split(".")
     if len(parts) != 3:
         return {}
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except ValueError:
+        payload = _strict_json(_b64decode(parts[1]))
+    except ValueError:  # also non-finite numbers
         return {}
     return payload if isinstance(payload, dict) else {}
+
+
+class _NotFinite(ValueError):
+    """NaN, Infinity or a number too large for a float in JSON from a server."""
+
+
+def _strict_json(data: bytes | str) -> Any:
+    """``json.loads`` that refuses what Python's json accepts beyond the JSON grammar."""
+    def refuse(text: str) -> Any:
+        raise _NotFinite(text)
+
+    def finite(text: str) -> float:
+        number = float(text)
+        return number if math.isfinite(number) else refuse(text)
+
+    return json.loads(data, parse_constant=refuse, parse_float=finite)
 
 
 _LIFETIMES: dict[str, int] = {}
@@ -1222,7 +1281,13 @@ _RSA_DIGESTS = {
     "RS384": ("sha384", "3041300d060960864801650304020205000430"),
     "RS512": ("sha512", "3051300d060960864801650304020305000440"),
 }
+_PSS_DIGESTS = {"PS256": "sha256", "PS384": "sha384", "PS512": "sha512"}  # RFC 7518, 3.5
 _HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+# Algorithms this module cannot verify, with the key type that signs them. OIDC Core
+# 3.1.3.7 (6) lets a client trust an ID token on the strength of the TLS connection to
+# the token endpoint; we do so only for these, only when the provider lists the
+# algorithm and its key set holds a key that can have made the signature.
+_UNVERIFIED_ALGS = {"ES256": "EC", "ES384": "EC", "ES512": "EC", "EdDSA": "OKP"}
 
 
 def _jws_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
@@ -1231,8 +1296,12 @@ def _jws_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
     try:
         if len(parts) != 3:
             raise ValueError
-        header, claims = (json.loads(_b64decode(part)) for part in parts[:2])
+        header, claims = (_strict_json(_b64decode(part)) for part in parts[:2])
         signature = _b64decode(parts[2])
+    except _NotFinite as exc:
+        raise AuthError(f"The provider's ID token was refused: it holds the number "
+                        f"{_short(str(exc), 20)}, which is not finite",
+                        {"error": "invalid_id_token"}, 502) from None
     except ValueError:
         header = claims = None
     if not isinstance(header, dict) or not isinstance(claims, dict):
@@ -1276,6 +1345,36 @@ def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: st
                         {"error": "invalid_id_token"}, 502)
 
 
+def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
+    """Why an ID token signed with *alg* is refused before any key is fetched; "" if not."""
+    if alg is None or (isinstance(alg, str) and alg.strip().lower() in ("", "none")):
+        return f"it is not signed (alg {_short(json.dumps(alg), 40)})"
+    if not isinstance(alg, str):
+        return f"its alg header {_short(json.dumps(alg), 40)} is not an algorithm name"
+    if alg in _RSA_DIGESTS or alg in _PSS_DIGESTS:
+        return "" if meta.get("jwks_uri") else (
+            f"its {alg} signature cannot be checked: the provider publishes no jwks_uri")
+    if alg in _HMAC_DIGESTS:
+        return "" if secret else (
+            f"it is signed with {alg}, which needs the client secret, and none is configured")
+    if alg not in _UNVERIFIED_ALGS:
+        known = ", ".join([*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS])
+        return f"its algorithm {_short(json.dumps(alg), 40)} is not one of {known}"
+    listed = meta.get("id_token_signing_alg_values_supported")
+    if not isinstance(listed, list) or alg not in listed:
+        return (f"it is signed with {alg}, which this client cannot verify and the provider "
+                "does not list in id_token_signing_alg_values_supported")
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(str(meta.get("token_endpoint")))
+    if endpoint.scheme != "https" and not _is_loopback(endpoint.hostname or ""):
+        return (f"it is signed with {alg}, which this client cannot verify, and came over "
+                "plain http")
+    if not meta.get("jwks_uri"):
+        return f"it is signed with {alg}, and the provider publishes no jwks_uri"
+    return ""
+
+
 def _remember_id_token(access: str, id_token: str) -> None:
     if len(_ID_TOKENS) > 4096:
         _ID_TOKENS.clear()
@@ -1283,7 +1382,7 @@ def _remember_id_token(access: str, id_token: str) -> None:
 
 
 def _rsa_verify(key: dict[str, Any], alg: str, signed: bytes, signature: bytes) -> bool:
-    """RSASSA-PKCS1-v1_5 (RFC 8017, 8.2.2) with a JWK's ``n`` and ``e``."""
+    """RSASSA-PKCS1-v1_5 (RFC 8017, 8.2.2) or RSASSA-PSS (8.1.2) with a JWK's ``n``, ``e``."""
     import hashlib
     import hmac
 
@@ -1297,11 +1396,39 @@ def _rsa_verify(key: dict[str, Any], alg: str, signed: bytes, signature: bytes) 
     s = int.from_bytes(signature, "big")
     if s >= n:
         return False
+    if alg in _PSS_DIGESTS:
+        return _pss_verify(pow(s, e, n), n.bit_length() - 1, _PSS_DIGESTS[alg], signed)
     # Build the one valid encoded message and compare it whole: no parsing of padding.
     hash_name, prefix = _RSA_DIGESTS[alg]
     digest_info = bytes.fromhex(prefix) + hashlib.new(hash_name, signed).digest()
     expected = b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info
     return hmac.compare_digest(pow(s, e, n).to_bytes(size, "big"), expected)
+
+
+def _pss_verify(m: int, em_bits: int, hash_name: str, signed: bytes) -> bool:
+    """EMSA-PSS-VERIFY (RFC 8017, 9.1.2): MGF1 with the same hash, salt as long as the hash."""
+    import hashlib
+    import hmac
+
+    h_len = hashlib.new(hash_name).digest_size
+    em_len = (em_bits + 7) // 8
+    if m.bit_length() > em_bits or em_len < 2 * h_len + 2:
+        return False
+    em = m.to_bytes(em_len, "big")
+    masked, digest = em[: em_len - h_len - 1], em[em_len - h_len - 1 : -1]
+    if em[-1] != 0xBC:
+        return False
+    mask = b"".join(hashlib.new(hash_name, digest + i.to_bytes(4, "big")).digest()
+                    for i in range((len(masked) + h_len - 1) // h_len))
+    db = bytearray(a ^ b for a, b in zip(masked, mask))
+    db[0] &= 0xFF >> (8 * em_len - em_bits)  # the bits above em_bits are not part of DB
+    pad = len(db) - h_len - 1
+    if any(db[:pad]) or db[pad] != 1:
+        return False
+    salt = bytes(db[pad + 1 :])
+    expected = hashlib.new(hash_name, bytes(8) + hashlib.new(hash_name, signed).digest()
+                           + salt).digest()
+    return hmac.compare_digest(digest, expected)
 
 
 # ---------------------------------------------------------------------------
@@ -2024,10 +2151,34 @@ def _is_remote() -> bool:
     return any(os.environ.get(v) for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY"))
 
 
+def _web_url(url: object, what: str, allow_http: bool = False) -> str:
+    """*url* if it may be opened or shown as a link, else an AuthError naming it.
+
+    A server's URL ends up on a browser's command line and in a notebook's link:
+    only https:// (http:// to this machine or where plain http is allowed) with a
+    host, never a value that starts like an option or hides characters.
+    """
+    from urllib.parse import urlsplit
+
+    text = url if isinstance(url, str) else ""
+    try:
+        host = urlsplit(text).hostname
+    except ValueError:  # e.g. an unclosed [ in the host
+        host = None
+    if (not host or text.startswith("-") or _printable(text) != text
+            or any(c.isspace() for c in text) or not _plain_http_allowed(text, allow_http)):
+        raise AuthError(f"The server sent {what} {_short(str(url), 100)!r}, which is not an "
+                        "https:// URL with a host; it was neither opened nor shown. Tell the "
+                        "server's operators", status_code=502)
+    return text
+
+
 def _open_browser(url: str) -> None:
     """Open *url* without waiting: a BROWSER command may block until it exits."""
     import threading
     import webbrowser
+
+    url = _web_url(url, "the login URL")
 
     def _open() -> None:
         try:
@@ -2045,7 +2196,7 @@ def _say(text: str) -> None:
 
 
 def _show_device_code(host: str, code: DeviceCode) -> None:
-    uri, user_code = code["uri"], code["user_code"]
+    uri, user_code = _web_url(code["uri"], "the verification URI"), _short(code["user_code"], 100)
     text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
     if not (_in_jupyter() and _display_html(host, uri, user_code, text)):
         _say(text)
@@ -2411,31 +2562,42 @@ class BaseFlow:
         import hmac
 
         header, claims, signed, signature = _jws_parts(id_token)
-        alg, kid, secret = header.get("alg"), header.get("kid"), self.config.client_secret
-        verified = False
-        if alg in _RSA_DIGESTS and meta.get("jwks_uri"):
-            keys: list[dict[str, Any]] = []
-            for fresh in (False, True):  # an unknown kid: the provider has rotated its keys
-                found = (await _fetch_json(meta["jwks_uri"], self.session, fresh=fresh)).get("keys")
-                keys = [k for k in (found if isinstance(found, list) else [])
-                        if isinstance(k, dict) and k.get("kty") == "RSA"
-                        and k.get("use", "sig") == "sig" and k.get("alg", alg) == alg
-                        and (kid is None or k.get("kid") == kid)]
-                if keys or fresh:
-                    break
-            verified = any(_rsa_verify(k, str(alg), signed, signature) for k in keys)
-        elif alg in _HMAC_DIGESTS and secret:  # keyed with the client secret (OIDC Core, 10.1)
+        secret = self.config.client_secret
+        problem = _alg_problem(header.get("alg"), meta, secret)
+        alg = str(header.get("alg"))
+        if not problem and (alg in _RSA_DIGESTS or alg in _PSS_DIGESTS):
+            keys = await self._signing_keys(meta, header, "RSA")
+            if not any(_rsa_verify(k, alg, signed, signature) for k in keys):
+                problem = f"its {alg} signature does not verify"
+        elif not problem and alg in _HMAC_DIGESTS and secret:  # OIDC Core, 10.1
             mac = hmac.new(secret.encode(), signed, getattr(hashlib, _HMAC_DIGESTS[alg])).digest()
-            verified = hmac.compare_digest(mac, signature)
-        elif isinstance(alg, str) and alg != "none":
-            # OIDC Core 3.1.3.7 (6): an ID token received straight from the token endpoint
-            # may be trusted on the strength of that connection; its claims are still checked.
-            _logger().debug("ID token signed with %s: signature not verified", alg)
-            verified = True
-        if not verified:
-            raise AuthError(f"The provider's ID token was refused: its {alg} signature does not "
-                            "verify", {"error": "invalid_id_token"}, 502)
+            if not hmac.compare_digest(mac, signature):
+                problem = f"its {alg} signature does not verify"
+        elif not problem:
+            if not await self._signing_keys(meta, header, _UNVERIFIED_ALGS[alg]):
+                problem = (f"its {alg} signature does not verify: no key in the provider's "
+                           "key set can have made it")
+            else:
+                _logger().debug("ID token signed with %s: signature not verified", alg)
+        if problem:
+            raise AuthError(f"The provider's ID token was refused: {problem}",
+                            {"error": "invalid_id_token"}, 502)
         _check_claims(claims, str(meta["issuer"]), str(self.config.client_id), nonce)
+
+    async def _signing_keys(self, meta: dict[str, Any], header: dict[str, Any],
+                            kty: str) -> list[dict[str, Any]]:
+        """The keys of the provider's JWKS that can have signed a token with *header*."""
+        alg, kid = header.get("alg"), header.get("kid")
+        keys: list[dict[str, Any]] = []
+        for fresh in (False, True):  # an unknown kid: the provider has rotated its keys
+            found = (await _fetch_json(meta["jwks_uri"], self.session, fresh=fresh)).get("keys")
+            keys = [k for k in (found if isinstance(found, list) else [])
+                    if isinstance(k, dict) and k.get("kty") == kty
+                    and k.get("use", "sig") == "sig" and k.get("alg", alg) == alg
+                    and (kid is None or k.get("kid") == kid)]
+            if keys or fresh:
+                break
+        return keys
 
     async def _revoke(self, token: Token) -> bool:
         """Revoke the refresh and access token (RFC 7009); True if the server revoked one."""
@@ -2468,7 +2630,7 @@ class BaseFlow:
                 payload = resp.json()
             except ValueError:
                 payload = None
-            refused = _redact(_http_error(resp, payload), [value, *(auth or ())])
+            refused = _http_error(resp, payload, [value, *(auth or ())])
             # A provider may not revoke self-contained (JWT) access tokens: no warning then.
             log = (_logger().info if refused.error == "unsupported_token_type"
                    else _logger().warning)
@@ -2598,15 +2760,19 @@ class DeviceFlow(BaseFlow):
                                     exc.detail, exc.status_code) from None
             raise
         try:
+            uris = [raw[name] for name in ("verification_uri_complete", "verification_uri")
+                    if raw.get(name)] or [raw["verification_uri"]]
             code: DeviceCode = {
-                "uri": str(raw.get("verification_uri_complete") or raw["verification_uri"]),
-                "user_code": str(raw["user_code"]),
+                "uri": _web_url(uris[0], "the verification URI"),
+                "user_code": _short(str(raw["user_code"]), 100),
                 "device_code": str(raw["device_code"]),
-                "interval": max(1, int(raw.get("interval") or 5)),
+                "interval": _device_interval(raw.get("interval")),
             }
-            expires_in = float(raw.get("expires_in") or 600)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AuthError(f"POST {url}: device answer lacks or garbles {exc}",
+            for uri in uris[1:]:
+                _web_url(uri, "the verification URI")
+            expires_in = _device_lifetime(raw.get("expires_in"), url)
+        except KeyError as exc:
+            raise AuthError(f"POST {url}: the device answer lacks {exc}",
                             status_code=502) from None
         self._device_deadlines[code["device_code"]] = time.monotonic() + expires_in
         return code
@@ -2700,6 +2866,28 @@ class DeviceFlow(BaseFlow):
         if self._auto_open and interactive and _can_open_browser():
             _open_browser(code["uri"])
         return await self.poll(code["device_code"], code["interval"])
+
+
+_MAX_INTERVAL = 60  # seconds: a longer polling interval from a server is cut to this
+_MAX_DEVICE_LIFETIME = 86400  # and a device code that claims to last longer
+
+
+def _device_interval(value: object) -> int:
+    """RFC 8628, 3.2: 5 s when the server gives no usable interval; 1 to 60 s."""
+    number = _finite(value)
+    return 5 if not number or number < 0 else int(min(max(number, 1), _MAX_INTERVAL))
+
+
+def _device_lifetime(value: object, url: str) -> float:
+    """The device code's lifetime in seconds (600 when not given), at most a day."""
+    if value is None or value in ("", 0):
+        return 600.0
+    number = _finite(value)
+    if number is None or number <= 0:
+        raise AuthError(f"POST {url}: the device answer's expires_in "
+                        f"{_short(json.dumps(value), 40)} is not a number of seconds; "
+                        "tell the server's operators", status_code=502)
+    return min(number, _MAX_DEVICE_LIFETIME)
 
 
 async def _countdown(seconds: float, deadline: float, show: _Progress | None) -> None:
@@ -2885,6 +3073,7 @@ class CodeFlow(BaseFlow):
             error = _http_error(resp, payload)
             raise AuthError(f"The login route did not redirect to a login page: "
                             f"{error.message}", error.detail, error.status_code)
+        location = _web_url(location, f"the login redirect (from {login_url})")
         state = parse_qs(urlsplit(location).query).get("state", [""])[0]
         if not state:
             raise AuthError(f"{login_url} redirected to a login page without a state",
@@ -2892,6 +3081,7 @@ class CodeFlow(BaseFlow):
         return location, state
 
     def _tell_user(self, url: str, port: int) -> None:
+        url = _web_url(url, "the login URL")
         _say(f"To log in to {self.host}, open this URL in a browser:\n    {url}")
         if _is_remote():
             _say(f"This is a remote session: forward the callback port first, on your own "
@@ -3810,14 +4000,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _logger()
     try:
         return _cli(args)
-    except AuthError as exc:
-        print(f"oidc-auth: error: {exc.message}", file=sys.stderr)
+    except AuthError as exc:  # messages carry server text: printable, whatever made them
+        print(f"oidc-auth: error: {_printable(exc.message)}", file=sys.stderr)
         return 1
     except ValueError as exc:
-        print(f"oidc-auth: error: {exc}", file=sys.stderr)
+        print(f"oidc-auth: error: {_printable(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. an unusable cache folder
-        print(f"oidc-auth: error: {exc}", file=sys.stderr)
+        print(f"oidc-auth: error: {_printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("oidc-auth: interrupted", file=sys.stderr)
@@ -4079,9 +4269,9 @@ def _redact_random(match: Any) -> str:
 def _redact_record(record: logging.LogRecord) -> bool:
     """A logging filter that redacts secrets in the message and any traceback."""
     try:
-        record.msg, record.args = _redact_text(record.getMessage()), None
+        record.msg, record.args = _printable(_redact_text(record.getMessage())), None
     except Exception:  # a malformed log call: logging reports it, without the arguments
-        record.msg, record.args = _redact_text(str(record.msg)), None
+        record.msg, record.args = _printable(_redact_text(str(record.msg))), None
     if record.exc_info and not record.exc_text:
         import logging
 

@@ -686,11 +686,15 @@ def test_hmac_id_tokens_are_verified_with_the_client_secret(provider, tmp_store)
                                                  secret="wrong"), client_secret=SECRET)
 
 
-@pytest.mark.parametrize("alg", ["ES256", "PS256", "EdDSA"])
+@pytest.mark.parametrize("alg", ["ES256", "EdDSA"])  # PS256 is verified now
 def test_other_algorithms_are_trusted_from_the_token_endpoint_but_claims_still_checked(
     provider, tmp_store, alg, caplog
 ):
     caplog.set_level(logging.DEBUG, logger="py_oidc_auth_client")
+    # Only algorithms the provider lists, with a key of the right type in its key set.
+    provider.meta["id_token_signing_alg_values_supported"] = ["RS256", alg]
+    provider.keys += [{"kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"},
+                      {"kty": "OKP", "kid": "k1", "crv": "Ed25519", "x": "AA"}]
     id_token_check(provider, tmp_store, sign(provider.claims_now(), alg=alg))
     assert f"signed with {alg}: signature not verified" in caplog.text
     with pytest.raises(oac.AuthError, match=r"\(iss\)"):
@@ -700,7 +704,7 @@ def test_other_algorithms_are_trusted_from_the_token_endpoint_but_claims_still_c
 @pytest.mark.parametrize("header", [{"alg": "none"}, {}, {"alg": 5}])
 def test_unsigned_id_tokens_are_refused(provider, tmp_store, header):
     token = f"{part(header)}.{part(provider.claims_now())}."
-    with pytest.raises(oac.AuthError, match="does not verify"):
+    with pytest.raises(oac.AuthError, match=r"not signed|not an algorithm name"):
         id_token_check(provider, tmp_store, token)
 
 
