@@ -29,12 +29,12 @@ BROWSER_SCRIPT = """
 import http.client, sys, urllib.request
 from urllib.parse import parse_qs, urlencode, urlsplit
 def resolve(url):
-    # The client opens a local start address that redirects to the provider.
+    # The client opens a one-time local entry page that redirects to the provider.
     parts = urlsplit(url)
-    if parts.hostname != "127.0.0.1" or parts.path != "/":
+    if parts.hostname != "127.0.0.1" or parts.path in ("", "/", "/callback"):
         return url
     conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-    conn.request("GET", "/")
+    conn.request("GET", parts.path)
     return conn.getresponse().getheader("Location") or url
 query = parse_qs(urlsplit(resolve(sys.argv[1])).query)
 if "state" in query:
