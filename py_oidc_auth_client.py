@@ -570,7 +570,7 @@ def _transport_error(
         "BadStatusLine",
     ):
         return _TransientError(f"{where}: connection lost ({type(reason).__name__})")
-    return AuthError(f"{where}: request failed ({reason})")
+    return AuthError(f"{where}: request failed ({_short(str(reason))})")  # may quote the server
 
 
 # X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
@@ -2178,7 +2178,7 @@ def _open_browser(url: str) -> None:
     import threading
     import webbrowser
 
-    url = _web_url(url, "the login URL")
+    url = _web_url(url, "the login URL", allow_http=True)  # its http was judged on arrival
 
     def _open() -> None:
         try:
@@ -2196,7 +2196,8 @@ def _say(text: str) -> None:
 
 
 def _show_device_code(host: str, code: DeviceCode) -> None:
-    uri, user_code = _web_url(code["uri"], "the verification URI"), _short(code["user_code"], 100)
+    uri = _web_url(code["uri"], "the verification URI", allow_http=True)  # judged on arrival
+    user_code = _short(code["user_code"], 100)
     text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
     if not (_in_jupyter() and _display_html(host, uri, user_code, text)):
         _say(text)
@@ -2763,13 +2764,13 @@ class DeviceFlow(BaseFlow):
             uris = [raw[name] for name in ("verification_uri_complete", "verification_uri")
                     if raw.get(name)] or [raw["verification_uri"]]
             code: DeviceCode = {
-                "uri": _web_url(uris[0], "the verification URI"),
+                "uri": _web_url(uris[0], "the verification URI", self.config.allow_http),
                 "user_code": _short(str(raw["user_code"]), 100),
                 "device_code": str(raw["device_code"]),
                 "interval": _device_interval(raw.get("interval")),
             }
             for uri in uris[1:]:
-                _web_url(uri, "the verification URI")
+                _web_url(uri, "the verification URI", self.config.allow_http)
             expires_in = _device_lifetime(raw.get("expires_in"), url)
         except KeyError as exc:
             raise AuthError(f"POST {url}: the device answer lacks {exc}",
@@ -3073,7 +3074,8 @@ class CodeFlow(BaseFlow):
             error = _http_error(resp, payload)
             raise AuthError(f"The login route did not redirect to a login page: "
                             f"{error.message}", error.detail, error.status_code)
-        location = _web_url(location, f"the login redirect (from {login_url})")
+        location = _web_url(location, f"the login redirect (from {login_url})",
+                            self.config.allow_http)
         state = parse_qs(urlsplit(location).query).get("state", [""])[0]
         if not state:
             raise AuthError(f"{login_url} redirected to a login page without a state",
