@@ -46,7 +46,7 @@ CLIENT_ID = "py-oidc-auth"
 CLIENT_SECRET = "py-oidc-auth-secret"
 PUBLIC_CLIENT_ID = "py-oidc-auth-public"
 
-START_DEADLINE = 30.0
+START_DEADLINE = 90.0  # a loaded 2-core machine can take half a minute to start Node
 BATCH_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "JOB_ID", "LSB_JOBID", "OAR_JOB_ID")
 
 sys.path.insert(0, str(STACK_DIR))
