@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import re
+import socket
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -342,3 +346,69 @@ def isolated_network_env(monkeypatch):
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "SSL_CERT_FILE",
                  "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
+
+
+class Terminal(io.StringIO):
+    """A stderr the test can watch while the flow writes to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self._changed:
+            written = super().write(text)
+            self._changed.notify_all()
+        return written
+
+    def isatty(self) -> bool:
+        return False
+
+    # Attached in the test body: pytest swaps sys.stderr again between phases.
+    def __enter__(self) -> Terminal:
+        self._saved = sys.stderr
+        sys.stderr = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stderr = self._saved
+
+    def wait_for(self, pattern: str, timeout: float = 10) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                match = re.search(pattern, self.getvalue())
+                if match:
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{pattern!r} not in {self.getvalue()!r}")
+                self._changed.wait(left)
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """Read one whole HTTP request (head and Content-Length body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return data
+
+
+@pytest.fixture
+def no_cached_documents():
+    """Discovery documents and key sets are kept in memory by URL, and ports are reused."""
+    oac._FETCHED.clear()
+    oac._ID_TOKENS.clear()
+    yield
+    oac._FETCHED.clear()

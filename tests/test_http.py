@@ -13,6 +13,7 @@ import types
 
 import pytest
 
+from conftest import read_request
 from tests import oac
 
 SECRETS = {
@@ -49,25 +50,6 @@ def closed_port() -> int:
     port = sock.getsockname()[1]
     sock.close()
     return port
-
-
-def read_request(conn: socket.socket) -> bytes:
-    """Read one whole HTTP request (head and Content-Length body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    match = re.search(rb"(?i)content-length:\s*(\d+)", head)
-    length = int(match.group(1)) if match else 0
-    while len(body) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return data
 
 
 @pytest.fixture

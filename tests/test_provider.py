@@ -129,11 +129,8 @@ class Provider:
 
 
 @pytest.fixture(autouse=True)
-def no_cached_documents():
-    oac._FETCHED.clear()
-    oac._ID_TOKENS.clear()
-    yield
-    oac._FETCHED.clear()
+def _fresh_documents(no_cached_documents):
+    """Every test here talks to a provider whose documents must not come from a cache."""
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from conftest import FakeServer, _handler, device_answer, oauth_error, token_answer
+from conftest import FakeServer, _handler, device_answer, oauth_error, read_request, token_answer
 from tests import oac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,24 +140,6 @@ def test_redirect_message_is_printable(fake_server):
 
 
 # -- 8. no server holds the process past its timeout ------------------------------------
-
-
-def read_request(conn: socket.socket) -> None:
-    """Read one whole HTTP request (head and Content-Length body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    match = re.search(rb"(?i)content-length:\s*(\d+)", head)
-    length = int(match.group(1)) if match else 0
-    while len(body) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return
-        body += chunk
 
 
 class Dripper:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import http.client
-import io
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from conftest import token_answer
+from conftest import Terminal, token_answer
 from tests import oac
 
 LOGIN, TOKEN = "/auth/v2/login", "/auth/v2/token"
@@ -39,43 +38,6 @@ VERIFIER = "verifier123"
 # ---------------------------------------------------------------------------
 # Helpers: terminal, browser, another user
 # ---------------------------------------------------------------------------
-
-
-class Terminal(io.StringIO):
-    """A stderr the test can watch while the flow writes to it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._changed = threading.Condition()
-
-    def write(self, text: str) -> int:
-        with self._changed:
-            written = super().write(text)
-            self._changed.notify_all()
-        return written
-
-    def isatty(self) -> bool:
-        return False
-
-    def __enter__(self) -> Terminal:
-        self._saved = sys.stderr
-        sys.stderr = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stderr = self._saved
-
-    def wait_for(self, pattern: str, timeout: float = 10) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                match = re.search(pattern, self.getvalue())
-                if match:
-                    return match
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{pattern!r} not in {self.getvalue()!r}")
-                self._changed.wait(left)
 
 
 @dataclass
