@@ -484,7 +484,7 @@ def _request_blocking(
     import urllib.request
 
     data = urllib.parse.urlencode(form).encode() if form is not None else None
-    headers = {"Accept": "application/json", "User-Agent": f"py-oidc-auth-client/{__version__}"}
+    headers = {"Accept": "application/json", "User-Agent": f"oidc-auth-onefile/{__version__}"}
     if data is not None:
         headers["Content-Type"] = "application/x-www-form-urlencoded"
     if auth is not None:  # client_secret_basic: both parts form-encoded first (RFC 6749, 2.3.1)
