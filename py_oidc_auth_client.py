@@ -484,7 +484,7 @@ def _request_blocking(
     import urllib.request
 
     data = urllib.parse.urlencode(form).encode() if form is not None else None
-    headers = {"Accept": "application/json", "User-Agent": f"py-oidc-auth-client/{__version__}"}
+    headers = {"Accept": "application/json", "User-Agent": f"oidc-auth-onefile/{__version__}"}
     if data is not None:
         headers["Content-Type"] = "application/x-www-form-urlencoded"
     if auth is not None:  # client_secret_basic: both parts form-encoded first (RFC 6749, 2.3.1)
@@ -2195,33 +2195,51 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _show_device_code(host: str, code: DeviceCode) -> None:
+def _show_device_code(host: str, code: DeviceCode) -> Callable[[str], None] | None:
+    """Show the code; in a notebook, return how to replace it with the outcome."""
     uri = _web_url(code["uri"], "the verification URI", allow_http=True)  # judged on arrival
     user_code = _short(code["user_code"], 100)
     text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
-    if not (_in_jupyter() and _display_html(host, uri, user_code, text)):
-        _say(text)
+    if _in_jupyter():
+        replace = _display_html(host, uri, user_code, text)
+        if replace is not None:
+            return replace
+    _say(text)
+    return None
 
 
-def _display_html(host: str, uri: str, user_code: str, text: str) -> bool:
-    """Show the login as a clickable link in a notebook; False when IPython cannot."""
+def _display_html(host: str, uri: str, user_code: str, text: str
+                  ) -> Callable[[str], None] | None:
+    """Show the login as a clickable link in a notebook; None when IPython cannot.
+
+    Returns a function that replaces the link with one line (the outcome), in
+    place: a spent code must not stay on the page, nor in the saved notebook.
+    """
     from html import escape
     from importlib import import_module
 
     try:
         display = import_module("IPython.display").display
     except (ImportError, AttributeError):  # a kernel without IPython: plain text
-        return False
+        return None
     html = (f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" target="_blank" '
             f'rel="noopener">{escape(uri)}</a> and confirm the code '
             f"<b><code>{escape(user_code)}</code></b></p>")
     try:
         # A MIME bundle: front ends that cannot show HTML show the text.
-        display({"text/html": html, "text/plain": text}, raw=True)
+        handle = display({"text/html": html, "text/plain": text}, raw=True, display_id=True)
     except Exception as exc:  # a broken display must not end the login
         _logger().debug("IPython display failed: %s", exc)
-        return False
-    return True
+        return None
+
+    def replace(outcome: str) -> None:
+        try:
+            handle.update({"text/html": f"<p>{escape(outcome)}</p>", "text/plain": outcome},
+                          raw=True)
+        except Exception as exc:  # None from an old IPython, or a front end gone away
+            _logger().debug("IPython display update failed: %s", exc)
+
+    return replace
 
 
 # ---------------------------------------------------------------------------
@@ -2852,7 +2870,9 @@ class DeviceFlow(BaseFlow):
 
     def _show_countdown(self) -> _Progress | None:
         stream = sys.stderr
-        if stream is None:  # pythonw
+        # pythonw has no stderr; in a notebook every note would stay on the page
+        # as a red box, and the cell's busy mark says enough.
+        if stream is None or _in_jupyter():
             return None
         try:
             tty = stream.isatty()
@@ -2862,11 +2882,23 @@ class DeviceFlow(BaseFlow):
 
     async def _interactive_login(self) -> Token:
         code = await self.get_device_code()
-        _show_device_code(self.host, code)
+        replace = _show_device_code(self.host, code)
         interactive = self.interactive if self.interactive is not None else True
         if self._auto_open and interactive and _can_open_browser():
             _open_browser(code["uri"])
-        return await self.poll(code["device_code"], code["interval"])
+        if replace is None:
+            return await self.poll(code["device_code"], code["interval"])
+        # A notebook: the link and code give way to the outcome, in place.
+        outcome = f"Login to {self.host} cancelled."
+        try:
+            token = await self.poll(code["device_code"], code["interval"])
+            outcome = f"Logged in to {self.host}."
+        except AuthError as exc:
+            outcome = f"Login to {self.host} failed: {_short(exc.message)}"
+            raise
+        finally:
+            replace(outcome)
+        return token
 
 
 _MAX_INTERVAL = 60  # seconds: a longer polling interval from a server is cut to this
@@ -3818,6 +3850,14 @@ def _renewal(sent: Token, token: Token) -> str | None:
     return token["headers"]["Authorization"]
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C or "Interrupt kernel" during a sync login in a running loop (a notebook)."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython's hook: one line instead of frames through threading and this module.
+        return [f"KeyboardInterrupt: {self}"]
+
+
 def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run *coro* to completion, also when the caller's thread runs a loop (Jupyter)."""
     import asyncio
@@ -3857,13 +3897,16 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
             # which this blocked call would only see after the login.
             if caller is not None and getattr(caller, "cancelling", lambda: 0)():
                 raise asyncio.CancelledError
-    except BaseException:
+    except BaseException as exc:
         # Interrupted: cancel the login in the worker (it frees its port and stops
         # polling) instead of leaving it to run until its timeout.
         done["cancel"] = True
         if "task" in done:
             done["loop"].call_soon_threadsafe(done["task"].cancel)
-        raise
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
+        worker.join(1.0)  # let it say "cancelled" while the cell still shows its output
+        raise _Interrupted("the login was cancelled") from None
     if "error" in done:
         raise done["error"]
     return cast("_T", done["result"])

@@ -611,7 +611,7 @@ def test_version_matches_the_installed_metadata():
     from importlib import metadata
 
     try:
-        dist = metadata.distribution("py-oidc-auth-client")
+        dist = metadata.distribution("oidc-auth-onefile")
     except metadata.PackageNotFoundError:
         pytest.skip("not installed")
     direct = json.loads(dist.read_text("direct_url.json") or "{}")

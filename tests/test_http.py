@@ -113,7 +113,7 @@ def test_request_sends_the_form_and_returns_status_headers_body(fake_server):
     assert hit.form == FORM
     assert hit.headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert hit.headers["Accept"] == "application/json"
-    assert hit.headers["User-Agent"] == f"py-oidc-auth-client/{oac.__version__}"
+    assert hit.headers["User-Agent"] == f"oidc-auth-onefile/{oac.__version__}"
 
 
 @pytest.mark.timeout(5)

@@ -84,7 +84,7 @@ def test_sync_authenticate_in_a_cell_shows_a_clickable_link(notebook, fake_serve
     token = run_cell(lambda: oac.authenticate(fake_server.url, timeout=20))
     assert token["access_token"] == answer["access_token"]
     (call,) = notebook.calls
-    assert call["kwargs"] == {"raw": True}
+    assert call["kwargs"] == {"raw": True, "display_id": True}  # updated in place later
     (bundle,) = call["objs"]
     html, text = bundle["text/html"], bundle["text/plain"]
     uri = "https://idp.example/device?user_code=ABCD-EFGH&amp;x=&lt;1&gt;"  # escaped
