@@ -801,7 +801,7 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
         except OSError as exc:  # also ssl.SSLError: not PEM certificates
             raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
                             f"{exc.strerror or exc}; point {source} at a PEM file of CA "
-                            "certificates") from None
+                            "certificates", status_code=400) from None
         _SSL_CONTEXTS[key] = context
     return key, context
 

@@ -350,6 +350,13 @@ def test_status_codes_say_what_failed(fake_server):
         assert status(fake_server.url + "/t", timeout=2) == 408
 
 
+def test_a_ca_bundle_that_cannot_be_used_is_bad_input(tmp_path):
+    with pytest.raises(oac.AuthError) as info:
+        oac._ssl_context(str(tmp_path / "missing.pem"))
+    assert info.value.status_code == 400
+    assert "missing.pem" in info.value.message
+
+
 def test_the_docstring_lists_the_codes_used():
     doc = oac.AuthError.__doc__ or ""
     for code in (400, 401, 408, 500, 502, 503, 504):
