@@ -180,7 +180,7 @@ def test_plain_http_to_another_host_only_when_allowed(monkeypatch):
 def test_an_http_verification_uri_follows_the_flows_allow_http(fake_server, tmp_store):
     fake_server.reply("POST", "/auth/v2/device", 200,
                       device_answer(verification_uri="http://idp.example/device"))
-    with pytest.raises(oac.AuthError, match="http://idp.example/device"):
+    with pytest.raises(oac.AuthError, match=r"http://idp\.example/device"):
         run(oac.DeviceFlow(fake_server.url, store=tmp_store).get_device_code())
     oac.DeviceFlow.reset_instances()
     flow = oac.DeviceFlow(fake_server.url, store=tmp_store, allow_http=True)
