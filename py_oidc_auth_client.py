@@ -138,8 +138,33 @@ class AuthError(Exception):
     detail : dict
         Provider error payload (empty dict if not available).
     status_code : int
-        HTTP status code.
+        HTTP status code: the server's own when it answered with an error
+        (400 ``invalid_grant``, 401 ``invalid_client``, 403 ``access_denied``,
+        ...), otherwise one of
+
+        - 400: bad input: the host URL, an option, a CA bundle, a token file;
+        - 401: not logged in, and no login can be started here (batch job,
+          no terminal);
+        - 408: the login was not completed within ``timeout``;
+        - 500: a failure on this machine (the token store, no free port);
+        - 502: the server answered, but not usably (not JSON, a field
+          missing, an ID token or issuer that does not check out, the
+          connection cut mid-answer);
+        - 503: the server could not be reached (connection refused, unknown
+          host name, TLS refused);
+        - 504: the server did not answer in time.
+
+    Notes
+    -----
+    ``str(exc)`` is the message, followed by the provider's ``error`` and
+    ``error_description`` when the message does not already say them.
     """
+
+    # Private marks set by the HTTP layer. Not subclasses: whatever fails, the
+    # caller's traceback names AuthError, the class they catch.
+    _retry = False  # worth retrying: no answer at all, or a 502/503/504
+    _retry_after: float | None = None  # seconds, from a Retry-After header
+    _unanswered = False  # no HTTP answer came: refused, unresolvable, cut, timed out
 
     def __init__(
         self, message: str, detail: dict[str, Any] | None = None, status_code: int = 500
@@ -149,16 +174,25 @@ class AuthError(Exception):
         self.detail: dict[str, Any] = detail or {}
         self.status_code = status_code
 
+    def __str__(self) -> str:
+        message = str(self.message)
+        said = [_short(str(part), 200) for part in (self.error,
+                                                    self.detail.get("error_description"))
+                if part and str(part) not in message]
+        return f"{message} ({': '.join(said)})" if said else message
+
     @property
     def error(self) -> str:
         """The OAuth error code (``"access_denied"``, ...) or ``""``."""
         return str(self.detail.get("error") or "")
 
 
-class _TransientError(AuthError):
-    """A failure worth retrying: refused, reset, timed out, 502/503/504."""
-
-    retry_after: float | None = None
+def _transient(message: str, status_code: int, detail: dict[str, Any] | None = None, *,
+               unanswered: bool = True) -> AuthError:
+    """An AuthError worth retrying: refused, cut, timed out, or a 502/503/504 answer."""
+    exc = AuthError(message, detail, status_code)
+    exc._retry, exc._unanswered = True, unanswered
+    return exc
 
 
 class _NoDeviceFlow(AuthError):
@@ -390,7 +424,7 @@ async def _request(
 
     refusal = _insecure(url, allow_http)
     if refusal:
-        raise AuthError(refusal, {"error": "insecure_transport"})
+        raise AuthError(refusal, {"error": "insecure_transport"}, 400)
     now = time.monotonic()
     deadline, limit = now + timeout, _TIME_LIMIT.get()
     if limit is not None:
@@ -412,8 +446,8 @@ async def _request(
         resp = await asyncio.wait_for(done, deadline - time.monotonic() + 0.25)
     except asyncio.TimeoutError:
         _abort(sockets)
-        raise _TransientError(f"{method} {url} timed out after "
-                              f"{min(timeout, deadline - now):.3g} s") from None
+        raise _transient(f"{method} {url} timed out after "
+                         f"{min(timeout, deadline - now):.3g} s", 504) from None
     except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
         _abort(sockets)
         raise
@@ -515,7 +549,7 @@ def _request_blocking(
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
         if time.monotonic() >= deadline:  # shut down by _abort, or a read at the deadline
-            raise _TransientError(f"{where}: timed out") from None
+            raise _transient(f"{where}: timed out", 504) from None
         raise _transport_error(where, exc, ca_bundle, proxy) from None
 
 
@@ -527,7 +561,7 @@ def _read_capped(resp: Any, status: int, where: str, deadline: float = float("in
     while True:
         left = deadline - time.monotonic()
         if left <= 0:  # a server that drips its body
-            raise _TransientError(f"{where}: timed out reading the answer")
+            raise _transient(f"{where}: timed out reading the answer", 504)
         for sock in sockets[-1:]:  # each read waits at most for what is left
             sock.settimeout(min(left, _HTTP_TIMEOUT))
         chunk: bytes = resp.read1(_MAX_BODY + 1 - size)
@@ -556,21 +590,29 @@ def _transport_error(
     if isinstance(reason, ssl.SSLCertVerificationError):
         return _untrusted(where, reason, ca_bundle)
     if isinstance(reason, ssl.SSLError):
-        return AuthError(f"{where}: TLS error: {reason}")
+        return _unreached(f"{where}: TLS error: {reason}")
     if isinstance(reason, socket.gaierror):
-        return AuthError(f"{where}: cannot resolve the host name; check the URL ({reason})")
+        return _unreached(f"{where}: cannot resolve the host name; check the URL ({reason})")
     if isinstance(reason, ConnectionRefusedError):
-        return _TransientError(f"{where}: connection refused; is the "
-                               f"{'proxy' if proxy else 'server'} running?")
+        return _transient(f"{where}: connection refused; is the "
+                          f"{'proxy' if proxy else 'server'} running?", 503)
     if isinstance(reason, (TimeoutError, socket.timeout)):
-        return _TransientError(f"{where}: timed out")
+        return _transient(f"{where}: timed out", 504)
     if isinstance(reason, (ConnectionError, EOFError)) or type(reason).__name__ in (
         "RemoteDisconnected",
         "IncompleteRead",
         "BadStatusLine",
-    ):
-        return _TransientError(f"{where}: connection lost ({type(reason).__name__})")
-    return AuthError(f"{where}: request failed ({_short(str(reason))})")  # may quote the server
+    ):  # the server took the request and broke off: a bad answer, so 502
+        return _transient(f"{where}: connection lost ({type(reason).__name__})", 502)
+    # may quote the server
+    return _unreached(f"{where}: request failed ({_short(str(reason))})")
+
+
+def _unreached(message: str, detail: dict[str, Any] | None = None) -> AuthError:
+    """A 503 not worth retrying: the server cannot be reached this way (DNS, TLS)."""
+    exc = AuthError(message, detail, 503)
+    exc._unanswered = True
+    return exc
 
 
 # X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
@@ -581,14 +623,14 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
                ca_bundle: str | None) -> AuthError:
     """The refused certificate explained, with the fix when a CA is missing."""
     if reason.verify_code not in _UNKNOWN_ISSUER:
-        return AuthError(f"{where}: the server's TLS certificate was refused "
-                         f"({reason.verify_message})")
+        return _unreached(f"{where}: the server's TLS certificate was refused "
+                          f"({reason.verify_message})")
     bundle, source = _ca_bundle(ca_bundle)
     trusted = "the system's CA certificates"
     if bundle:
         missing = "" if os.path.exists(os.path.expanduser(bundle)) else ", which does not exist"
         trusted = f"the CA bundle {bundle} (from {source}{missing})"
-    return AuthError(
+    return _unreached(
         f"{where}: the server's TLS certificate is not trusted ({reason.verify_message}) by "
         f"{trusted}. If the server uses a private or company CA, set SSL_CERT_FILE (or "
         "REQUESTS_CA_BUNDLE) to a PEM file holding that CA, or pass ca_bundle=PATH",
@@ -759,7 +801,7 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
         except OSError as exc:  # also ssl.SSLError: not PEM certificates
             raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
                             f"{exc.strerror or exc}; point {source} at a PEM file of CA "
-                            "certificates") from None
+                            "certificates", status_code=400) from None
         _SSL_CONTEXTS[key] = context
     return key, context
 
@@ -809,10 +851,10 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
     message = f"{resp.url} answered {resp.status}: {text}"
     if resp.status not in _TRANSIENT_STATUS or error:
         return AuthError(message, detail, resp.status)
-    exc = _TransientError(message, detail, resp.status)
+    exc = _transient(message, resp.status, detail, unanswered=False)
     retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after") or "").strip()
     if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
-        exc.retry_after = min(float(retry_after), 60.0)
+        exc._retry_after = min(float(retry_after), 60.0)
     return exc
 
 
@@ -897,7 +939,9 @@ class _Session:
             try:
                 return await _post_form(url, form, timeout=timeout, auth=auth,
                                         ca_bundle=self.ca_bundle, allow_http=self.allow_http)
-            except _TransientError as exc:
+            except AuthError as exc:
+                if not exc._retry:
+                    raise
                 attempt += 1
                 delay = _backoff(attempt, exc)
                 if attempt > _RETRIES or (
@@ -940,9 +984,8 @@ def _time_left(seconds: float | None) -> float | None:
 def _backoff(attempt: int, exc: AuthError) -> float:
     import random
 
-    retry_after: float | None = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        return retry_after
+    if exc._retry_after is not None:
+        return exc._retry_after
     return min(8.0, 0.5 * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)  # noqa: S311
 
 
@@ -960,21 +1003,42 @@ _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_
 
 
 async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
-    """The provider's metadata, checked: its issuer is ours, its endpoints are URLs."""
+    """The provider's metadata, checked: its issuer is ours, its endpoints are URLs.
+
+    Endpoints that the OpenID document leaves out are taken from the OAuth one.
+    """
     issuer = issuer.strip()
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"
     meta = await _fetch_json(url, session)
     said = meta.get("issuer")
-    try:  # equal up to case of scheme and host, default port and a trailing slash
-        same = isinstance(said, str) and _normalise_host(said) == _host_key(issuer)
-    except AuthError:
-        same = False
-    if not same:
+    if not _same_issuer(said, issuer):
         _FETCHED.pop(url, None)
         raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
                         f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"}, 502)
+    _check_endpoints(meta, _ENDPOINTS, url, issuer)
+    missing = [name for name in _OAUTH_ENDPOINTS if meta.get(name) is None]
+    if missing:
+        more = await _oauth_metadata(issuer, session)
+        meta = {**meta, **{name: more[name] for name in missing if name in more}}
+    return meta
+
+
+# Some providers list these in their OAuth document (RFC 8414) only.
+_OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
+
+
+def _same_issuer(said: object, issuer: str) -> bool:
+    """Equal up to the case of scheme and host, a default port and a trailing slash."""
+    try:
+        return isinstance(said, str) and _normalise_host(said) == _host_key(issuer)
+    except AuthError:
+        return False
+
+
+def _check_endpoints(meta: dict[str, Any], names: Iterable[str], url: str, issuer: str) -> None:
+    """Every endpoint in *meta* is a web URL; an https issuer's are https too."""
     secure = issuer.lower().startswith("https://")
-    for name in _ENDPOINTS:
+    for name in names:
         value = meta.get(name)
         if value is None and name not in _ENDPOINTS[:2]:
             continue
@@ -984,7 +1048,46 @@ async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
             problem = "missing" if value is None else f"not an {'https' if secure else 'http'} URL"
             raise AuthError(f"{url}: {name} is {problem}", status_code=502)
         _web_url(value, f"{name} (in {url})", allow_http=True)  # no hidden characters, a host
-    return meta
+
+
+async def _oauth_metadata(issuer: str, session: _Session) -> dict[str, Any]:
+    """The endpoints of *issuer*'s OAuth document (RFC 8414), or {} when it has none.
+
+    A document that names another issuer is not used (RFC 8414, 3.3). The outcome,
+    none included, is kept as long as the other documents.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(issuer.rstrip("/"))
+    well_known = "/.well-known/oauth-authorization-server"
+    # RFC 8414, 3.1 puts the well-known part before the issuer's path; some
+    # providers (Keycloak's realms among them) serve it after the path instead.
+    urls = [f"{parts.scheme}://{parts.netloc}{well_known}{parts.path}"]
+    if parts.path:
+        urls.append(issuer.rstrip("/") + well_known)
+    key = urls[0] + " (checked)"  # no fetched URL holds a space: no document lands here
+    cached = _FETCHED.get(key)
+    if cached is not None and time.monotonic() < cached[0]:
+        return cached[1]
+    found: dict[str, Any] = {}
+    keep = True
+    for url in urls:
+        try:
+            doc = await _fetch_json(url, session, fresh=True)
+        except AuthError as exc:
+            keep = keep and not exc._retry  # a passing fault: ask again next time
+            _logger().debug("no OAuth metadata at %s: %s", url, exc.message)
+            continue
+        if not _same_issuer(doc.get("issuer"), issuer):
+            _logger().warning("%s names another issuer (%r), not %s: its endpoints are not "
+                              "used", url, _short(str(doc.get("issuer")), 100), issuer)
+            continue
+        found = {name: doc[name] for name in _OAUTH_ENDPOINTS if doc.get(name) is not None}
+        _check_endpoints(found, _OAUTH_ENDPOINTS, url, issuer)
+        break
+    if keep:
+        _FETCHED[key] = (time.monotonic() + _DOCUMENT_TTL, found)
+    return found
 
 
 def _with_query(url: str, params: dict[str, str]) -> str:
@@ -1004,7 +1107,9 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
         try:
             resp = await session.request("GET", url)
             break
-        except _TransientError as exc:
+        except AuthError as exc:
+            if not exc._retry:
+                raise
             attempt += 1
             delay, limit = _backoff(attempt, exc), _TIME_LIMIT.get()
             if attempt > _RETRIES or (limit is not None and time.monotonic() + delay >= limit[0]):
@@ -2771,6 +2876,8 @@ class DeviceFlow(BaseFlow):
                                    ca_bundle=self.session.ca_bundle,
                                    allow_http=self.session.allow_http)
         except AuthError as exc:
+            if exc._unanswered:  # refused, unreachable, timed out: says nothing of the route
+                raise
             said = exc.message.split(" answered ", 1)[-1]  # the server's words, not the URL
             if exc.status_code in _NO_DEVICE_STATUS or (
                 exc.status_code == 502 and "device_authorization" in said
@@ -3864,7 +3971,10 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
 
     try:
         asyncio.get_running_loop()
+        outside_a_loop = False
     except RuntimeError:
+        outside_a_loop = True
+    if outside_a_loop:  # not in the except clause: a failure is not shown "During handling"
         return asyncio.run(coro)
     import contextvars
     import threading

@@ -177,7 +177,7 @@ def assert_says_what_to_do(exc: oac.AuthError, url: str) -> None:
     assert "SSL_CERT_FILE" in message and "REQUESTS_CA_BUNDLE" in message
     assert "ca_bundle" in message
     assert exc.error == "untrusted_certificate"
-    assert not isinstance(exc, oac._TransientError)
+    assert not exc._retry
 
 
 def test_untrusted_ca_says_what_to_do(tls_server, tmp_store, stale):
