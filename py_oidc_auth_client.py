@@ -2761,7 +2761,10 @@ class DeviceFlow(BaseFlow):
             if exc.status_code in _NO_DEVICE_STATUS or (
                 exc.status_code == 502 and "device_authorization" in said
             ) or (self.config.client_id and exc.error == "unauthorized_client"):
-                raise _NoDeviceFlow(f"{self.host} does not offer the device flow ({exc.message})",
+                what = (f"refused the device flow to client {self.config.client_id}"
+                        if exc.error == "unauthorized_client" else "does not offer the device flow")
+                where = self.config.host if self.config.client_id else self.host
+                raise _NoDeviceFlow(f"{where} {what} ({exc.message})",
                                     exc.detail, exc.status_code) from None
             raise
         try:
