@@ -145,3 +145,18 @@ def test_an_explicit_device_flow_with_that_client_says_why_it_failed(
     assert error.error == "unauthorized_client"
     assert "may not use the device flow" in error.message
     assert urllib.parse.urlsplit(stack.issuer).netloc in error.message
+
+
+@pytest.mark.timeout(60)
+def test_authenticate_counts_an_approval_made_just_before_its_timeout(
+    client_module, make_stack, store, browser
+):
+    # The whole login has 7 s; polls every 5 s: at 5 s (pending) and at the 7-s deadline.
+    stack = make_stack(device_interval=None)
+    browser.set(delay=5.3)
+    start = time.time()
+    token = client_module.authenticate(stack.host, store=store, timeout=7)
+    assert stack.protected(token)[0] == 200
+    approved = browser.events("approved")
+    assert approved and approved[0]["t"] - start < 7, browser.events()
+    assert time.time() - start < 8.5
