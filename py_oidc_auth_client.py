@@ -935,7 +935,9 @@ class _Session:
         while True:
             timeout = self.timeout
             if deadline is not None:
-                timeout = max(0.5, min(timeout, deadline - time.monotonic()))
+                # A request made at the deadline (a last poll) gets the grace that
+                # _request allows it, not less: a far server needs that long.
+                timeout = max(_LATE_GRACE, min(timeout, deadline - time.monotonic()))
             try:
                 return await _post_form(url, form, timeout=timeout, auth=auth,
                                         ca_bundle=self.ca_bundle, allow_http=self.allow_http)
@@ -2597,11 +2599,13 @@ class BaseFlow:
             try:
                 token = await self._refresh_request(current["refresh_token"], current)
             except AuthError as exc:
+                # Some providers refuse a dead refresh token with a bare 400 or 401, no
+                # OAuth error at all: that, too, means the refresh token is no longer good.
                 if exc.error in ("invalid_grant", "invalid_token") or (
-                    exc.status_code == 401 and not exc.error
+                    exc.status_code in (400, 401) and not exc.error
                 ):
                     _logger().info("the refresh token for %s was refused (%s); a new login is "
-                                "needed", self.host, exc.error or exc.status_code)
+                                   "needed", self.host, exc.error or exc.status_code)
                     if not store._single:  # a token file is the user's: leave it be
                         store._update_locked(lambda entries: entries.pop(key, None))
                     return None
@@ -2882,7 +2886,10 @@ class DeviceFlow(BaseFlow):
             if exc.status_code in _NO_DEVICE_STATUS or (
                 exc.status_code == 502 and "device_authorization" in said
             ) or (self.config.client_id and exc.error == "unauthorized_client"):
-                raise _NoDeviceFlow(f"{self.host} does not offer the device flow ({exc.message})",
+                what = (f"refused the device flow to client {self.config.client_id}"
+                        if exc.error == "unauthorized_client" else "does not offer the device flow")
+                where = self.config.host if self.config.client_id else self.host
+                raise _NoDeviceFlow(f"{where} {what} ({exc.message})",
                                     exc.detail, exc.status_code) from None
             raise
         try:
@@ -2908,7 +2915,8 @@ class DeviceFlow(BaseFlow):
 
         Never polls faster than *interval*, adds 5 s on every ``slow_down``,
         and stops at once on ``access_denied`` or ``expired_token``. Waits at
-        most until the device code expires or ``timeout`` passes.
+        most until the device code expires or ``timeout`` passes, and polls one
+        last time then: an approval made in time always counts.
 
         Parameters
         ----------
@@ -2925,10 +2933,12 @@ class DeviceFlow(BaseFlow):
         Raises
         ------
         AuthError
-            On timeout, denial (``access_denied``), or token expiry.
+            On timeout (``detail["error"] == "timeout"``), denial
+            (``access_denied``), or when the device code expired
+            (``expired_token``).
         """
         start = time.monotonic()
-        deadline = self._device_deadlines.pop(device_code, start + 1800)
+        expires = deadline = self._device_deadlines.pop(device_code, start + 1800)
         left = _time_left(self.timeout)
         if left is not None:
             deadline = min(deadline, start + left)
@@ -2943,17 +2953,16 @@ class DeviceFlow(BaseFlow):
                 "device_code": device_code})
         try:
             while True:
-                if time.monotonic() + interval > deadline:
-                    await _countdown(deadline - time.monotonic(), deadline, show)
-                    raise AuthError(
-                        f"Gave up waiting for the login to {self.host} to be approved "
-                        f"after {time.monotonic() - start:.0f} s",
-                        {"error": "timeout"}, 408,
-                    )
-                await _countdown(interval, deadline, show)
+                # The last poll is made at the deadline itself, however soon after the one
+                # before: an approval made in time counts (the HTTP layer gives it grace).
+                last = time.monotonic() + interval >= deadline
+                await _countdown(deadline - time.monotonic() if last else interval,
+                                 deadline, show)
                 try:
                     raw = await self.session.post_form(url, form, deadline=deadline, auth=auth)
                 except AuthError as exc:
+                    if exc.error in ("authorization_pending", "slow_down") and last:
+                        raise self._gave_up(start, deadline < expires) from None
                     if exc.error == "authorization_pending":
                         continue
                     if exc.error == "slow_down":  # RFC 8628, 3.5
@@ -2965,8 +2974,16 @@ class DeviceFlow(BaseFlow):
                                         exc.detail, exc.status_code) from None
                     if exc.error == "expired_token":
                         raise AuthError(
-                            f"The device code for {self.host} expired before it was approved; "
-                            "start the login again", exc.detail, exc.status_code) from None
+                            f"The device code for {self.host} expired before the login was "
+                            "approved; start the login again", exc.detail,
+                            exc.status_code) from None
+                    if exc.error in ("unauthorized_client", "unsupported_grant_type"):
+                        # A provider that hands out device codes to a client that may
+                        # not redeem them: authenticate() then uses the code flow.
+                        raise _NoDeviceFlow(
+                            f"{self.host} refused the device login at its token endpoint "
+                            f"({exc.message}): this client may not use the device flow",
+                            exc.detail, exc.status_code) from None
                     raise
                 return self._save(await self._accept(raw))
         finally:
@@ -2974,6 +2991,23 @@ class DeviceFlow(BaseFlow):
                 show.close()
 
     # -- Internals --
+
+    def _gave_up(self, start: float, ours: bool) -> AuthError:
+        """The end of a wait: our own time limit (*ours*), or the device code's lifetime."""
+        waited = f"after {time.monotonic() - start:.0f} s"
+        if not ours:
+            return AuthError(
+                f"The device code for {self.host} expired before the login was approved "
+                f"({waited}); start the login again",
+                {"error": "expired_token",
+                 "error_description": "the device code's expires_in ran out"}, 408)
+        limit = _TIME_LIMIT.get()
+        seconds = limit[1] if limit is not None else (self.timeout or 0)
+        return AuthError(
+            f"Gave up waiting for the login to {self.host} to be approved {waited}: "
+            f"the timeout of {seconds:g} s ran out; pass a larger timeout= (None waits as "
+            "long as the device code lives) to give more time",
+            {"error": "timeout"}, 408)
 
     def _show_countdown(self) -> _Progress | None:
         stream = sys.stderr
@@ -3170,7 +3204,10 @@ class CodeFlow(BaseFlow):
             try:
                 params = await asyncio.wait_for(result, _time_left(self.timeout))
             except asyncio.TimeoutError:
-                raise AuthError(f"No login to {self.host} was completed within {self.timeout} s",
+                limit = _TIME_LIMIT.get()
+                seconds = limit[1] if limit is not None else (self.timeout or 0)
+                raise AuthError(f"No login to {self.host} was completed within the timeout of "
+                                f"{seconds:g} s; pass a larger timeout= to give more time",
                                 {"error": "timeout"}, 408) from None
         finally:
             await asyncio.to_thread(receiver.close)
@@ -3782,9 +3819,23 @@ async def authenticate_async(
         try:
             return await device._interactive_login()
         except _NoDeviceFlow as exc:
-            _logger().debug("%s; using the code flow", exc.message)
+            refusal = exc
         code = CodeFlow._detached(config, store=store, timeout=timeout)
-        return await code._interactive_login()
+        if not refusal.error:  # a server without the device flow: nothing to tell
+            _logger().debug("%s; using the code flow", refusal.message)
+            return await code._interactive_login()
+        # The provider refused this client the device flow: say so now, and again if
+        # the code flow fails too, since the client's registration may be the cause.
+        _say(f"The device login was refused ({_short(refusal.message, 300)}); "
+             "trying the browser login instead.")
+        try:
+            return await code._interactive_login()
+        except AuthError as exc:
+            raise AuthError(
+                f"{exc.message}. Before that, the device login was refused: "
+                f"{_short(refusal.message, 300)}. Check the client id and its registration "
+                "at the provider (allowed grant types, redirect URIs)",
+                {**exc.detail, "device_error": refusal.error}, exc.status_code) from None
 
 
 def _cli_target(config: Config) -> str:

@@ -24,6 +24,10 @@
 //   OP_CLIENT_ID / --client-id          py-oidc-auth          confidential client
 //   OP_CLIENT_SECRET / --client-secret  py-oidc-auth-secret
 //   OP_PUBLIC_CLIENT_ID / --public-client-id py-oidc-auth-public  public client (no secret)
+//   OP_NO_DEVICE_CLIENT_ID / --no-device-client-id py-oidc-auth-no-device  a public client
+//                                             that gets device codes but, like some
+//                                             providers, is refused at the token endpoint
+//                                             once the user approved: 400 unauthorized_client
 //
 // Test-only routes (plain JSON, never part of a real provider):
 //   GET    /__test/polls   device-code polls seen at the token endpoint:
@@ -69,6 +73,7 @@ const OPTIONS = {
   'client-id': ['OP_CLIENT_ID', 'py-oidc-auth'],
   'client-secret': ['OP_CLIENT_SECRET', 'py-oidc-auth-secret'],
   'public-client-id': ['OP_PUBLIC_CLIENT_ID', 'py-oidc-auth-public'],
+  'no-device-client-id': ['OP_NO_DEVICE_CLIENT_ID', 'py-oidc-auth-no-device'],
 };
 
 function readOptions(argv, env) {
@@ -130,6 +135,14 @@ function configuration() {
       },
       {
         client_id: opt['public-client-id'],
+        application_type: 'native',
+        grant_types: grantTypes(),
+        response_types: ['code'],
+        redirect_uris: LOOPBACK_REDIRECTS,
+        token_endpoint_auth_method: 'none',
+      },
+      {
+        client_id: opt['no-device-client-id'],
         application_type: 'native',
         grant_types: grantTypes(),
         response_types: ['code'],
@@ -272,6 +285,14 @@ async function tokenEndpoint(ctx, next) {
       });
     }
     await next();
+    if (ctx.status === 200 && form.client_id === opt['no-device-client-id']) {
+      // Approved, and only now refused: the device grant was never this client's.
+      record.answer = 'unauthorized_client';
+      return sendJson(ctx, 400, {
+        error: 'unauthorized_client',
+        error_description: 'the client is not allowed to use the device grant',
+      });
+    }
     record.answer = ctx.status === 200 ? 'token' : String(ctx.body?.error ?? ctx.status);
     return undefined;
   }
