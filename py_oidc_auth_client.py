@@ -3101,7 +3101,9 @@ class CodeFlow(BaseFlow):
 
     def _tell_user(self, url: str, port: int) -> None:
         url = _web_url(url, "the login URL")
-        _say(f"To log in to {_server_name(self.host)}, open this URL in a browser:\n    {url}")
+        within = f" within {_duration(int(self.timeout))}" if self.timeout else ""
+        _say(f"To log in to {_server_name(self.host)}{within}, open this URL in a browser:"
+             f"\n    {url}")
         if _is_remote():
             _say(f"This is a remote session: forward the callback port first, on your own "
                  f"machine run\n    ssh -L {port}:localhost:{port} <this-host>")
