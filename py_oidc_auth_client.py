@@ -4052,9 +4052,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cli(args)
     except AuthError as exc:  # messages carry server text: printable, whatever made them
         message = exc.message
-        if exc.error == "timeout" and "--timeout" not in message:  # our limit, not the code's
-            message += ("; to wait longer, pass --timeout SECONDS (0 waits as long as the "
-                        "server allows)")
+        if exc.error == "timeout":  # our time limit, not the device code's: say how to
+            import re  # give more time in the command line's words, not the API's
+
+            message, said = re.subn(r"\btimeout=(?: \([^)]*\))?", "--timeout SECONDS", message)
+            if not said and "--timeout" not in message:
+                message += "; to wait longer, pass --timeout SECONDS (0: no limit)"
         print(f"oidc-auth: error: {_printable(message)}", file=sys.stderr)
         return 1
     except ValueError as exc:
