@@ -2612,7 +2612,8 @@ class BaseFlow:
         try:
             meta = await self._metadata()
         except AuthError as exc:
-            _logger().warning("cannot revoke the tokens of %s: %s", self.host, exc.message)
+            _logger().warning("cannot revoke the tokens of %s: %s", _server_name(self.host),
+                              exc.message)
             return False
         url, revoked = meta.get("revocation_endpoint"), False
         if not url:
@@ -2762,7 +2763,8 @@ class DeviceFlow(BaseFlow):
             if exc.status_code in _NO_DEVICE_STATUS or (
                 exc.status_code == 502 and "device_authorization" in said
             ) or (self.config.client_id and exc.error == "unauthorized_client"):
-                raise _NoDeviceFlow(f"{self.host} does not offer the device flow ({exc.message})",
+                raise _NoDeviceFlow(f"{_server_name(self.host)} does not offer the device flow "
+                                    f"({exc.message})",
                                     exc.detail, exc.status_code) from None
             raise
         try:
@@ -3055,7 +3057,7 @@ class CodeFlow(BaseFlow):
         if "error" in params:  # made printable and short by the receiver
             description = params.get("error_description", "")
             raise AuthError(
-                f"The login to {self.host} failed: {params['error']}"
+                f"The login to {_server_name(self.host)} failed: {params['error']}"
                 + (f": {description}" if description else ""),
                 {"error": params["error"], "error_description": description}, 400)
         form = {"code": params["code"], "redirect_uri": redirect_uri,

@@ -168,6 +168,37 @@ def test_device_prompt_names_the_issuer_and_the_client(fake_server):
     assert "#client_id" not in done.stderr and "&scope" not in done.stderr
 
 
+# A browser that follows the one-time entry page to the provider, where the person
+# declines: it is sent back to the callback with error=access_denied.
+DECLINING_BROWSER = """
+import http.client, sys, urllib.request
+from urllib.parse import parse_qs, urlencode, urlsplit
+entry = urlsplit(sys.argv[1])
+conn = http.client.HTTPConnection(entry.netloc, timeout=10)
+conn.request("GET", entry.path)
+query = parse_qs(urlsplit(conn.getresponse().getheader("Location")).query)
+back = urlencode({"error": "access_denied", "state": query["state"][0]})
+try:
+    urllib.request.urlopen(query["redirect_uri"][0] + "?" + back, timeout=10).read()
+except Exception:
+    pass
+"""
+
+
+@pytest.mark.timeout(30)
+def test_code_flow_prompt_and_error_name_the_issuer_and_the_client(fake_server, tmp_path):
+    issuer = provider(fake_server, device=False)
+    script = tmp_path / "browser.py"
+    script.write_text(DECLINING_BROWSER)
+    done = module_cli(issuer, "--client-id", CLIENT, "--timeout", "20",
+                      env={"BROWSER": f"{sys.executable} {script} %s"})
+    assert done.returncode == 1, done.stderr
+    assert f"To log in to {issuer} (client {CLIENT}) within 20 s, open" in done.stderr
+    assert (f"oidc-auth: error: The login to {issuer} (client {CLIENT}) failed: access_denied"
+            in done.stderr)
+    assert "#client_id" not in done.stderr
+
+
 # ---------------------------------------------------------------------------
 # 8. The command line waits as long as a person needs; the API keeps 30 s
 # ---------------------------------------------------------------------------
