@@ -2200,8 +2200,8 @@ def _say(text: str) -> None:
 
 
 def _show_device_code(host: str, code: DeviceCode) -> None:
-    host = _server_name(host)  # the server's URL, never the store key's form
     uri = _web_url(code["uri"], "the verification URI", allow_http=True)  # judged on arrival
+    host = _server_name(host)  # the server's URL, never the store key's form
     user_code = _short(code["user_code"], 100)
     text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
     if not (_in_jupyter() and _display_html(host, uri, user_code, text)):
@@ -2763,8 +2763,7 @@ class DeviceFlow(BaseFlow):
             if exc.status_code in _NO_DEVICE_STATUS or (
                 exc.status_code == 502 and "device_authorization" in said
             ) or (self.config.client_id and exc.error == "unauthorized_client"):
-                raise _NoDeviceFlow(f"{_server_name(self.host)} does not offer the device flow "
-                                    f"({exc.message})",
+                raise _NoDeviceFlow(f"{self.host} does not offer the device flow ({exc.message})",
                                     exc.detail, exc.status_code) from None
             raise
         try:
