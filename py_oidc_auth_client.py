@@ -1379,6 +1379,12 @@ def _split_key(key: str) -> tuple[str, str | None, list[str] | None]:
     return base, fields["client_id"][0], fields.get("scope", [""])[0].split()
 
 
+def _server_name(key: str) -> str:
+    """A store key as people say it: the URL, and a standard provider's client."""
+    issuer, client_id, _ = _split_key(key)
+    return f"{issuer} (client {_printable(client_id)})" if client_id else issuer
+
+
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
 
 _ID_TOKENS: dict[str, str] = {}  # access token -> the ID token that came with it (for logout)
@@ -1741,8 +1747,8 @@ class TokenStore:
                 raise AuthError(f"Token store {self.path} {bad} and cannot be repaired: "
                                 f"{exc.strerror or exc}") from None
             _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
-                              "part aside in %s (oidc-auth --clear removes it)",
-                              self.path, bad, len(entries), aside)
+                              "part aside in %s (%s --clear removes it)",
+                              self.path, bad, len(entries), aside, _command())
         self._signature = None
         return self._read_locked(entries)
 
@@ -1854,9 +1860,7 @@ class TokenStore:
 
     def _foreign(self, server: str, asked: str) -> AuthError:
         """A token file asked for another server than the one it names: refuse, send nothing."""
-        import shlex
-
-        fix = f"oidc-auth {shlex.quote(asked)} --export FILE"
+        fix = f"{_command()} {_cli_target(asked)} --export FILE"
         if not server:  # an older export or a hand-made file: it could belong anywhere
             return AuthError(
                 f"The token file {self.path} does not say which server it was issued for, "
@@ -2305,6 +2309,7 @@ def _say(text: str) -> None:
 def _show_device_code(host: str, code: DeviceCode) -> Callable[[str], None] | None:
     """Show the code; in a notebook, return how to replace it with the outcome."""
     uri = _web_url(code["uri"], "the verification URI", allow_http=True)  # judged on arrival
+    host = _server_name(host)  # the server's URL, never the store key's form
     user_code = _short(code["user_code"], 100)
     text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
     if _in_jupyter():
@@ -2734,7 +2739,8 @@ class BaseFlow:
         try:
             meta = await self._metadata()
         except AuthError as exc:
-            _logger().warning("cannot revoke the tokens of %s: %s", self.host, exc.message)
+            _logger().warning("cannot revoke the tokens of %s: %s", _server_name(self.host),
+                              exc.message)
             return False
         url, revoked = meta.get("revocation_endpoint"), False
         if not url:
@@ -3116,6 +3122,13 @@ class _Progress:
             pass
 
 
+# How long a code flow made with timeout=None waits: forever for the API; the command
+# line, where a person is always in the loop, gives up after _CLI_CODE_FLOW_WAIT.
+_CODE_FLOW_WAIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "_CODE_FLOW_WAIT", default=None)
+_CLI_CODE_FLOW_WAIT = 300
+
+
 class CodeFlow(BaseFlow):
     """OAuth 2.0 Authorization Code Grant with PKCE.
 
@@ -3143,6 +3156,11 @@ class CodeFlow(BaseFlow):
     >>> flow = CodeFlow("https://myapp.example.com", timeout=120)  # doctest: +SKIP
     >>> token = await flow.authenticate()  # doctest: +SKIP
     """
+
+    def __init__(self, host: str = "", config: Config | None = None, **kwargs: Any) -> None:
+        super().__init__(host, config, **kwargs)
+        if self.timeout is None:
+            self.timeout = _CODE_FLOW_WAIT.get()
 
     async def authenticate(self, *, force: bool = False) -> Token:
         """Run the authorization code flow and return a token.
@@ -3214,7 +3232,7 @@ class CodeFlow(BaseFlow):
         if "error" in params:  # made printable and short by the receiver
             description = params.get("error_description", "")
             raise AuthError(
-                f"The login to {self.host} failed: {params['error']}"
+                f"The login to {_server_name(self.host)} failed: {params['error']}"
                 + (f": {description}" if description else ""),
                 {"error": params["error"], "error_description": description}, 400)
         form = {"code": params["code"], "redirect_uri": redirect_uri,
@@ -3260,7 +3278,9 @@ class CodeFlow(BaseFlow):
 
     def _tell_user(self, url: str, port: int) -> None:
         url = _web_url(url, "the login URL")
-        _say(f"To log in to {self.host}, open this URL in a browser:\n    {url}")
+        within = f" within {_duration(int(self.timeout))}" if self.timeout else ""
+        _say(f"To log in to {_server_name(self.host)}{within}, open this URL in a browser:"
+             f"\n    {url}")
         if _is_remote():
             _say(f"This is a remote session: forward the callback port first, on your own "
                  f"machine run\n    ssh -L {port}:localhost:{port} <this-host>")
@@ -3807,11 +3827,12 @@ async def authenticate_async(
         token_file = None if force else os.environ.get(config.token_env_var)
         reason = _no_login_reason(config.token_env_var if token_file else None)
         if reason:
-            command = f"python -m py_oidc_auth_client {_cli_target(device.config)}"
+            command = f"{_command()} {_cli_target(device.host)}"
             raise AuthError(
-                f"Not logged in to {device.host}: {reason}. Make a new token file on a "
-                f"workstation: {command} --export {token_file}" if token_file else
-                f"Not logged in to {device.host}, and {reason}. Log in once on a workstation "
+                f"Not logged in to {_server_name(device.host)}: {reason}. Make a new token "
+                f"file on a workstation: {command} --export {token_file}" if token_file else
+                f"Not logged in to {_server_name(device.host)}, and {reason}. Log in once on "
+                "a workstation "
                 f"({command}); in a batch job, point {config.token_env_var} at a token file "
                 f"made there ({command} --export token.json).",
                 {"error": "login_required"}, 401,
@@ -3838,16 +3859,25 @@ async def authenticate_async(
                 {**exc.detail, "device_error": refusal.error}, exc.status_code) from None
 
 
-def _cli_target(config: Config) -> str:
-    """The command line arguments that name *config*'s server (never its secret)."""
+def _cli_target(key: str) -> str:
+    """The command line arguments that name the server of store *key* (never a secret)."""
     import shlex
 
-    if not config.client_id:
-        return _host_key(config.host)
-    words = [config.host.strip(), "--client-id", config.client_id]
-    if config.scopes is not None:
-        words += ["--scope", " ".join(config.scopes)]
+    issuer, client_id, scopes = _split_key(_host_key(key))
+    words = [issuer]
+    if client_id:
+        words += ["--client-id", client_id]
+        if set(scopes or ()) != set(_DEFAULT_SCOPES):
+            words += ["--scope", " ".join(scopes or ())]
     return " ".join(shlex.quote(word) for word in words)
+
+
+def _command() -> str:
+    """How the user runs the command line, for the hints that spell a command."""
+    # "python -m" (or running the file) puts the module's path in argv[0]; the console
+    # script, and any program that uses the API, is told about oidc-auth.
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m py_oidc_auth_client" if name == "py_oidc_auth_client.py" else "oidc-auth"
 class BearerAuth:
     """Bearer-token auth for ``requests`` and ``httpx`` that keeps itself fresh.
 
@@ -4108,6 +4138,22 @@ environment:
 """
 
 
+def _epilog(prog: str) -> str:
+    """The help's examples, spelled with the command the user ran."""
+    import re
+
+    if prog == "oidc-auth":
+        return _EPILOG
+    grow = len(prog) - len("oidc-auth")
+
+    def respell(line: Any) -> str:
+        text: str = line.group().replace("oidc-auth", prog)
+        return re.sub(r"   +", lambda gap: " " * max(2, len(gap.group()) - grow), text,
+                      count=1)
+
+    return re.sub(r"^  .*oidc-auth.*$", respell, _EPILOG, flags=re.M)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``oidc-auth`` command line; return its exit code.
 
@@ -4116,11 +4162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import argparse
 
+    prog = _command()
     parser = argparse.ArgumentParser(
-        prog="oidc-auth",
+        prog=prog,
         description="Log in to a py-oidc-auth server (or use the cached token) and print it.\n"
                     "Prompts and progress go to stderr; stdout carries only the result.",
-        epilog=_EPILOG,
+        epilog=_epilog(prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("host", nargs="?", metavar="HOST", help="base URL of the server")
@@ -4153,8 +4200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--app-name", default="py-oidc-auth",
                        help="cache directory name (default: py-oidc-auth)")
     group = parser.add_argument_group("the login")
-    group.add_argument("--timeout", type=int, default=30, metavar="SECONDS",
-                       help="seconds to wait for the login (default: 30; 0 waits forever)")
+    group.add_argument("--timeout", type=int, metavar="SECONDS",
+                       help="seconds to wait for the login (default: as long as the device "
+                            f"code lives, {_CLI_CODE_FLOW_WAIT // 60} min for a login in the "
+                            "browser; 0 waits as long as the server allows)")
     group.add_argument("--force", action="store_true", help="log in even if a token is cached")
     group.add_argument("--allow-http", action="store_true",
                        help="allow plain http:// to a host that is not this machine (tokens "
@@ -4181,7 +4230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="show what the library detects here and what it decides")
     group.add_argument("-v", "--verbose", action="store_true",
                        help="debug log on stderr, secrets redacted")
-    group.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    group.add_argument("--version", action="version", version=f"oidc-auth {__version__}")
     args = parser.parse_args(argv)
     if (args.client_secret or args.scope) and not args.client_id:
         parser.error("--client-secret and --scope need --client-id")
@@ -4207,7 +4256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _cli(args)
     except AuthError as exc:  # messages carry server text: printable, whatever made them
-        print(f"oidc-auth: error: {_printable(exc.message)}", file=sys.stderr)
+        message = exc.message
+        if exc.error == "timeout":  # our time limit, not the device code's: say how to
+            import re  # give more time in the command line's words, not the API's
+
+            message, said = re.subn(r"\btimeout=(?: \([^)]*\))?", "--timeout SECONDS", message)
+            if not said and "--timeout" not in message:
+                message += "; to wait longer, pass --timeout SECONDS (0: no limit)"
+        print(f"oidc-auth: error: {_printable(message)}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"oidc-auth: error: {_printable(str(exc))}", file=sys.stderr)
@@ -4237,7 +4293,7 @@ def _check_args(parser: Any, args: Any) -> None:
                          "--logout HOST, --doctor")
     if args.show_secrets and not args.json:
         parser.error("--show-secrets goes with --json")
-    if args.timeout < 0:
+    if args.timeout is not None and args.timeout < 0:
         parser.error("--timeout must be 0 or more")
     if args.min_valid is not None and args.min_valid < 0:
         parser.error("--min-valid must be 0 or more")
@@ -4270,13 +4326,16 @@ def _cli(args: Any) -> int:
     if args.list:
         import shlex
 
-        now = time.time()
+        now, listed = time.time(), 0
         for host in store.hosts():
             token = store.get(host)
             if token is not None:  # quoted where a shell needs it: "#...&scope=" keys
+                listed += 1
                 print(f"{shlex.quote(host)}\taccess {_validity(token['expires'], now)}\t"
                       + (f"refresh {_validity(token['refresh_expires'], now)}"
                          if token["refresh_token"] else "no refresh token"))
+        if not listed:  # on stderr: a script reading stdout sees no hosts
+            _say(f"No cached tokens in {store.path}")
     if not args.host:
         return 0
     token_file = os.environ.get("OIDC_TOKEN_FILE")
@@ -4284,12 +4343,18 @@ def _cli(args: Any) -> int:
         log.debug("token store: %s",
                   f"{token_file} (OIDC_TOKEN_FILE)" if token_file else store.path)
         log.debug("interactive login: %s", _no_login_reason() or "possible")
-    token = authenticate(
-        args.host, login_route=args.login_route, token_route=args.token_route,
-        device_route=args.device_route, redirect_ports=args.ports, force=args.force,
-        app_name=args.app_name, timeout=args.timeout or None, client_id=args.client_id,
-        client_secret=args.client_secret, scopes=args.scope, allow_http=args.allow_http,
-    )
+    # A person is at the other end: by default wait as long as the device code lives
+    # (authenticate's timeout=None), and a few minutes for a login in the browser.
+    wait = _CODE_FLOW_WAIT.set(_CLI_CODE_FLOW_WAIT if args.timeout is None else None)
+    try:
+        token = authenticate(
+            args.host, login_route=args.login_route, token_route=args.token_route,
+            device_route=args.device_route, redirect_ports=args.ports, force=args.force,
+            app_name=args.app_name, timeout=args.timeout or None, client_id=args.client_id,
+            client_secret=args.client_secret, scopes=args.scope, allow_http=args.allow_http,
+        )
+    finally:
+        _CODE_FLOW_WAIT.reset(wait)
     if args.min_valid is not None:
         enough = _min_valid(args, token)
         if enough is None:
@@ -4308,18 +4373,20 @@ def _cli(args: Any) -> int:
                          {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
         now = time.time()
-        print(f"Logged in to {key}: access token "
+        print(f"Logged in to {_server_name(key)}: access token "
               f"{_validity(token['expires'], now)}, refresh token "
               + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
     return 0
 
 
-def _cli_flow(args: Any, host: str, store: TokenStore | None = None) -> DeviceFlow:
-    """A flow configured by the command line's routes, ports and app name."""
-    config = Config(host=host, app_name=args.app_name, login_route=args.login_route,
+def _cli_flow(args: Any, key: str, store: TokenStore | None = None) -> DeviceFlow:
+    """A flow for store *key*, configured by the command line's routes, ports and app name."""
+    issuer, client_id, scopes = _split_key(key)
+    secret = (args.client_secret or os.environ.get("OIDC_CLIENT_SECRET")) if client_id else None
+    config = Config(host=issuer, app_name=args.app_name, login_route=args.login_route,
                     token_route=args.token_route, device_route=args.device_route,
-                    client_id=args.client_id, client_secret=args.client_secret,
-                    scopes=args.scope, allow_http=args.allow_http)
+                    client_id=client_id, client_secret=secret or None, scopes=scopes,
+                    allow_http=args.allow_http)
     if args.ports:
         config.redirect_ports = list(args.ports)
     return DeviceFlow._detached(config, store=store, timeout=args.timeout or None)
@@ -4339,24 +4406,25 @@ def _min_valid(args: Any, token: Token) -> Token | None:
             return token["expires"]
         return max(token["expires"], token["refresh_expires"])
 
-    refreshed = False
+    refreshed, key = False, _store_key(args.host, args.client_id, args.scope)
     if until(token) < want and _refresh_valid(token):
-        flow = _cli_flow(args, args.host)
+        flow = _cli_flow(args, key)
         token = _run_sync(flow._cached_or_refreshed(lambda t: until(t) >= want)) or token
         refreshed = True
     if until(token) >= want:
         return token
-    host, now = _host_key(args.host), time.time()
+    host, now = _server_name(key), time.time()
+    command = f"{_command()} {_cli_target(key)}"
     by_access = bare or not token["refresh_token"]
     what = "access token" if by_access else "refresh token"
     token_file = os.environ.get("OIDC_TOKEN_FILE")
     if by_access and _refresh_valid(token):
         advice = ("the server grants shorter access tokens: ask for less, or get a fresh one "
-                  f"each time it is needed (oidc-auth {host} --access-token)")
+                  f"each time it is needed ({command} --access-token)")
     elif token_file:
-        advice = f"make a new token file on a workstation: oidc-auth {host} --export {token_file}"
+        advice = f"make a new token file on a workstation: {command} --export {token_file}"
     else:
-        advice = f"log in again: oidc-auth {host} --force"
+        advice = f"log in again: {command} --force"
     print(f"oidc-auth: error: the {what} for {host} {_expiry(until(token), now)}"
           f"{' even after a refresh' if refreshed else ''}, sooner than --min-valid "
           f"{args.min_valid} asks ({_duration(args.min_valid)}); {advice}", file=sys.stderr)
@@ -4376,26 +4444,26 @@ def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
     except OSError as exc:
         raise AuthError(f"Cannot write the token file {target}: {exc.strerror or exc}") from None
     now = time.time()
-    _say(f"Wrote the token for {key} to {target} (readable by you only): access "
+    _say(f"Wrote the token for {_server_name(key)} to {target} (readable by you only): access "
          f"token {_validity(token['expires'], now)}, refresh token "
          + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none")
          + f".\nIn a batch job: export OIDC_TOKEN_FILE={target}")
 
 
 def _logout(args: Any, store: TokenStore) -> None:
-    host = _store_key(args.logout, args.client_id, args.scope)
-    token = store.get(host)
+    key = _store_key(args.logout, args.client_id, args.scope)
+    token, host = store.get(key), _server_name(key)
     if token is None:
         _say(f"No token for {host}")
         return
-    flow = _cli_flow(args, host, store)
+    flow = _cli_flow(args, key, store)
     outcome = ""
     try:
         if not _run_sync(flow._revoke(token)):
             outcome = "the server offers no revocation"
     except AuthError as exc:
         outcome = f"revoking it at the server failed ({exc.message})"
-    store.remove(host)
+    store.remove(key)
     if not outcome:
         _say(f"Logged out of {host}: the server revoked the token, and it was removed "
              f"from {store.path}")
@@ -4536,7 +4604,8 @@ def _doctor(args: Any, store: TokenStore) -> None:
     else:
         add(("token file", "OIDC_TOKEN_FILE is not set: tokens come from the cache"))
     if args.host:
-        add(("cached token", f"{_host_key(args.host)}: {_describe_token(store, args.host)}"))
+        key = _store_key(args.host, args.client_id, args.scope)
+        add(("cached token", f"{key}: {_describe_token(store, key)}"))
     add(("proxies", _proxy_settings()))
     add(("CA bundle", _ca_settings()))
     try:

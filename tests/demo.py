@@ -15,7 +15,8 @@ stops it too.
 
 Options: ``--no-device`` starts the provider without the device flow, so the client
 falls back to the authorization code flow (its callback listens on localhost:53100-5);
-``--timeout N`` is how long the login may take (default 300 s).
+``--timeout N`` is how long the login may take (default: the command line's, as long
+as the device code lives, 5 min for the code flow).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 STACK = Path(__file__).resolve().parent / "stack"
 REPO = STACK.parents[1]
 READY_DEADLINE = 30.0
+APP_NAME = "py-oidc-auth-client-demo"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--no-device", action="store_true",
                         help="provider without device flow: the client uses the code flow")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds for the login")
+    parser.add_argument("--timeout", type=int, help="seconds for the login (default: the "
+                        "command line's, as long as the device code lives)")
     args = parser.parse_args(argv)
 
     problem = _missing_requirement()
@@ -111,13 +114,15 @@ def _missing_requirement() -> str | None:
     return None
 
 
-def _login(host: str, timeout: int, logs: Path) -> bool:
+def _login(host: str, timeout: int | None, logs: Path) -> bool:
     env = dict(os.environ, XDG_CACHE_HOME=str(logs / "cache"))
     env.pop("BROWSER", None)  # the person uses their own browser
     env.pop("OIDC_TOKEN_FILE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "py_oidc_auth_client", host, "--force", "--json",
-               "--app-name", "py-oidc-auth-client-demo", "--timeout", str(timeout)]
+               "--app-name", APP_NAME]
+    if timeout is not None:
+        command += ["--timeout", str(timeout)]
     print("$ python -m py_oidc_auth_client", host, "--force --json\n", file=sys.stderr)
     # stdin and stderr stay the terminal's: the prompt and countdown show there.
     done = subprocess.run(command, env=env, cwd=str(REPO), stdout=subprocess.PIPE, text=True)
@@ -125,14 +130,28 @@ def _login(host: str, timeout: int, logs: Path) -> bool:
         print(f"\nThe login failed (exit code {done.returncode}).", file=sys.stderr)
         return False
     token = json.loads(done.stdout)
-    _summarise(token)
+    _summarise(token, _refresh_in_store(host, env))
     status, answer = _get(f"{host}/protected", token["headers"])
     print(f"\nGET {host}/protected -> HTTP {status}")
     print(json.dumps(answer, indent=2) if not isinstance(answer, str) else answer)
     return status == 200
 
 
-def _summarise(token: dict[str, Any]) -> None:
+def _refresh_in_store(host: str, env: dict[str, str]) -> str:
+    """What the cache holds besides the printed token: --json leaves the refresh token out."""
+    listed = subprocess.run([sys.executable, "-m", "py_oidc_auth_client", "--list",
+                             "--app-name", APP_NAME], env=env, cwd=str(REPO),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    for line in listed.stdout.splitlines():
+        fields = line.split("\t")
+        if fields[0] == host and len(fields) == 3:
+            if fields[2].startswith("refresh "):  # "refresh valid for 29 d 23 h"
+                return "kept in the store, " + fields[2][len("refresh "):]
+            return "none: the server gave none, log in again when the access token expires"
+    return "unknown: the store holds no token for this host"
+
+
+def _summarise(token: dict[str, Any], refresh: str) -> None:
     now = time.time()
     access = token["access_token"]
     print("\nLogged in. Token summary:")
@@ -140,9 +159,7 @@ def _summarise(token: dict[str, Any]) -> None:
     print(f"  token_type     {token['token_type']}")
     print(f"  scope          {token['scope']}")
     print(f"  expires        in {int(token['expires'] - now)} s")
-    refresh = token.get("refresh_token") or ""
-    print(f"  refresh_token  {'present' if refresh else 'none'} "
-          f"(expires in {int(token['refresh_expires'] - now)} s)")
+    print(f"  refresh_token  {refresh}")
     try:
         payload = access.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))

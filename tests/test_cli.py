@@ -107,11 +107,14 @@ def test_version():
 def test_help_shows_examples():
     proc = cli("--help")
     assert proc.returncode == 0
-    assert proc.stdout.startswith("usage: oidc-auth")
+    # Run as "python -m": usage and examples spell that command (the console script's
+    # help says oidc-auth: tests/test_cli_real_use.py).
+    assert proc.stdout.startswith("usage: python -m py_oidc_auth_client")
     assert "examples:" in proc.stdout
     assert "URL=https://myapp.example.com" in proc.stdout
-    assert 'curl -H "Authorization: Bearer $(oidc-auth $URL --access-token)"' in proc.stdout
-    assert "oidc-auth $URL --export ~/job-token.json" in proc.stdout
+    assert ('curl -H "Authorization: Bearer $(python -m py_oidc_auth_client $URL '
+            '--access-token)"') in proc.stdout
+    assert "python -m py_oidc_auth_client $URL --export ~/job-token.json" in proc.stdout
     for option in ("--timeout", "--force", "--json", "--list", "--clear", "--remove",
                    "--app-name", "--login-route", "--token-route", "--device-route", "--ports",
                    "--access-token", "--header", "--show-secrets", "--export", "--min-valid",
@@ -126,7 +129,7 @@ def test_no_arguments_is_a_usage_error():
     proc = cli()
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.startswith("usage: oidc-auth")
+    assert proc.stderr.startswith("usage: python -m py_oidc_auth_client")
     assert "give a HOST" in proc.stderr
 
 

@@ -51,7 +51,9 @@ def shell(tmp_path, fake_server):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shims = {
-        "oidc-auth": f'exec "{sys.executable}" -m py_oidc_auth_client "$@"',
+        # What pip installs: a script named oidc-auth that calls main().
+        "oidc-auth": f'exec "{sys.executable}" -c "import sys; sys.argv[0] = \'oidc-auth\'; '
+                     f'from py_oidc_auth_client import main; sys.exit(main())" "$@"',
         "python": f'exec "{sys.executable}" "$@"',
         "sbatch": 'SLURM_JOB_ID=4242 exec bash "$@" </dev/null',
     }
