@@ -983,6 +983,12 @@ def _time_left(seconds: float | None) -> float | None:
     return left if seconds is None else min(seconds, left)
 
 
+def _time_limit(seconds: float | None) -> float:
+    """The login's time limit in seconds, as the user gave it (for messages)."""
+    limit = _TIME_LIMIT.get()
+    return limit[1] if limit is not None else (seconds or 0)
+
+
 def _backoff(attempt: int, exc: AuthError) -> float:
     import random
 
@@ -2950,6 +2956,7 @@ class DeviceFlow(BaseFlow):
             deadline = min(deadline, start + left)
         interval = max(1, int(interval))
         show = self._show_countdown()
+        server = _server_name(self.host)
         url, auth = self._url(self.config.token_route), None
         form = {"device-code": device_code, "grant_type": "device-code"}
         if self.config.client_id:  # RFC 8628, 3.4
@@ -2976,18 +2983,18 @@ class DeviceFlow(BaseFlow):
                         _logger().debug("slow_down: polling every %d s now", interval)
                         continue
                     if exc.error == "access_denied":
-                        raise AuthError(f"The login to {self.host} was denied",
+                        raise AuthError(f"The login to {server} was denied",
                                         exc.detail, exc.status_code) from None
                     if exc.error == "expired_token":
                         raise AuthError(
-                            f"The device code for {self.host} expired before the login was "
+                            f"The device code for {server} expired before the login was "
                             "approved; start the login again", exc.detail,
                             exc.status_code) from None
                     if exc.error in ("unauthorized_client", "unsupported_grant_type"):
                         # A provider that hands out device codes to a client that may
                         # not redeem them: authenticate() then uses the code flow.
                         raise _NoDeviceFlow(
-                            f"{self.host} refused the device login at its token endpoint "
+                            f"{server} refused the device login at its token endpoint "
                             f"({exc.message}): this client may not use the device flow",
                             exc.detail, exc.status_code) from None
                     raise
@@ -3001,18 +3008,17 @@ class DeviceFlow(BaseFlow):
     def _gave_up(self, start: float, ours: bool) -> AuthError:
         """The end of a wait: our own time limit (*ours*), or the device code's lifetime."""
         waited = f"after {time.monotonic() - start:.0f} s"
+        server = _server_name(self.host)
         if not ours:
             return AuthError(
-                f"The device code for {self.host} expired before the login was approved "
+                f"The device code for {server} expired before the login was approved "
                 f"({waited}); start the login again",
                 {"error": "expired_token",
                  "error_description": "the device code's expires_in ran out"}, 408)
-        limit = _TIME_LIMIT.get()
-        seconds = limit[1] if limit is not None else (self.timeout or 0)
         return AuthError(
-            f"Gave up waiting for the login to {self.host} to be approved {waited}: "
-            f"the timeout of {seconds:g} s ran out; pass a larger timeout= (None waits as "
-            "long as the device code lives) to give more time",
+            f"Gave up waiting for the login to {server} to be approved {waited}: "
+            f"the timeout of {_time_limit(self.timeout):g} s ran out; pass a larger timeout= "
+            "(None waits as long as the device code lives) to give more time",
             {"error": "timeout"}, 408)
 
     def _show_countdown(self) -> _Progress | None:
@@ -3036,12 +3042,13 @@ class DeviceFlow(BaseFlow):
         if replace is None:
             return await self.poll(code["device_code"], code["interval"])
         # A notebook: the link and code give way to the outcome, in place.
-        outcome = f"Login to {self.host} cancelled."
+        server = _server_name(self.host)
+        outcome = f"Login to {server} cancelled."
         try:
             token = await self.poll(code["device_code"], code["interval"])
-            outcome = f"Logged in to {self.host}."
+            outcome = f"Logged in to {server}."
         except AuthError as exc:
-            outcome = f"Login to {self.host} failed: {_short(exc.message)}"
+            outcome = f"Login to {server} failed: {_short(exc.message)}"
             raise
         finally:
             replace(outcome)
@@ -3222,11 +3229,9 @@ class CodeFlow(BaseFlow):
             try:
                 params = await asyncio.wait_for(result, _time_left(self.timeout))
             except asyncio.TimeoutError:
-                limit = _TIME_LIMIT.get()
-                seconds = limit[1] if limit is not None else (self.timeout or 0)
-                raise AuthError(f"No login to {self.host} was completed within the timeout of "
-                                f"{seconds:g} s; pass a larger timeout= to give more time",
-                                {"error": "timeout"}, 408) from None
+                raise AuthError(f"No login to {_server_name(self.host)} was completed within "
+                                f"the timeout of {_time_limit(self.timeout):g} s; pass a larger "
+                                "timeout= to give more time", {"error": "timeout"}, 408) from None
         finally:
             await asyncio.to_thread(receiver.close)
         if "error" in params:  # made printable and short by the receiver
@@ -4256,7 +4261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _cli(args)
     except AuthError as exc:  # messages carry server text: printable, whatever made them
-        message = exc.message
+        message = str(exc)  # with the provider's error, when the message lacks it
         if exc.error == "timeout":  # our time limit, not the device code's: say how to
             import re  # give more time in the command line's words, not the API's
 
