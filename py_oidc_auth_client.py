@@ -165,6 +165,7 @@ class AuthError(Exception):
     _retry = False  # worth retrying: no answer at all, or a 502/503/504
     _retry_after: float | None = None  # seconds, from a Retry-After header
     _unanswered = False  # no HTTP answer came: refused, unresolvable, cut, timed out
+    _answered = False  # the server's own error answer (its status), not one made here
 
     def __init__(
         self, message: str, detail: dict[str, Any] | None = None, status_code: int = 500
@@ -850,8 +851,11 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
     detail = {"error": error, "error_description": description} if error else {}
     message = f"{resp.url} answered {resp.status}: {text}"
     if resp.status not in _TRANSIENT_STATUS or error:
-        return AuthError(message, detail, resp.status)
+        exc = AuthError(message, detail, resp.status)
+        exc._answered = True
+        return exc
     exc = _transient(message, resp.status, detail, unanswered=False)
+    exc._answered = True
     retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after") or "").strip()
     if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
         exc._retry_after = min(float(retry_after), 60.0)
@@ -2611,9 +2615,10 @@ class BaseFlow:
                 token = await self._refresh_request(current["refresh_token"], current)
             except AuthError as exc:
                 # Some providers refuse a dead refresh token with a bare 400 or 401, no
-                # OAuth error at all: that, too, means the refresh token is no longer good.
+                # OAuth error at all: that, too, means the refresh token is no longer good
+                # (the server's answer, not a 400 made here, e.g. for a broken CA bundle).
                 if exc.error in ("invalid_grant", "invalid_token") or (
-                    exc.status_code in (400, 401) and not exc.error
+                    exc._answered and exc.status_code in (400, 401) and not exc.error
                 ):
                     _logger().info("the refresh token for %s was refused (%s); a new login is "
                                    "needed", self.host, exc.error or exc.status_code)

@@ -993,9 +993,9 @@ def test_cli_reads_the_secret_from_the_environment(provider, monkeypatch):
     assert SECRET not in err
 
 
-def test_cli_prints_the_store_key_after_login(provider, make_token):
+def test_cli_names_the_issuer_and_client_after_login(provider, make_token):
     store = oac._default_store("py-oidc-auth")
     store.put(oac._store_key(provider.issuer, CLIENT), make_token())
     code, out, _ = run_cli(provider.issuer, "--client-id", CLIENT)
     assert code == 0
-    assert re.match(rf"Logged in to {re.escape(oac._store_key(provider.issuer, CLIENT))}: ", out)
+    assert re.match(rf"Logged in to {re.escape(provider.issuer)} \(client {CLIENT}\): ", out)
