@@ -564,7 +564,10 @@ def _read_capped(resp: Any, status: int, where: str, deadline: float = float("in
         if left <= 0:  # a server that drips its body
             raise _transient(f"{where}: timed out reading the answer", 504)
         for sock in sockets[-1:]:  # each read waits at most for what is left
-            sock.settimeout(min(left, _HTTP_TIMEOUT))
+            try:
+                sock.settimeout(min(left, _HTTP_TIMEOUT))
+            except OSError:  # closed: http.client has the rest of the answer (3.13+)
+                pass
         chunk: bytes = resp.read1(_MAX_BODY + 1 - size)
         if not chunk:
             break
