@@ -14,7 +14,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 import webbrowser
 from pathlib import Path
@@ -238,36 +237,10 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def dripping_server():
-    """Accepts, then sends its answer's head one byte every 0.3 s."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    stop = threading.Event()
-
-    def drip(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n":
-                    if stop.wait(0.3):
-                        return
-                    conn.sendall(bytes([byte]))
-            except OSError:
-                pass
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=drip, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    server.close()
+def dripping_server(dripper):
+    """Accepts, then drips its answer's status line and headers."""
+    dripper.mode = "head"
+    return dripper.url
 
 
 def run_script(tmp_path: Path, host: str, source: str = SCRIPT) -> tuple[str, str, float]:

@@ -16,7 +16,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from conftest import FakeServer, _handler, device_answer, oauth_error, read_request, token_answer
+from conftest import FakeServer, _handler, device_answer, oauth_error, token_answer
 from tests import oac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,64 +140,6 @@ def test_redirect_message_is_printable(fake_server):
 
 
 # -- 8. no server holds the process past its timeout ------------------------------------
-
-
-class Dripper:
-    """A raw server that answers every request one byte per 0.5 s, for up to 40 s.
-
-    ``mode="body"``: the headers at once, then the body drips;
-    ``mode="head"``: the status line and headers drip.
-    """
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.mode = "body"
-        self.accepted = self.hung_up = 0
-        self.stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
-
-    def _drip(self, conn: socket.socket) -> None:
-        body = b'{"access_token": "' + b"a" * 200 + b'"}'
-        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(body))
-        with conn:
-            try:
-                read_request(conn)
-                if self.mode == "body":
-                    conn.sendall(head)
-                slow = (head if self.mode == "head" else b"") + body
-                end = time.monotonic() + 40
-                for i in range(len(slow)):
-                    if self.stop.is_set() or time.monotonic() > end:
-                        return
-                    conn.sendall(slow[i:i + 1])
-                    time.sleep(0.5)
-            except OSError:  # the client hung up: the point of the test
-                self.hung_up += 1
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
-@pytest.fixture
-def dripper():
-    server = Dripper()
-    yield server
-    server.close()
 
 
 @pytest.mark.timeout(60)
