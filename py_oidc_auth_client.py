@@ -28,6 +28,20 @@ From the shell::
     oidc-auth --list
 """
 
+# Map of this file, in order; each section uses only those above it:
+#   Types                   AuthError, Token, DeviceCode, Config
+#   HTTP                    one request with a deadline; TLS, proxies, redirects, errors
+#   Tokens & keys           token answers, lifetimes, JWS and RSA signatures
+#   Store                   store keys, TokenStore, its lock and its private folder
+#   Environment & terminal  batch jobs, browsers, prompts, notebook output
+#   Standard providers      discovery, OAuth metadata, ID token claims
+#   Flows                   BaseFlow, DeviceFlow (RFC 8628), CodeFlow (RFC 7636)
+#   Loopback receiver       the code flow's redirect listener (RFC 8252)
+#   authenticate            cached, refreshed or a new login; sync and async
+#   Adapters                BearerAuth for requests and httpx
+#   Command line            main() and its actions
+#   Aliases                 the reference's submodule import paths
+
 from __future__ import annotations
 
 import contextvars
@@ -113,9 +127,8 @@ _BATCH_VARIABLES = {
 
 
 # ---------------------------------------------------------------------------
-# Public types
+# Types: the errors, token and configuration shapes of the public API
 # ---------------------------------------------------------------------------
-
 
 class AuthError(Exception):
     """Authentication or token exchange failed.
@@ -346,14 +359,15 @@ class Config:
 
 
 # ---------------------------------------------------------------------------
-# HTTP
+# HTTP: one request with a deadline, TLS, proxies, redirects and errors
 # ---------------------------------------------------------------------------
-
 
 # C0 and C1 controls (ESC starts terminal commands) and the bidi overrides that
 # reorder text: removed from server and callback text before anyone reads it.
 _CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
                            *range(0x2066, 0x206A)])
+
+
 _CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
 
 
@@ -400,7 +414,11 @@ class _Response:
 # for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
 _TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
     "_TIME_LIMIT", default=None)
+
+
 _LATE_GRACE = 1.0
+
+
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -1010,101 +1028,6 @@ async def _sleep(seconds: float) -> None:
     await asyncio.sleep(max(0.0, seconds))
 
 
-# -- Standard providers: discovery (OpenID Connect Discovery 1.0) and keys --
-
-_FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}
-_ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
-              "revocation_endpoint", "end_session_endpoint", "jwks_uri")
-
-
-async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
-    """The provider's metadata, checked: its issuer is ours, its endpoints are URLs.
-
-    Endpoints that the OpenID document leaves out are taken from the OAuth one.
-    """
-    issuer = issuer.strip()
-    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-    meta = await _fetch_json(url, session)
-    said = meta.get("issuer")
-    if not _same_issuer(said, issuer):
-        _FETCHED.pop(url, None)
-        raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
-                        f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"}, 502)
-    _check_endpoints(meta, _ENDPOINTS, url, issuer)
-    missing = [name for name in _OAUTH_ENDPOINTS if meta.get(name) is None]
-    if missing:
-        more = await _oauth_metadata(issuer, session)
-        meta = {**meta, **{name: more[name] for name in missing if name in more}}
-    return meta
-
-
-# Some providers list these in their OAuth document (RFC 8414) only.
-_OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
-
-
-def _same_issuer(said: object, issuer: str) -> bool:
-    """Equal up to the case of scheme and host, a default port and a trailing slash."""
-    try:
-        return isinstance(said, str) and _normalise_host(said) == _host_key(issuer)
-    except AuthError:
-        return False
-
-
-def _check_endpoints(meta: dict[str, Any], names: Iterable[str], url: str, issuer: str) -> None:
-    """Every endpoint in *meta* is a web URL; an https issuer's are https too."""
-    secure = issuer.lower().startswith("https://")
-    for name in names:
-        value = meta.get(name)
-        if value is None and name not in _ENDPOINTS[:2]:
-            continue
-        if not isinstance(value, str) or not value.startswith(
-            ("https://",) if secure else ("https://", "http://")
-        ):
-            problem = "missing" if value is None else f"not an {'https' if secure else 'http'} URL"
-            raise AuthError(f"{url}: {name} is {problem}", status_code=502)
-        _web_url(value, f"{name} (in {url})", allow_http=True)  # no hidden characters, a host
-
-
-async def _oauth_metadata(issuer: str, session: _Session) -> dict[str, Any]:
-    """The endpoints of *issuer*'s OAuth document (RFC 8414), or {} when it has none.
-
-    A document that names another issuer is not used (RFC 8414, 3.3). The outcome,
-    none included, is kept as long as the other documents.
-    """
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(issuer.rstrip("/"))
-    well_known = "/.well-known/oauth-authorization-server"
-    # RFC 8414, 3.1 puts the well-known part before the issuer's path; some
-    # providers (Keycloak's realms among them) serve it after the path instead.
-    urls = [f"{parts.scheme}://{parts.netloc}{well_known}{parts.path}"]
-    if parts.path:
-        urls.append(issuer.rstrip("/") + well_known)
-    key = urls[0] + " (checked)"  # no fetched URL holds a space: no document lands here
-    cached = _FETCHED.get(key)
-    if cached is not None and time.monotonic() < cached[0]:
-        return cached[1]
-    found: dict[str, Any] = {}
-    keep = True
-    for url in urls:
-        try:
-            doc = await _fetch_json(url, session, fresh=True)
-        except AuthError as exc:
-            keep = keep and not exc._retry  # a passing fault: ask again next time
-            _logger().debug("no OAuth metadata at %s: %s", url, exc.message)
-            continue
-        if not _same_issuer(doc.get("issuer"), issuer):
-            _logger().warning("%s names another issuer (%r), not %s: its endpoints are not "
-                              "used", url, _short(str(doc.get("issuer")), 100), issuer)
-            continue
-        found = {name: doc[name] for name in _OAUTH_ENDPOINTS if doc.get(name) is not None}
-        _check_endpoints(found, _OAUTH_ENDPOINTS, url, issuer)
-        break
-    if keep:
-        _FETCHED[key] = (time.monotonic() + _DOCUMENT_TTL, found)
-    return found
-
-
 def _with_query(url: str, params: dict[str, str]) -> str:
     """*url* with *params* added to its query (an endpoint may have one already)."""
     from urllib.parse import urlencode
@@ -1143,10 +1066,31 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
     return doc
 
 
-# ---------------------------------------------------------------------------
-# Token normalisation
-# ---------------------------------------------------------------------------
+def _web_url(url: object, what: str, allow_http: bool = False) -> str:
+    """*url* if it may be opened or shown as a link, else an AuthError naming it.
 
+    A server's URL ends up on a browser's command line and in a notebook's link:
+    only https:// (http:// to this machine or where plain http is allowed) with a
+    host, never a value that starts like an option or hides characters.
+    """
+    from urllib.parse import urlsplit
+
+    text = url if isinstance(url, str) else ""
+    try:
+        host = urlsplit(text).hostname
+    except ValueError:  # e.g. an unclosed [ in the host
+        host = None
+    if (not host or text.startswith("-") or _printable(text) != text
+            or any(c.isspace() for c in text) or not _plain_http_allowed(text, allow_http)):
+        raise AuthError(f"The server sent {what} {_short(str(url), 100)!r}, which is not an "
+                        "https:// URL with a host; it was neither opened nor shown. Tell the "
+                        "server's operators", status_code=502)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Tokens & keys: token answers, lifetimes, JWS and RSA signatures
+# ---------------------------------------------------------------------------
 
 def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     """Turn a token answer into a ``Token``; keep a refresh token that was not rotated."""
@@ -1308,107 +1252,25 @@ def _refresh_valid(token: Token, now: float | None = None) -> bool:
     )
 
 
-def _host_key(host: str) -> str:
-    """Normalise a server URL: lower-case scheme and host, no default port or slash."""
-    key = _HOST_KEYS.get(host)
-    if key is None:
-        key = _HOST_KEYS[host] = _normalise_host(host)
-    return key
-
-
-_HOST_KEYS: dict[str, str] = {}
-
-
-def _normalise_host(host: str) -> str:
-    from urllib.parse import parse_qs, urlsplit
-
-    if not isinstance(host, str) or not host.strip():
-        raise AuthError("No host given: pass the server's URL, e.g. https://myapp.example.com",
-                        status_code=400)
-    text = host.strip()
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise AuthError(f"{text!r} is not a valid URL ({exc})", status_code=400) from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise AuthError(
-            f"{text!r} is not an http(s) URL: write it like https://myapp.example.com",
-            status_code=400,
-        )
-    if parts.username is not None or parts.password is not None:
-        raise AuthError("Do not put credentials in the host URL", status_code=400)
-    # issuer#client_id=...&scope=...: the store key of a standard provider's client
-    fields = parse_qs(parts.fragment, keep_blank_values=True) if parts.fragment else {}
-    if parts.query or (parts.fragment and "client_id" not in fields) or text.endswith(
-        ("?", "#")
-    ):
-        raise AuthError(f"The host URL must not have a query or fragment: {text!r}",
-                        status_code=400)
-    name = parts.hostname.lower()
-    if ":" in name:
-        name = f"[{name}]"
-    if port is not None and port != (443 if scheme == "https" else 80):
-        name = f"{name}:{port}"
-    base = f"{scheme}://{name}{parts.path.rstrip('/')}"
-    if not fields:
-        return base
-    return _store_key(base, fields["client_id"][0],
-                      fields["scope"][0] if "scope" in fields else None)
-
-
-def _store_key(host: str, client_id: str | None = None,
-               scopes: str | Iterable[str] | None = None) -> str:
-    """The store key: the host, or for a standard provider issuer#client_id=...&scope=..."""
-    if not client_id:
-        return _host_key(host)
-    from urllib.parse import urlencode
-
-    base = _host_key(host)
-    if "#" in base:
-        raise AuthError("Give the issuer URL without a #client_id= part when you pass a "
-                        "client_id", status_code=400)
-    return f"{base}#" + urlencode({"client_id": client_id, "scope": " ".join(_scopes(scopes))})
-
-
-def _scopes(scopes: str | Iterable[str] | None) -> list[str]:
-    """Sorted, unique scopes; the default when None."""
-    if scopes is None:
-        return list(_DEFAULT_SCOPES)
-    if isinstance(scopes, str):
-        scopes = [scopes]
-    return sorted({word for item in scopes for word in str(item).split()})
-
-
-def _split_key(key: str) -> tuple[str, str | None, list[str] | None]:
-    """``(issuer, client_id, scopes)`` of a store key; no client for a py-oidc-auth host."""
-    from urllib.parse import parse_qs
-
-    base, _, fragment = key.partition("#")
-    if not fragment:
-        return base, None, None
-    fields = parse_qs(fragment, keep_blank_values=True)
-    return base, fields["client_id"][0], fields.get("scope", [""])[0].split()
-
-
-def _server_name(key: str) -> str:
-    """A store key as people say it: the URL, and a standard provider's client."""
-    issuer, client_id, _ = _split_key(key)
-    return f"{issuer} (client {_printable(client_id)})" if client_id else issuer
-
-
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
 
 _ID_TOKENS: dict[str, str] = {}  # access token -> the ID token that came with it (for logout)
+
+
 # DigestInfo prefixes of EMSA-PKCS1-v1_5 (RFC 8017, 9.2 note 1).
 _RSA_DIGESTS = {
     "RS256": ("sha256", "3031300d060960864801650304020105000420"),
     "RS384": ("sha384", "3041300d060960864801650304020205000430"),
     "RS512": ("sha512", "3051300d060960864801650304020305000440"),
 }
+
+
 _PSS_DIGESTS = {"PS256": "sha256", "PS384": "sha384", "PS512": "sha512"}  # RFC 7518, 3.5
+
+
 _HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+
+
 # Algorithms this module cannot verify, with the key type that signs them. OIDC Core
 # 3.1.3.7 (6) lets a client trust an ID token on the strength of the TLS connection to
 # the token endpoint; we do so only for these, only when the provider lists the
@@ -1440,35 +1302,6 @@ def _b64decode(text: str) -> bytes:
     import base64
 
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: str | None,
-                  now: float | None = None) -> None:
-    """Refuse an ID token that is not from *issuer*, not for *client_id*, stale, or replayed."""
-    import hmac
-
-    now = time.time() if now is None else now
-    aud, exp, iat = claims.get("aud"), claims.get("exp"), claims.get("iat")
-    got = claims.get("nonce")
-    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-    problem = ""
-    if claims.get("iss") != issuer:
-        problem = f"it was issued by {_short(str(claims.get('iss')), 100)!r}, not {issuer!r} (iss)"
-    elif client_id not in audiences:
-        problem = "it was issued for another client (aud)"
-    elif (len(audiences) > 1 or "azp" in claims) and claims.get("azp") != client_id:
-        problem = "it was issued to another client (azp)"
-    elif not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp + _CLOCK_SKEW <= now:
-        problem = "it has expired (exp); check that this machine's clock is right"
-    elif not isinstance(iat, (int, float)) or isinstance(iat, bool) or iat - _CLOCK_SKEW > now:
-        problem = "it was issued in the future (iat); check that this machine's clock is right"
-    elif nonce is not None and not (
-        isinstance(got, str) and hmac.compare_digest(got.encode(), nonce.encode())
-    ):
-        problem = "it does not belong to this login (nonce)"
-    if problem:
-        raise AuthError(f"The provider's ID token was refused: {problem}",
-                        {"error": "invalid_id_token"}, 502)
 
 
 def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
@@ -1558,8 +1391,97 @@ def _pss_verify(m: int, em_bits: int, hash_name: str, signed: bytes) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Token store
+# Store: store keys, the token file, its lock and its private folder
 # ---------------------------------------------------------------------------
+
+def _host_key(host: str) -> str:
+    """Normalise a server URL: lower-case scheme and host, no default port or slash."""
+    key = _HOST_KEYS.get(host)
+    if key is None:
+        key = _HOST_KEYS[host] = _normalise_host(host)
+    return key
+
+
+_HOST_KEYS: dict[str, str] = {}
+
+
+def _normalise_host(host: str) -> str:
+    from urllib.parse import parse_qs, urlsplit
+
+    if not isinstance(host, str) or not host.strip():
+        raise AuthError("No host given: pass the server's URL, e.g. https://myapp.example.com",
+                        status_code=400)
+    text = host.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise AuthError(f"{text!r} is not a valid URL ({exc})", status_code=400) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise AuthError(
+            f"{text!r} is not an http(s) URL: write it like https://myapp.example.com",
+            status_code=400,
+        )
+    if parts.username is not None or parts.password is not None:
+        raise AuthError("Do not put credentials in the host URL", status_code=400)
+    # issuer#client_id=...&scope=...: the store key of a standard provider's client
+    fields = parse_qs(parts.fragment, keep_blank_values=True) if parts.fragment else {}
+    if parts.query or (parts.fragment and "client_id" not in fields) or text.endswith(
+        ("?", "#")
+    ):
+        raise AuthError(f"The host URL must not have a query or fragment: {text!r}",
+                        status_code=400)
+    name = parts.hostname.lower()
+    if ":" in name:
+        name = f"[{name}]"
+    if port is not None and port != (443 if scheme == "https" else 80):
+        name = f"{name}:{port}"
+    base = f"{scheme}://{name}{parts.path.rstrip('/')}"
+    if not fields:
+        return base
+    return _store_key(base, fields["client_id"][0],
+                      fields["scope"][0] if "scope" in fields else None)
+
+
+def _store_key(host: str, client_id: str | None = None,
+               scopes: str | Iterable[str] | None = None) -> str:
+    """The store key: the host, or for a standard provider issuer#client_id=...&scope=..."""
+    if not client_id:
+        return _host_key(host)
+    from urllib.parse import urlencode
+
+    base = _host_key(host)
+    if "#" in base:
+        raise AuthError("Give the issuer URL without a #client_id= part when you pass a "
+                        "client_id", status_code=400)
+    return f"{base}#" + urlencode({"client_id": client_id, "scope": " ".join(_scopes(scopes))})
+
+
+def _scopes(scopes: str | Iterable[str] | None) -> list[str]:
+    """Sorted, unique scopes; the default when None."""
+    if scopes is None:
+        return list(_DEFAULT_SCOPES)
+    if isinstance(scopes, str):
+        scopes = [scopes]
+    return sorted({word for item in scopes for word in str(item).split()})
+
+
+def _split_key(key: str) -> tuple[str, str | None, list[str] | None]:
+    """``(issuer, client_id, scopes)`` of a store key; no client for a py-oidc-auth host."""
+    from urllib.parse import parse_qs
+
+    base, _, fragment = key.partition("#")
+    if not fragment:
+        return base, None, None
+    fields = parse_qs(fragment, keep_blank_values=True)
+    return base, fields["client_id"][0], fields.get("scope", [""])[0].split()
+
+
+def _server_name(key: str) -> str:
+    """A store key as people say it: the URL, and a standard provider's client."""
+    issuer, client_id, _ = _split_key(key)
+    return f"{issuer} (client {_printable(client_id)})" if client_id else issuer
 
 
 class TokenStore:
@@ -2174,9 +2096,8 @@ def _default_store(app_name: str, env_var: str = "") -> TokenStore:
 
 
 # ---------------------------------------------------------------------------
-# Environment detection
+# Environment & terminal: batch jobs, browsers, prompts and notebook output
 # ---------------------------------------------------------------------------
-
 
 def _batch_scheduler() -> str | None:
     """The batch system whose job we run in, if any."""
@@ -2275,28 +2196,6 @@ def _is_remote() -> bool:
     return any(os.environ.get(v) for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY"))
 
 
-def _web_url(url: object, what: str, allow_http: bool = False) -> str:
-    """*url* if it may be opened or shown as a link, else an AuthError naming it.
-
-    A server's URL ends up on a browser's command line and in a notebook's link:
-    only https:// (http:// to this machine or where plain http is allowed) with a
-    host, never a value that starts like an option or hides characters.
-    """
-    from urllib.parse import urlsplit
-
-    text = url if isinstance(url, str) else ""
-    try:
-        host = urlsplit(text).hostname
-    except ValueError:  # e.g. an unclosed [ in the host
-        host = None
-    if (not host or text.startswith("-") or _printable(text) != text
-            or any(c.isspace() for c in text) or not _plain_http_allowed(text, allow_http)):
-        raise AuthError(f"The server sent {what} {_short(str(url), 100)!r}, which is not an "
-                        "https:// URL with a host; it was neither opened nor shown. Tell the "
-                        "server's operators", status_code=502)
-    return text
-
-
 def _open_browser(url: str) -> None:
     """Open *url* without waiting: a BROWSER command may block until it exits."""
     import threading
@@ -2367,10 +2266,198 @@ def _display_html(host: str, uri: str, user_code: str, text: str
     return replace
 
 
+async def _countdown(seconds: float, deadline: float, show: _Progress | None) -> None:
+    """Sleep *seconds*, showing the time left until *deadline*."""
+    end = time.monotonic() + max(0.0, seconds)
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            return
+        if show is not None:
+            show.update(deadline - now)
+        await _sleep(min(1.0, end - now))
+
+
+_PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+class _Progress:
+    """The wait for approval on stderr: one live line on a terminal, else a line every 30 s.
+
+    Batch logs and pipes get whole lines; ``NO_COLOR`` and ``TERM=dumb`` get
+    no escape sequence, only carriage returns.
+    """
+
+    def __init__(self, stream: Any, live: bool) -> None:
+        self.stream, self.live, self.plain = stream, live, _plain_terminal()
+        self.next_line = time.monotonic() + _PROGRESS_EVERY
+        self.width = 0
+
+    def update(self, left: float) -> None:
+        seconds = max(0, int(left))
+        when = f"{seconds // 60}:{seconds % 60:02d} left"
+        if self.live:
+            text = f"Waiting for approval... {when}"
+            self._write("\r" + text.ljust(self.width) if self.plain else "\r\033[K" + text)
+            self.width = len(text)
+        elif time.monotonic() >= self.next_line:
+            self.next_line = time.monotonic() + _PROGRESS_EVERY
+            self._write(f"still waiting for approval, {when}\n")
+
+    def close(self) -> None:
+        """Wipe the live line, so that what follows starts on a clean line."""
+        if self.live and self.width:
+            self._write("\r" + " " * self.width + "\r" if self.plain else "\r\033[K")
+            self.width = 0
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stderr must not end the login
+            pass
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 # ---------------------------------------------------------------------------
-# Flows
+# Standard providers: discovery, OAuth metadata and ID token claims
 # ---------------------------------------------------------------------------
 
+# -- Standard providers: discovery (OpenID Connect Discovery 1.0) and keys --
+
+_FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
+_ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
+              "revocation_endpoint", "end_session_endpoint", "jwks_uri")
+
+
+async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
+    """The provider's metadata, checked: its issuer is ours, its endpoints are URLs.
+
+    Endpoints that the OpenID document leaves out are taken from the OAuth one.
+    """
+    issuer = issuer.strip()
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    meta = await _fetch_json(url, session)
+    said = meta.get("issuer")
+    if not _same_issuer(said, issuer):
+        _FETCHED.pop(url, None)
+        raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
+                        f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"}, 502)
+    _check_endpoints(meta, _ENDPOINTS, url, issuer)
+    missing = [name for name in _OAUTH_ENDPOINTS if meta.get(name) is None]
+    if missing:
+        more = await _oauth_metadata(issuer, session)
+        meta = {**meta, **{name: more[name] for name in missing if name in more}}
+    return meta
+
+
+# Some providers list these in their OAuth document (RFC 8414) only.
+_OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
+
+
+def _same_issuer(said: object, issuer: str) -> bool:
+    """Equal up to the case of scheme and host, a default port and a trailing slash."""
+    try:
+        return isinstance(said, str) and _normalise_host(said) == _host_key(issuer)
+    except AuthError:
+        return False
+
+
+def _check_endpoints(meta: dict[str, Any], names: Iterable[str], url: str, issuer: str) -> None:
+    """Every endpoint in *meta* is a web URL; an https issuer's are https too."""
+    secure = issuer.lower().startswith("https://")
+    for name in names:
+        value = meta.get(name)
+        if value is None and name not in _ENDPOINTS[:2]:
+            continue
+        if not isinstance(value, str) or not value.startswith(
+            ("https://",) if secure else ("https://", "http://")
+        ):
+            problem = "missing" if value is None else f"not an {'https' if secure else 'http'} URL"
+            raise AuthError(f"{url}: {name} is {problem}", status_code=502)
+        _web_url(value, f"{name} (in {url})", allow_http=True)  # no hidden characters, a host
+
+
+async def _oauth_metadata(issuer: str, session: _Session) -> dict[str, Any]:
+    """The endpoints of *issuer*'s OAuth document (RFC 8414), or {} when it has none.
+
+    A document that names another issuer is not used (RFC 8414, 3.3). The outcome,
+    none included, is kept as long as the other documents.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(issuer.rstrip("/"))
+    well_known = "/.well-known/oauth-authorization-server"
+    # RFC 8414, 3.1 puts the well-known part before the issuer's path; some
+    # providers (Keycloak's realms among them) serve it after the path instead.
+    urls = [f"{parts.scheme}://{parts.netloc}{well_known}{parts.path}"]
+    if parts.path:
+        urls.append(issuer.rstrip("/") + well_known)
+    key = urls[0] + " (checked)"  # no fetched URL holds a space: no document lands here
+    cached = _FETCHED.get(key)
+    if cached is not None and time.monotonic() < cached[0]:
+        return cached[1]
+    found: dict[str, Any] = {}
+    keep = True
+    for url in urls:
+        try:
+            doc = await _fetch_json(url, session, fresh=True)
+        except AuthError as exc:
+            keep = keep and not exc._retry  # a passing fault: ask again next time
+            _logger().debug("no OAuth metadata at %s: %s", url, exc.message)
+            continue
+        if not _same_issuer(doc.get("issuer"), issuer):
+            _logger().warning("%s names another issuer (%r), not %s: its endpoints are not "
+                              "used", url, _short(str(doc.get("issuer")), 100), issuer)
+            continue
+        found = {name: doc[name] for name in _OAUTH_ENDPOINTS if doc.get(name) is not None}
+        _check_endpoints(found, _OAUTH_ENDPOINTS, url, issuer)
+        break
+    if keep:
+        _FETCHED[key] = (time.monotonic() + _DOCUMENT_TTL, found)
+    return found
+
+
+def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: str | None,
+                  now: float | None = None) -> None:
+    """Refuse an ID token that is not from *issuer*, not for *client_id*, stale, or replayed."""
+    import hmac
+
+    now = time.time() if now is None else now
+    aud, exp, iat = claims.get("aud"), claims.get("exp"), claims.get("iat")
+    got = claims.get("nonce")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    problem = ""
+    if claims.get("iss") != issuer:
+        problem = f"it was issued by {_short(str(claims.get('iss')), 100)!r}, not {issuer!r} (iss)"
+    elif client_id not in audiences:
+        problem = "it was issued for another client (aud)"
+    elif (len(audiences) > 1 or "azp" in claims) and claims.get("azp") != client_id:
+        problem = "it was issued to another client (azp)"
+    elif not isinstance(exp, (int, float)) or isinstance(exp, bool) or exp + _CLOCK_SKEW <= now:
+        problem = "it has expired (exp); check that this machine's clock is right"
+    elif not isinstance(iat, (int, float)) or isinstance(iat, bool) or iat - _CLOCK_SKEW > now:
+        problem = "it was issued in the future (iat); check that this machine's clock is right"
+    elif nonce is not None and not (
+        isinstance(got, str) and hmac.compare_digest(got.encode(), nonce.encode())
+    ):
+        problem = "it does not belong to this login (nonce)"
+    if problem:
+        raise AuthError(f"The provider's ID token was refused: {problem}",
+                        {"error": "invalid_id_token"}, 502)
+
+
+# ---------------------------------------------------------------------------
+# Flows: BaseFlow, DeviceFlow (RFC 8628), CodeFlow (RFC 7636)
+# ---------------------------------------------------------------------------
 
 class BaseFlow:
     """Shared token lifecycle, caching, and persistence.
@@ -3064,6 +3151,8 @@ class DeviceFlow(BaseFlow):
 
 
 _MAX_INTERVAL = 60  # seconds: a longer polling interval from a server is cut to this
+
+
 _MAX_DEVICE_LIFETIME = 86400  # and a device code that claims to last longer
 
 
@@ -3085,62 +3174,12 @@ def _device_lifetime(value: object, url: str) -> float:
     return min(number, _MAX_DEVICE_LIFETIME)
 
 
-async def _countdown(seconds: float, deadline: float, show: _Progress | None) -> None:
-    """Sleep *seconds*, showing the time left until *deadline*."""
-    end = time.monotonic() + max(0.0, seconds)
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            return
-        if show is not None:
-            show.update(deadline - now)
-        await _sleep(min(1.0, end - now))
-
-
-_PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
-
-
-class _Progress:
-    """The wait for approval on stderr: one live line on a terminal, else a line every 30 s.
-
-    Batch logs and pipes get whole lines; ``NO_COLOR`` and ``TERM=dumb`` get
-    no escape sequence, only carriage returns.
-    """
-
-    def __init__(self, stream: Any, live: bool) -> None:
-        self.stream, self.live, self.plain = stream, live, _plain_terminal()
-        self.next_line = time.monotonic() + _PROGRESS_EVERY
-        self.width = 0
-
-    def update(self, left: float) -> None:
-        seconds = max(0, int(left))
-        when = f"{seconds // 60}:{seconds % 60:02d} left"
-        if self.live:
-            text = f"Waiting for approval... {when}"
-            self._write("\r" + text.ljust(self.width) if self.plain else "\r\033[K" + text)
-            self.width = len(text)
-        elif time.monotonic() >= self.next_line:
-            self.next_line = time.monotonic() + _PROGRESS_EVERY
-            self._write(f"still waiting for approval, {when}\n")
-
-    def close(self) -> None:
-        """Wipe the live line, so that what follows starts on a clean line."""
-        if self.live and self.width:
-            self._write("\r" + " " * self.width + "\r" if self.plain else "\r\033[K")
-            self.width = 0
-
-    def _write(self, text: str) -> None:
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):  # a closed or broken stderr must not end the login
-            pass
-
-
 # How long a code flow made with timeout=None waits: forever for the API; the command
 # line, where a person is always in the loop, gives up after _CLI_CODE_FLOW_WAIT.
 _CODE_FLOW_WAIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "_CODE_FLOW_WAIT", default=None)
+
+
 _CLI_CODE_FLOW_WAIT = 300
 
 
@@ -3321,10 +3360,16 @@ def _random_string(size: int = 32) -> str:
 
 _PAGE = ("<!doctype html><meta charset=utf-8><title>{title}</title>"
          "<body style='font-family:sans-serif;margin:3em'><h1>{title}</h1><p>{text}</p>")
+
+
 # A browser sends its request at once: a connection that has not sent one in this
 # time is dropped, so idle or dripping clients hold neither a thread nor close().
 _REQUEST_SECONDS = 5.0
+
+
 _MAX_REQUEST = 16384
+
+
 _MAX_CONNECTIONS = 64
 
 
@@ -3652,9 +3697,8 @@ def _loopback_addresses() -> list[tuple[int, str]]:
 
 
 # ---------------------------------------------------------------------------
-# authenticate
+# authenticate: cached, refreshed or a new login, sync and async
 # ---------------------------------------------------------------------------
-
 
 def authenticate(
     host: str,
@@ -3872,25 +3916,101 @@ async def authenticate_async(
                 {**exc.detail, "device_error": refusal.error}, exc.status_code) from None
 
 
-def _cli_target(key: str) -> str:
-    """The command line arguments that name the server of store *key* (never a secret)."""
-    import shlex
+def _refused(response: Any, token: Token) -> bool:
+    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
 
-    issuer, client_id, scopes = _split_key(_host_key(key))
-    words = [issuer]
-    if client_id:
-        words += ["--client-id", client_id]
-        if set(scopes or ()) != set(_DEFAULT_SCOPES):
-            words += ["--scope", " ".join(scopes or ())]
-    return " ".join(shlex.quote(word) for word in words)
+    Not after a redirect that dropped the header (another host), and not for a
+    token without a refresh token: an API's 401 must not start a login.
+    """
+    if (
+        response.status_code != 401
+        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
+        or not _refresh_valid(token)
+    ):
+        return False
+    if len(_REJECTED) > 4096:
+        _REJECTED.clear()
+    _REJECTED.add(token["access_token"])
+    return True
 
 
-def _command() -> str:
-    """How the user runs the command line, for the hints that spell a command."""
-    # "python -m" (or running the file) puts the module's path in argv[0]; the console
-    # script, and any program that uses the API, is told about oidc-auth.
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return "python -m py_oidc_auth_client" if name == "py_oidc_auth_client.py" else "oidc-auth"
+def _renewal(sent: Token, token: Token) -> str | None:
+    """The header to retry with, or None when the refused token came back."""
+    if token["access_token"] == sent["access_token"]:
+        _REJECTED.discard(sent["access_token"])
+        return None
+    return token["headers"]["Authorization"]
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C or "Interrupt kernel" during a sync login in a running loop (a notebook)."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython's hook: one line instead of frames through threading and this module.
+        return [f"KeyboardInterrupt: {self}"]
+
+
+def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run *coro* to completion, also when the caller's thread runs a loop (Jupyter)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        outside_a_loop = False
+    except RuntimeError:
+        outside_a_loop = True
+    if outside_a_loop:  # not in the except clause: a failure is not shown "During handling"
+        return asyncio.run(coro)
+    import contextvars
+    import threading
+
+    # The caller's loop is blocked while we wait (the call is synchronous), so run
+    # our own loop in a worker thread.  It gets the caller's context: ipykernel
+    # keeps the current cell in context variables, so output lands in that cell.
+    done: dict[str, Any] = {}
+
+    async def _main() -> _T:
+        done["loop"], done["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        if done.get("cancel"):  # interrupted before the task was known
+            done["task"].cancel()
+        return await coro
+
+    def _work() -> None:
+        try:
+            done["result"] = asyncio.run(_main())
+        except BaseException as exc:
+            done["error"] = exc
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(_work,),
+                              name="oidc-auth", daemon=True)
+    caller = asyncio.current_task()
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.25)  # a timed wait lets Ctrl-C / "interrupt kernel" through
+            # Python 3.11+: asyncio.run turns Ctrl-C into a cancel of its main task,
+            # which this blocked call would only see after the login.
+            if caller is not None and getattr(caller, "cancelling", lambda: 0)():
+                raise asyncio.CancelledError
+    except BaseException as exc:
+        # Interrupted: cancel the login in the worker (it frees its port and stops
+        # polling) instead of leaving it to run until its timeout.
+        done["cancel"] = True
+        if "task" in done:
+            done["loop"].call_soon_threadsafe(done["task"].cancel)
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
+        worker.join(1.0)  # let it say "cancelled" while the cell still shows its output
+        raise _Interrupted("the login was cancelled") from None
+    if "error" in done:
+        raise done["error"]
+    return cast("_T", done["result"])
+
+
+# ---------------------------------------------------------------------------
+# Adapters: BearerAuth for requests and httpx
+# ---------------------------------------------------------------------------
+
 class BearerAuth:
     """Bearer-token auth for ``requests`` and ``httpx`` that keeps itself fresh.
 
@@ -4025,102 +4145,33 @@ def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
     return BearerAuth(host, **kwargs)
 
 
-def _refused(response: Any, token: Token) -> bool:
-    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
-
-    Not after a redirect that dropped the header (another host), and not for a
-    token without a refresh token: an API's 401 must not start a login.
-    """
-    if (
-        response.status_code != 401
-        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
-        or not _refresh_valid(token)
-    ):
-        return False
-    if len(_REJECTED) > 4096:
-        _REJECTED.clear()
-    _REJECTED.add(token["access_token"])
-    return True
-
-
-def _renewal(sent: Token, token: Token) -> str | None:
-    """The header to retry with, or None when the refused token came back."""
-    if token["access_token"] == sent["access_token"]:
-        _REJECTED.discard(sent["access_token"])
-        return None
-    return token["headers"]["Authorization"]
-
-
-class _Interrupted(KeyboardInterrupt):
-    """Ctrl-C or "Interrupt kernel" during a sync login in a running loop (a notebook)."""
-
-    def _render_traceback_(self) -> list[str]:
-        # IPython's hook: one line instead of frames through threading and this module.
-        return [f"KeyboardInterrupt: {self}"]
-
-
-def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run *coro* to completion, also when the caller's thread runs a loop (Jupyter)."""
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-        outside_a_loop = False
-    except RuntimeError:
-        outside_a_loop = True
-    if outside_a_loop:  # not in the except clause: a failure is not shown "During handling"
-        return asyncio.run(coro)
-    import contextvars
-    import threading
-
-    # The caller's loop is blocked while we wait (the call is synchronous), so run
-    # our own loop in a worker thread.  It gets the caller's context: ipykernel
-    # keeps the current cell in context variables, so output lands in that cell.
-    done: dict[str, Any] = {}
-
-    async def _main() -> _T:
-        done["loop"], done["task"] = asyncio.get_running_loop(), asyncio.current_task()
-        if done.get("cancel"):  # interrupted before the task was known
-            done["task"].cancel()
-        return await coro
-
-    def _work() -> None:
-        try:
-            done["result"] = asyncio.run(_main())
-        except BaseException as exc:
-            done["error"] = exc
-
-    worker = threading.Thread(target=contextvars.copy_context().run, args=(_work,),
-                              name="oidc-auth", daemon=True)
-    caller = asyncio.current_task()
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.25)  # a timed wait lets Ctrl-C / "interrupt kernel" through
-            # Python 3.11+: asyncio.run turns Ctrl-C into a cancel of its main task,
-            # which this blocked call would only see after the login.
-            if caller is not None and getattr(caller, "cancelling", lambda: 0)():
-                raise asyncio.CancelledError
-    except BaseException as exc:
-        # Interrupted: cancel the login in the worker (it frees its port and stops
-        # polling) instead of leaving it to run until its timeout.
-        done["cancel"] = True
-        if "task" in done:
-            done["loop"].call_soon_threadsafe(done["task"].cancel)
-        if not isinstance(exc, KeyboardInterrupt):
-            raise
-        worker.join(1.0)  # let it say "cancelled" while the cell still shows its output
-        raise _Interrupted("the login was cancelled") from None
-    if "error" in done:
-        raise done["error"]
-    return cast("_T", done["result"])
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
+def _cli_target(key: str) -> str:
+    """The command line arguments that name the server of store *key* (never a secret)."""
+    import shlex
+
+    issuer, client_id, scopes = _split_key(_host_key(key))
+    words = [issuer]
+    if client_id:
+        words += ["--client-id", client_id]
+        if set(scopes or ()) != set(_DEFAULT_SCOPES):
+            words += ["--scope", " ".join(scopes or ())]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _command() -> str:
+    """How the user runs the command line, for the hints that spell a command."""
+    # "python -m" (or running the file) puts the module's path in argv[0]; the console
+    # script, and any program that uses the API, is told about oidc-auth.
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m py_oidc_auth_client" if name == "py_oidc_auth_client.py" else "oidc-auth"
+
+
 _EXIT_MIN_VALID = 3
+
 
 _EPILOG = """\
 examples:
@@ -4632,13 +4683,6 @@ def _doctor(args: Any, store: TokenStore) -> None:
         print(f"{key + ':':<{width}}{value}")
 
 
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream is not None and stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
 def _browser_decision() -> str:
     if os.environ.get("BROWSER"):
         return f"opened with BROWSER={os.environ['BROWSER']}"
@@ -4729,10 +4773,12 @@ def _ca_settings() -> str:
 
 
 # ---------------------------------------------------------------------------
-# Submodule aliases: the reference's import paths keep working
+# Aliases: the reference's submodule import paths keep working
 # ---------------------------------------------------------------------------
 
 _ALIASES = ("exceptions", "flows", "utils", "token_store", "schema")
+
+
 for _alias in _ALIASES:
     sys.modules.setdefault(f"{__name__}.{_alias}", sys.modules[__name__])
 
