@@ -7,7 +7,9 @@ interpreter: ``bench-ours`` with this project installed, ``reference`` with
 ``py-oidc-auth-client`` from PyPI.  Then it measures both on this machine:
 
 - whole-process times, alternated A/B over many runs (median, min, max):
-  bare ``python -c pass``, ``import py_oidc_auth_client``, and the CLI's
+  bare ``python -c pass``, ``import py_oidc_auth_client`` with its bytecode
+  cache (as after ``pip install``) and without it (a vendored copy in a
+  read-only folder: the source is compiled at every start), and the CLI's
   ``--list`` on a small store;
 - peak RSS of that CLI call (``ru_maxrss`` of the child, via ``os.wait4``);
 - in-process per-call times: ``authenticate()`` returning a cached token,
@@ -98,6 +100,24 @@ def ensure_env(name: str, requirement: str) -> str:
     return python
 
 
+def source_copy(python: str, into: str) -> str:
+    """Copy the installed package (or module) into `into`, without bytecode; return `into`."""
+    import shutil
+
+    tmp = tempfile.gettempdir()
+    where = subprocess.run([python, "-c", "import py_oidc_auth_client as m; print(m.__file__)"],
+                           check=True, capture_output=True, text=True, env=_env(tmp), cwd=tmp
+                           ).stdout.strip()
+    os.makedirs(into)
+    if os.path.basename(where) == "__init__.py":
+        package = os.path.dirname(where)
+        shutil.copytree(package, os.path.join(into, os.path.basename(package)),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy(where, into)
+    return into
+
+
 def _env(home: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYTHON", "OIDC_", "SLURM_")) and k != "BROWSER"}
@@ -153,10 +173,17 @@ def main() -> int:
                     " 'headers': {'Authorization': 'Bearer a'}})")
             subprocess.run([python, "-c", seed], env=_env(home), cwd=home, check=True)
 
+        # The same import from a copy of the source with no bytecode cache beside it.
+        cold = {}
+        for name, python in (("ours", ours), ("ref", ref)):
+            cold[name] = dict(_env(homes[name]), PYTHONDONTWRITEBYTECODE="1",
+                              PYTHONPATH=source_copy(python, os.path.join(tmp, name + "-src")))
         cases = {
             "bare": ([ours, "-c", "pass"], _env(homes["ours"])),
             "import ours": ([ours, "-c", "import py_oidc_auth_client"], _env(homes["ours"])),
             "import ref": ([ref, "-c", "import py_oidc_auth_client"], _env(homes["ref"])),
+            "cold ours": ([ours, "-c", "import py_oidc_auth_client"], cold["ours"]),
+            "cold ref": ([ref, "-c", "import py_oidc_auth_client"], cold["ref"]),
             "--list ours": ([ours, "-m", "py_oidc_auth_client", "--list"], _env(homes["ours"])),
             "--list ref": ([ref, "-m", "py_oidc_auth_client", "--list"], _env(homes["ref"])),
         }
@@ -185,9 +212,11 @@ def main() -> int:
               f"{a / b:>9.2f}x{extra}")
 
     print(f"{'python -c pass (median)':<42}{bare * 1e3:>9.2f} ms")
-    row("import (median)", med["import ours"], med["import ref"], "ms", 1e3, True)
+    row("import, bytecode cached (median)", med["import ours"], med["import ref"], "ms", 1e3,
+        True)
+    row("import, no bytecode (median)", med["cold ours"], med["cold ref"], "ms", 1e3, True)
     row("CLI --list (median)", med["--list ours"], med["--list ref"], "ms", 1e3, True)
-    for key in ("import ours", "import ref", "--list ours", "--list ref"):
+    for key in ("import ours", "import ref", "cold ours", "cold ref", "--list ours", "--list ref"):
         times = whole[key][0]
         print(f"  {key:<40}min {min(times) * 1e3:.2f} ms, max {max(times) * 1e3:.2f} ms")
     rss_ours = statistics.median(whole["--list ours"][1]) / 1024
