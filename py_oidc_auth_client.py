@@ -3360,16 +3360,11 @@ def _random_string(size: int = 32) -> str:
 
 _PAGE = ("<!doctype html><meta charset=utf-8><title>{title}</title>"
          "<body style='font-family:sans-serif;margin:3em'><h1>{title}</h1><p>{text}</p>")
-
-
-# A browser sends its request at once: a connection that has not sent one in this
-# time is dropped, so idle or dripping clients hold neither a thread nor close().
+_ONLY_CALLBACKS = "This address only receives login callbacks."
+# A browser sends its request at once: a connection that has not sent its head in
+# this time is dropped, so idle or dripping clients hold neither a thread nor close().
 _REQUEST_SECONDS = 5.0
-
-
 _MAX_REQUEST = 16384
-
-
 _MAX_CONNECTIONS = 64
 
 
@@ -3389,8 +3384,8 @@ class _LoopbackReceiver:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._connections: set[socket.socket] = set()
-        self._state = self._login_url = self._iss = ""
-        self._iss_required = self._served = False
+        self._served = False
+        self._expected = ("", "", "", False)  # state, login URL, issuer, issuer required
         # Another user sees the port in the process list: only this path serves the
         # redirect that carries the state (and py-oidc-auth's verifier inside it).
         self._entry = "/" + secrets.token_urlsafe(32)
@@ -3404,8 +3399,7 @@ class _LoopbackReceiver:
                iss_required: bool = False) -> None:
         """Serve *login_url* at the entry page; accept only callbacks that carry *state*."""
         with self._lock:
-            self._state, self._login_url = state, login_url
-            self._iss, self._iss_required = iss, iss_required
+            self._expected = (state, login_url, iss, iss_required)
 
     def close(self) -> None:
         """Stop listening and drop every open connection; returns at once."""
@@ -3443,19 +3437,20 @@ class _LoopbackReceiver:
                         conn, _ = key.data.accept()
                     except OSError:  # gone before it was accepted
                         continue
-                    with self._lock:
-                        full = len(self._connections) >= _MAX_CONNECTIONS
-                        if not full:
-                            self._connections.add(conn)
                     try:
-                        if full:
-                            raise RuntimeError("too many connections")
+                        with self._lock:
+                            if len(self._connections) >= _MAX_CONNECTIONS:
+                                raise RuntimeError("too many connections")
+                            self._connections.add(conn)
                         threading.Thread(target=self._handle, args=(conn,),
                                          name="oidc-callback", daemon=True).start()
                     except RuntimeError:  # full, or no thread to be had: drop it, go on
-                        with self._lock:
-                            self._connections.discard(conn)
-                        conn.close()
+                        self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -3464,54 +3459,45 @@ class _LoopbackReceiver:
                 return
             line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
             if line:
-                try:
-                    answer = self._answer(line)
-                except ValueError:  # a target urlsplit cannot read, e.g. "//[x"
-                    answer = _page(400, "Bad request", "This is not a login callback.")
-                conn.sendall(answer)
+                conn.sendall(self._answer(line))
         except OSError:  # timed out, reset, or dropped by close()
             pass
         finally:
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
+            self._drop(conn)
 
     def _answer(self, line: str) -> bytes:
         from urllib.parse import parse_qs, urlsplit
 
         method, target, *_ = [*line.split(" ", 2), "", ""]
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # a target urlsplit cannot read, e.g. "//[x"
+            return _page(400, "Bad request", _ONLY_CALLBACKS)
         entry = _same(parts.path, self._entry)
         # The path only: the query holds the code, the entry path is the secret.
         _logger().debug("loopback receiver: %s %s", _printable(method)[:10],
                         "(entry page)" if entry else _printable(parts.path)[:100])
         if method != "GET":
-            return _page(405, "Not allowed", "This address only receives login callbacks.")
-        if entry:
+            return _page(405, "Not allowed", _ONLY_CALLBACKS)
+        if parts.path == "/callback":
+            return self._callback({k: v[0] for k, v in parse_qs(parts.query).items()})
+        if entry and self._expected[1]:  # the login URL is known: serve it once
             return self._entry_page()
-        if parts.path != "/callback":
-            return _page(404, "Not found", "This address only receives login callbacks.")
-        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-        return self._callback(query)
+        return _page(404, "Not found", _ONLY_CALLBACKS)
 
     def _entry_page(self) -> bytes:
         with self._lock:
-            first, self._served = not self._served, self._served or bool(self._login_url)
-            login_url = self._login_url
-        if not login_url:
-            return _page(404, "Not found", "This address only receives login callbacks.")
+            first, self._served = not self._served, True
         if first:
-            return _page(302, "Login", "Continue at the login page.", login_url)
+            return _page(302, "Login", "Continue at the login page.", self._expected[1])
         # Someone else may hold the state now: this login can no longer be trusted.
-        text = ("This login page was opened twice, possibly by another user of this "
-                "machine. The login was stopped: start it again.")
-        self._deliver({"error": "login_page_reused", "error_description": text})
-        return _page(409, "Login stopped", text)
+        return self._stop("login_page_reused", "This login page was opened twice, possibly "
+                          "by another user of this machine. The login was stopped: start it "
+                          "again.", status=409)
 
     def _callback(self, query: dict[str, str]) -> bytes:
         with self._lock:
-            expected, served, iss, iss_required = (
-                self._state, self._served, self._iss, self._iss_required)
+            (expected, _, iss, iss_required), served = self._expected, self._served
         if self._result.done():
             return _page(409, "Already done", "This login has already finished.")
         if not (expected and _same(query.get("state", ""), expected)):
@@ -3520,10 +3506,8 @@ class _LoopbackReceiver:
                          "This callback does not belong to the waiting login (state "
                          "mismatch). Start the login again from your terminal.")
         if not served:  # the right state, yet nobody was sent to the provider with it
-            text = ("A login answer arrived before the login page was opened. The login "
-                    "was stopped: start it again.")
-            self._deliver({"error": "login_page_not_opened", "error_description": text})
-            return _page(400, "Login stopped", text)
+            return self._stop("login_page_not_opened", "A login answer arrived before the "
+                              "login page was opened. The login was stopped: start it again.")
         if "error" in query:
             error = _printable(query["error"])[:100]
             description = _printable(query.get("error_description", ""))[:300]
@@ -3533,12 +3517,17 @@ class _LoopbackReceiver:
             return _page(400, "Login failed", "The callback carries no code.")
         if iss and ("iss" in query or iss_required) and query.get("iss") != iss:
             # RFC 9207, 2.4: a response from another issuer; never exchange its code.
-            text = f"The login answer did not come from {iss} (iss)."
-            self._deliver({"error": "invalid_issuer", "error_description": text})
-            return _page(400, "Login not accepted", text)
+            return self._stop("invalid_issuer", f"The login answer did not come from {iss} "
+                              "(iss).", title="Login not accepted")
         self._deliver({"code": query["code"]})
         return _page(200, "Login successful",
                      "You can close this window and return to your terminal.")
+
+    def _stop(self, error: str, text: str, status: int = 400,
+              title: str = "Login stopped") -> bytes:
+        """End the login with *error*, and tell the browser why."""
+        self._deliver({"error": error, "error_description": text})
+        return _page(status, title, text)
 
     def _deliver(self, params: dict[str, str]) -> None:
         def _set() -> None:
@@ -3586,10 +3575,8 @@ def _read_request(conn: socket.socket, deadline: float) -> str:
 def _peer_is_this_user(conn: socket.socket) -> bool:
     """Whether the other end of a loopback connection runs as this user (or root).
 
-    Another user who read the entry URL from the browser's command line could
-    otherwise open it first. Linux lists every TCP socket with its owner in
-    /proc/net/tcp{,6}; elsewhere, or where that table does not show our own
-    socket (WSL 1), every peer is let in.
+    Linux lists every TCP socket with its owner in /proc/net/tcp{,6}; elsewhere,
+    or where that table does not show our own socket (WSL 1), every peer is let in.
     """
     import socket
     import struct
@@ -3598,17 +3585,14 @@ def _peer_is_this_user(conn: socket.socket) -> bool:
         return True
 
     def key(address: Any) -> str:  # as the kernel writes it: host-order words, hex
-        host, port = address[:2]
-        if conn.family == socket.AF_INET6:
-            words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
-        else:
-            words = struct.unpack("=I", socket.inet_aton(host))
-        return "".join(f"{word:08X}" for word in words) + f":{port:04X}"
+        packed = socket.inet_pton(conn.family, address[0])
+        words = struct.unpack(f"={len(packed) // 4}I", packed)
+        return "".join(f"{word:08X}" for word in words) + f":{address[1]:04X}"
 
     ours, theirs = key(conn.getsockname()), key(conn.getpeername())
-    table = "/proc/net/tcp6" if conn.family == socket.AF_INET6 else "/proc/net/tcp"
+    six = "6" if conn.family == socket.AF_INET6 else ""
     try:
-        with open(table, encoding="ascii", errors="replace") as fh:
+        with open(f"/proc/net/tcp{six}", encoding="ascii", errors="replace") as fh:
             rows = [line.split() for line in fh]
     except OSError:
         return True
@@ -3620,60 +3604,58 @@ def _peer_is_this_user(conn: socket.socket) -> bool:
 
 
 def _listen_on_loopback(ports: Sequence[int]) -> list[socket.socket]:
-    """Listening sockets on the first port of *ports* that is free on every loopback address."""
+    """Listening sockets on the first of *ports* that is free on every loopback address.
+
+    All or nothing: a browser may try any address ``localhost`` names (``::1``
+    first, say), and whoever listens there gets the code and the state.
+    """
     errors = []
     for port in ports:
         # Port 0: the port the kernel picked for 127.0.0.1 may be taken on ::1; pick again.
         for _ in range(5 if port == 0 else 1):
+            sockets: list[socket.socket] = []
             try:
-                return _listen_all(port)
-            except OSError as exc:
+                for family, host in _loopback_addresses():
+                    sock = _bind(family, host, sockets[0].getsockname()[1] if sockets else port)
+                    if sock is not None:
+                        sockets.append(sock)
+                return sockets
+            except BaseException as exc:
+                for sock in sockets:
+                    sock.close()
+                if not isinstance(exc, OSError):
+                    raise
                 error = f"{port}: {exc.strerror or exc}"
         errors.append(error)
     raise AuthError("No free port for the login callback (" + "; ".join(errors)
                     + "); pass other redirect_ports")
 
 
-def _listen_all(port: int) -> list[socket.socket]:
-    """One port on 127.0.0.1, ::1 and all that localhost resolves to; all or nothing.
-
-    The py-oidc-auth redirect URI says ``localhost``: a browser may try ``::1``
-    first, and whoever listens there gets the code and the state.
-    """
+def _bind(family: int, host: str, port: int) -> socket.socket | None:
+    """A listening socket on *host* and *port*; None where the machine has no IPv6."""
     import errno
     import socket
 
-    sockets: list[socket.socket] = []
+    sock = None
     try:
-        for family, host in _loopback_addresses():
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as exc:
-                if family == socket.AF_INET6 and exc.errno == errno.EAFNOSUPPORT:
-                    continue  # no IPv6 at all: nobody can listen on ::1 either
-                raise
-            sockets.append(sock)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if sys.platform == "win32":  # SO_REUSEADDR on Windows lets others steal the port
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-            else:  # binds over an earlier login's TIME_WAIT; a second listener still fails
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    sockets.pop().close()  # IPv6 is off on this machine's loopback
-                    continue
-                raise
-            sock.listen(16)
-            sock.setblocking(False)
-            port = sock.getsockname()[1]
-    except BaseException:
-        for sock in sockets:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if sys.platform == "win32":  # SO_REUSEADDR on Windows lets others steal the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:  # binds over an earlier login's TIME_WAIT; a second listener still fails
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+    except BaseException as exc:
+        if sock is not None:
             sock.close()
+        if family == socket.AF_INET6 and isinstance(exc, OSError) and exc.errno in (
+                errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            return None  # IPv6 is off here: nobody else can listen there either
         raise
-    return sockets
 
 
 def _loopback_addresses() -> list[tuple[int, str]]:
