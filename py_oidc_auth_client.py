@@ -2098,6 +2098,7 @@ def _default_store(app_name: str, env_var: str = "") -> TokenStore:
 # ---------------------------------------------------------------------------
 # Environment & terminal: batch jobs, browsers, prompts and notebook output
 # ---------------------------------------------------------------------------
+# Each decision below returns its reason with it, which --doctor prints as it is.
 
 def _batch_scheduler() -> str | None:
     """The batch system whose job we run in, if any."""
@@ -2111,26 +2112,28 @@ def _in_jupyter() -> bool:
     return "ipykernel" in sys.modules
 
 
-def _has_tty() -> bool:
-    return any(s is not None and hasattr(s, "isatty") and s.isatty()
-               for s in (sys.stdin, sys.stderr))
+def _login_check(token_env_var: str | None = None) -> tuple[bool, str]:
+    """Whether someone could answer an interactive login here, and why."""
+    token_file = os.environ.get(token_env_var) if token_env_var else None
+    if token_file:  # "use this file": a job handed one fails when it is used up, never logs in
+        state = _token_file_state(token_file)
+        return False, f"the token file {token_file} ({token_env_var}) {state}"
+    scheduler = _batch_scheduler()
+    if scheduler:
+        return False, f"this is a {scheduler} batch job"
+    for present, why in ((_isatty(sys.stdin), "stdin is a terminal"),
+                         (_isatty(sys.stderr), "stderr is a terminal"),
+                         (_in_jupyter(), "this is a Jupyter kernel"),
+                         (bool(os.environ.get("BROWSER")), "BROWSER is set")):
+        if present:
+            return True, why
+    return False, "there is no terminal, notebook or configured browser (BROWSER) to log in with"
 
 
 def _no_login_reason(token_env_var: str | None = None) -> str | None:
-    """Why nobody could answer an interactive login here, or None if someone can.
-
-    A token file named by *token_env_var* means "use this file": a job that was
-    handed one must fail at once when it is used up, never start a login.
-    """
-    token_file = os.environ.get(token_env_var) if token_env_var else None
-    if token_file:
-        return f"the token file {token_file} ({token_env_var}) {_token_file_state(token_file)}"
-    scheduler = _batch_scheduler()
-    if scheduler:
-        return f"this is a {scheduler} batch job"
-    if _has_tty() or _in_jupyter() or os.environ.get("BROWSER"):
-        return None
-    return "there is no terminal, notebook or configured browser (BROWSER) to log in with"
+    """Why nobody could answer an interactive login here; None if someone can."""
+    possible, why = _login_check(token_env_var)
+    return None if possible else why
 
 
 def _token_file_state(path: str) -> str:
@@ -2152,21 +2155,39 @@ def _token_file_state(path: str) -> str:
     return "holds a refresh token that the server refused (revoked, or used elsewhere)"
 
 
-def _plain_terminal() -> bool:
-    """NO_COLOR (no-color.org) or TERM=dumb: no escape sequences but the carriage return."""
-    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+def _browser_check() -> tuple[bool, str]:
+    """Whether a browser started here would be seen by the user, and why."""
+    if os.environ.get("BROWSER"):
+        return True, f"BROWSER={os.environ['BROWSER']} is set"
+    remote = _is_remote()
+    if remote:  # even with X forwarding: the browser would run far from the user
+        return False, f"this is an SSH session ({remote}); open the URL on your own machine"
+    if sys.platform in ("win32", "darwin"):
+        return True, f"a desktop session ({sys.platform})"
+    shown = [f"{v}={os.environ[v]}" for v in ("DISPLAY", "WAYLAND_DISPLAY") if os.environ.get(v)]
+    if shown:
+        return True, f"a display ({', '.join(shown)})"
+    return False, "no display (DISPLAY, WAYLAND_DISPLAY) and no BROWSER; open the URL yourself"
+
+
+def _can_open_browser() -> bool:
+    return _browser_check()[0]
+
+
+def _is_remote() -> str | None:
+    """The SSH variables that make this a remote session, if any."""
+    found = [v for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY") if os.environ.get(v)]
+    return " and ".join(found) + " set" if found else None
 
 
 def _in_container() -> str | None:
-    """The kind of container we run in and the sign of it, if any (for --doctor)."""
+    """The container we run in and the sign of it, if any (--doctor only shows it)."""
     for variable, kind in (("APPTAINER_CONTAINER", "Apptainer"),
                            ("SINGULARITY_CONTAINER", "Singularity"),
-                           ("KUBERNETES_SERVICE_HOST", "Kubernetes")):
+                           ("KUBERNETES_SERVICE_HOST", "Kubernetes"),
+                           ("container", "")):  # set so by systemd-nspawn, LXC, podman
         if os.environ.get(variable):
-            return f"{kind} ({variable} is set)"
-    engine = os.environ.get("container")  # noqa: SIM112  set so by systemd-nspawn, LXC, podman
-    if engine:
-        return f"{engine} (container={engine})"
+            return f"{kind or os.environ[variable]} ({variable} is set)"
     for path, kind in (("/.dockerenv", "Docker"), ("/run/.containerenv", "Podman")):
         if os.path.exists(path):
             return f"{kind} ({path} exists)"
@@ -2175,25 +2196,8 @@ def _in_container() -> str | None:
             cgroup = fh.read(1 << 16)
     except OSError:
         return None
-    for hint in ("docker", "kubepods", "containerd", "libpod", "lxc"):
-        if hint in cgroup:
-            return f"probably {hint} (/proc/1/cgroup mentions it)"
-    return None
-
-
-def _can_open_browser() -> bool:
-    """Whether a browser started here would be seen by the user."""
-    if os.environ.get("BROWSER"):
-        return True
-    if _is_remote():
-        return False
-    if sys.platform in ("win32", "darwin"):
-        return True
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-
-
-def _is_remote() -> bool:
-    return any(os.environ.get(v) for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY"))
+    hints = [h for h in ("docker", "kubepods", "containerd", "libpod", "lxc") if h in cgroup]
+    return f"probably {hints[0]} (/proc/1/cgroup mentions it)" if hints else None
 
 
 def _open_browser(url: str) -> None:
@@ -2224,35 +2228,30 @@ def _show_device_code(host: str, code: DeviceCode) -> Callable[[str], None] | No
     host = _server_name(host)  # the server's URL, never the store key's form
     user_code = _short(code["user_code"], 100)
     text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
-    if _in_jupyter():
-        replace = _display_html(host, uri, user_code, text)
-        if replace is not None:
-            return replace
-    _say(text)
-    return None
+    replace = _display_html(host, uri, user_code, text) if _in_jupyter() else None
+    if replace is None:
+        _say(text)
+    return replace
 
 
 def _display_html(host: str, uri: str, user_code: str, text: str
                   ) -> Callable[[str], None] | None:
-    """Show the login as a clickable link in a notebook; None when IPython cannot.
+    """Show the login as a link in a notebook; None without IPython.
 
-    Returns a function that replaces the link with one line (the outcome), in
-    place: a spent code must not stay on the page, nor in the saved notebook.
+    Returns how to replace the link with the outcome: a spent code must not stay
+    on the page, nor in the saved notebook.
     """
     from html import escape
     from importlib import import_module
 
     try:
         display = import_module("IPython.display").display
-    except (ImportError, AttributeError):  # a kernel without IPython: plain text
-        return None
-    html = (f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" target="_blank" '
-            f'rel="noopener">{escape(uri)}</a> and confirm the code '
-            f"<b><code>{escape(user_code)}</code></b></p>")
-    try:
+        html = (f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" target="_blank" '
+                f'rel="noopener">{escape(uri)}</a> and confirm the code '
+                f"<b><code>{escape(user_code)}</code></b></p>")
         # A MIME bundle: front ends that cannot show HTML show the text.
         handle = display({"text/html": html, "text/plain": text}, raw=True, display_id=True)
-    except Exception as exc:  # a broken display must not end the login
+    except Exception as exc:  # no IPython in this kernel, or a broken display: plain text
         _logger().debug("IPython display failed: %s", exc)
         return None
 
@@ -2293,6 +2292,23 @@ class _Progress:
         self.next_line = time.monotonic() + _PROGRESS_EVERY
         self.width = 0
 
+    @property
+    def how(self) -> str:
+        """What the user sees, in words (for --doctor)."""
+        if not self.live:
+            return f"a line on stderr every {_PROGRESS_EVERY:g} s"
+        plain = ", without escape sequences (NO_COLOR or TERM=dumb)" if self.plain else ""
+        return "a live countdown line on stderr" + plain
+
+    @classmethod
+    def on_stderr(cls, interactive: bool | None) -> _Progress | None:
+        """The progress a device login shows, or None where it shows none."""
+        # pythonw has no stderr; in a notebook every note would stay on the page
+        # as a red box, and the cell's busy mark says enough.
+        if sys.stderr is None or _in_jupyter():
+            return None
+        return cls(sys.stderr, live=_isatty(sys.stderr) and interactive is not False)
+
     def update(self, left: float) -> None:
         seconds = max(0, int(left))
         when = f"{seconds // 60}:{seconds % 60:02d} left"
@@ -2316,6 +2332,11 @@ class _Progress:
             self.stream.flush()
         except (OSError, ValueError):  # a closed or broken stderr must not end the login
             pass
+
+
+def _plain_terminal() -> bool:
+    """NO_COLOR (no-color.org) or TERM=dumb: no escape sequences but the carriage return."""
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
 def _isatty(stream: Any) -> bool:
