@@ -2227,30 +2227,32 @@ def _show_device_code(host: str, code: DeviceCode) -> Callable[[str], None] | No
     uri = _web_url(code["uri"], "the verification URI", allow_http=True)  # judged on arrival
     host = _server_name(host)  # the server's URL, never the store key's form
     user_code = _short(code["user_code"], 100)
-    text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
-    replace = _display_html(host, uri, user_code, text) if _in_jupyter() else None
-    if replace is None:
-        _say(text)
-    return replace
+    sentence = "To log in to {}, open{}and confirm the code: {}"
+    text = sentence.format(host, f"\n    {uri}\n", user_code)
+    if _in_jupyter():
+        from html import escape
+
+        link = f'<a href="{escape(uri)}" target="_blank" rel="noopener">{escape(uri)}</a>'
+        code_html = f"<b><code>{escape(user_code)}</code></b>"
+        replace = _display(sentence.format(escape(host), f" {link} ", code_html), text)
+        if replace is not None:
+            return replace
+    _say(text)
+    return None
 
 
-def _display_html(host: str, uri: str, user_code: str, text: str
-                  ) -> Callable[[str], None] | None:
-    """Show the login as a link in a notebook; None without IPython.
+def _display(html: str, text: str) -> Callable[[str], None] | None:
+    """Show a paragraph in a notebook; None where IPython cannot.
 
-    Returns how to replace the link with the outcome: a spent code must not stay
-    on the page, nor in the saved notebook.
+    Returns how to replace it with an outcome, in place: a spent code must not
+    stay on the page, nor in the saved notebook.
     """
     from html import escape
     from importlib import import_module
 
-    try:
-        display = import_module("IPython.display").display
-        html = (f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" target="_blank" '
-                f'rel="noopener">{escape(uri)}</a> and confirm the code '
-                f"<b><code>{escape(user_code)}</code></b></p>")
-        # A MIME bundle: front ends that cannot show HTML show the text.
-        handle = display({"text/html": html, "text/plain": text}, raw=True, display_id=True)
+    try:  # a MIME bundle: front ends that cannot show HTML show the text
+        handle = import_module("IPython.display").display(
+            {"text/html": f"<p>{html}</p>", "text/plain": text}, raw=True, display_id=True)
     except Exception as exc:  # no IPython in this kernel, or a broken display: plain text
         _logger().debug("IPython display failed: %s", exc)
         return None
