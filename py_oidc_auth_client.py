@@ -3598,8 +3598,10 @@ def _read_request(conn: socket.socket, deadline: float) -> str:
 def _peer_is_this_user(conn: socket.socket) -> bool:
     """Whether the other end of a loopback connection runs as this user (or root).
 
-    Linux lists every TCP socket with its owner in /proc/net/tcp{,6}; elsewhere,
-    or where that table does not show our own socket (WSL 1), every peer is let in.
+    Another user who read the entry URL from the browser's command line must not
+    open it first. Linux lists every TCP socket with its owner in /proc/net/tcp{,6};
+    elsewhere, or where that table does not show our own socket (WSL 1), every peer
+    is let in.
     """
     import socket
     import struct
