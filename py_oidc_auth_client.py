@@ -2098,6 +2098,7 @@ def _default_store(app_name: str, env_var: str = "") -> TokenStore:
 # ---------------------------------------------------------------------------
 # Environment & terminal: batch jobs, browsers, prompts and notebook output
 # ---------------------------------------------------------------------------
+# Each decision below returns its reason with it, which --doctor prints as it is.
 
 def _batch_scheduler() -> str | None:
     """The batch system whose job we run in, if any."""
@@ -2111,26 +2112,28 @@ def _in_jupyter() -> bool:
     return "ipykernel" in sys.modules
 
 
-def _has_tty() -> bool:
-    return any(s is not None and hasattr(s, "isatty") and s.isatty()
-               for s in (sys.stdin, sys.stderr))
+def _login_check(token_env_var: str | None = None) -> tuple[bool, str]:
+    """Whether someone could answer an interactive login here, and why."""
+    token_file = os.environ.get(token_env_var) if token_env_var else None
+    if token_file:  # "use this file": a job handed one fails when it is used up, never logs in
+        state = _token_file_state(token_file)
+        return False, f"the token file {token_file} ({token_env_var}) {state}"
+    scheduler = _batch_scheduler()
+    if scheduler:
+        return False, f"this is a {scheduler} batch job"
+    for present, why in ((_isatty(sys.stdin), "stdin is a terminal"),
+                         (_isatty(sys.stderr), "stderr is a terminal"),
+                         (_in_jupyter(), "this is a Jupyter kernel"),
+                         (bool(os.environ.get("BROWSER")), "BROWSER is set")):
+        if present:
+            return True, why
+    return False, "there is no terminal, notebook or configured browser (BROWSER) to log in with"
 
 
 def _no_login_reason(token_env_var: str | None = None) -> str | None:
-    """Why nobody could answer an interactive login here, or None if someone can.
-
-    A token file named by *token_env_var* means "use this file": a job that was
-    handed one must fail at once when it is used up, never start a login.
-    """
-    token_file = os.environ.get(token_env_var) if token_env_var else None
-    if token_file:
-        return f"the token file {token_file} ({token_env_var}) {_token_file_state(token_file)}"
-    scheduler = _batch_scheduler()
-    if scheduler:
-        return f"this is a {scheduler} batch job"
-    if _has_tty() or _in_jupyter() or os.environ.get("BROWSER"):
-        return None
-    return "there is no terminal, notebook or configured browser (BROWSER) to log in with"
+    """Why nobody could answer an interactive login here; None if someone can."""
+    possible, why = _login_check(token_env_var)
+    return None if possible else why
 
 
 def _token_file_state(path: str) -> str:
@@ -2152,21 +2155,39 @@ def _token_file_state(path: str) -> str:
     return "holds a refresh token that the server refused (revoked, or used elsewhere)"
 
 
-def _plain_terminal() -> bool:
-    """NO_COLOR (no-color.org) or TERM=dumb: no escape sequences but the carriage return."""
-    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
+def _browser_check() -> tuple[bool, str]:
+    """Whether a browser started here would be seen by the user, and why."""
+    if os.environ.get("BROWSER"):
+        return True, f"BROWSER={os.environ['BROWSER']} is set"
+    remote = _is_remote()
+    if remote:  # even with X forwarding: the browser would run far from the user
+        return False, f"this is an SSH session ({remote}); open the URL on your own machine"
+    if sys.platform in ("win32", "darwin"):
+        return True, f"a desktop session ({sys.platform})"
+    shown = [f"{v}={os.environ[v]}" for v in ("DISPLAY", "WAYLAND_DISPLAY") if os.environ.get(v)]
+    if shown:
+        return True, f"a display ({', '.join(shown)})"
+    return False, "no display (DISPLAY, WAYLAND_DISPLAY) and no BROWSER; open the URL yourself"
+
+
+def _can_open_browser() -> bool:
+    return _browser_check()[0]
+
+
+def _is_remote() -> str | None:
+    """The SSH variables that make this a remote session, if any."""
+    found = [v for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY") if os.environ.get(v)]
+    return " and ".join(found) + " set" if found else None
 
 
 def _in_container() -> str | None:
-    """The kind of container we run in and the sign of it, if any (for --doctor)."""
+    """The container we run in and the sign of it, if any (--doctor only shows it)."""
     for variable, kind in (("APPTAINER_CONTAINER", "Apptainer"),
                            ("SINGULARITY_CONTAINER", "Singularity"),
-                           ("KUBERNETES_SERVICE_HOST", "Kubernetes")):
+                           ("KUBERNETES_SERVICE_HOST", "Kubernetes"),
+                           ("container", "")):  # set so by systemd-nspawn, LXC, podman
         if os.environ.get(variable):
-            return f"{kind} ({variable} is set)"
-    engine = os.environ.get("container")  # noqa: SIM112  set so by systemd-nspawn, LXC, podman
-    if engine:
-        return f"{engine} (container={engine})"
+            return f"{kind or os.environ[variable]} ({variable} is set)"
     for path, kind in (("/.dockerenv", "Docker"), ("/run/.containerenv", "Podman")):
         if os.path.exists(path):
             return f"{kind} ({path} exists)"
@@ -2175,25 +2196,8 @@ def _in_container() -> str | None:
             cgroup = fh.read(1 << 16)
     except OSError:
         return None
-    for hint in ("docker", "kubepods", "containerd", "libpod", "lxc"):
-        if hint in cgroup:
-            return f"probably {hint} (/proc/1/cgroup mentions it)"
-    return None
-
-
-def _can_open_browser() -> bool:
-    """Whether a browser started here would be seen by the user."""
-    if os.environ.get("BROWSER"):
-        return True
-    if _is_remote():
-        return False
-    if sys.platform in ("win32", "darwin"):
-        return True
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-
-
-def _is_remote() -> bool:
-    return any(os.environ.get(v) for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY"))
+    hints = [h for h in ("docker", "kubepods", "containerd", "libpod", "lxc") if h in cgroup]
+    return f"probably {hints[0]} (/proc/1/cgroup mentions it)" if hints else None
 
 
 def _open_browser(url: str) -> None:
@@ -2223,36 +2227,33 @@ def _show_device_code(host: str, code: DeviceCode) -> Callable[[str], None] | No
     uri = _web_url(code["uri"], "the verification URI", allow_http=True)  # judged on arrival
     host = _server_name(host)  # the server's URL, never the store key's form
     user_code = _short(code["user_code"], 100)
-    text = f"To log in to {host}, open\n    {uri}\nand confirm the code: {user_code}"
+    sentence = "To log in to {}, open{}and confirm the code: {}"
+    text = sentence.format(host, f"\n    {uri}\n", user_code)
     if _in_jupyter():
-        replace = _display_html(host, uri, user_code, text)
+        from html import escape
+
+        link = f'<a href="{escape(uri)}" target="_blank" rel="noopener">{escape(uri)}</a>'
+        code_html = f"<b><code>{escape(user_code)}</code></b>"
+        replace = _display(sentence.format(escape(host), f" {link} ", code_html), text)
         if replace is not None:
             return replace
     _say(text)
     return None
 
 
-def _display_html(host: str, uri: str, user_code: str, text: str
-                  ) -> Callable[[str], None] | None:
-    """Show the login as a clickable link in a notebook; None when IPython cannot.
+def _display(html: str, text: str) -> Callable[[str], None] | None:
+    """Show a paragraph in a notebook; None where IPython cannot.
 
-    Returns a function that replaces the link with one line (the outcome), in
-    place: a spent code must not stay on the page, nor in the saved notebook.
+    Returns how to replace it with an outcome, in place: a spent code must not
+    stay on the page, nor in the saved notebook.
     """
     from html import escape
     from importlib import import_module
 
-    try:
-        display = import_module("IPython.display").display
-    except (ImportError, AttributeError):  # a kernel without IPython: plain text
-        return None
-    html = (f'<p>Log in to {escape(host)}: open <a href="{escape(uri)}" target="_blank" '
-            f'rel="noopener">{escape(uri)}</a> and confirm the code '
-            f"<b><code>{escape(user_code)}</code></b></p>")
-    try:
-        # A MIME bundle: front ends that cannot show HTML show the text.
-        handle = display({"text/html": html, "text/plain": text}, raw=True, display_id=True)
-    except Exception as exc:  # a broken display must not end the login
+    try:  # a MIME bundle: front ends that cannot show HTML show the text
+        handle = import_module("IPython.display").display(
+            {"text/html": f"<p>{html}</p>", "text/plain": text}, raw=True, display_id=True)
+    except Exception as exc:  # no IPython in this kernel, or a broken display: plain text
         _logger().debug("IPython display failed: %s", exc)
         return None
 
@@ -2293,6 +2294,23 @@ class _Progress:
         self.next_line = time.monotonic() + _PROGRESS_EVERY
         self.width = 0
 
+    @property
+    def how(self) -> str:
+        """What the user sees, in words (for --doctor)."""
+        if not self.live:
+            return f"a line on stderr every {_PROGRESS_EVERY:g} s"
+        plain = ", without escape sequences (NO_COLOR or TERM=dumb)" if self.plain else ""
+        return "a live countdown line on stderr" + plain
+
+    @classmethod
+    def on_stderr(cls, interactive: bool | None) -> _Progress | None:
+        """The progress a device login shows, or None where it shows none."""
+        # pythonw has no stderr; in a notebook every note would stay on the page
+        # as a red box, and the cell's busy mark says enough.
+        if sys.stderr is None or _in_jupyter():
+            return None
+        return cls(sys.stderr, live=_isatty(sys.stderr) and interactive is not False)
+
     def update(self, left: float) -> None:
         seconds = max(0, int(left))
         when = f"{seconds // 60}:{seconds % 60:02d} left"
@@ -2316,6 +2334,11 @@ class _Progress:
             self.stream.flush()
         except (OSError, ValueError):  # a closed or broken stderr must not end the login
             pass
+
+
+def _plain_terminal() -> bool:
+    """NO_COLOR (no-color.org) or TERM=dumb: no escape sequences but the carriage return."""
+    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
 def _isatty(stream: Any) -> bool:
@@ -3360,16 +3383,11 @@ def _random_string(size: int = 32) -> str:
 
 _PAGE = ("<!doctype html><meta charset=utf-8><title>{title}</title>"
          "<body style='font-family:sans-serif;margin:3em'><h1>{title}</h1><p>{text}</p>")
-
-
-# A browser sends its request at once: a connection that has not sent one in this
-# time is dropped, so idle or dripping clients hold neither a thread nor close().
+_ONLY_CALLBACKS = "This address only receives login callbacks."
+# A browser sends its request at once: a connection that has not sent its head in
+# this time is dropped, so idle or dripping clients hold neither a thread nor close().
 _REQUEST_SECONDS = 5.0
-
-
 _MAX_REQUEST = 16384
-
-
 _MAX_CONNECTIONS = 64
 
 
@@ -3389,8 +3407,8 @@ class _LoopbackReceiver:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._connections: set[socket.socket] = set()
-        self._state = self._login_url = self._iss = ""
-        self._iss_required = self._served = False
+        self._served = False
+        self._expected = ("", "", "", False)  # state, login URL, issuer, issuer required
         # Another user sees the port in the process list: only this path serves the
         # redirect that carries the state (and py-oidc-auth's verifier inside it).
         self._entry = "/" + secrets.token_urlsafe(32)
@@ -3404,8 +3422,7 @@ class _LoopbackReceiver:
                iss_required: bool = False) -> None:
         """Serve *login_url* at the entry page; accept only callbacks that carry *state*."""
         with self._lock:
-            self._state, self._login_url = state, login_url
-            self._iss, self._iss_required = iss, iss_required
+            self._expected = (state, login_url, iss, iss_required)
 
     def close(self) -> None:
         """Stop listening and drop every open connection; returns at once."""
@@ -3443,19 +3460,20 @@ class _LoopbackReceiver:
                         conn, _ = key.data.accept()
                     except OSError:  # gone before it was accepted
                         continue
-                    with self._lock:
-                        full = len(self._connections) >= _MAX_CONNECTIONS
-                        if not full:
-                            self._connections.add(conn)
                     try:
-                        if full:
-                            raise RuntimeError("too many connections")
+                        with self._lock:
+                            if len(self._connections) >= _MAX_CONNECTIONS:
+                                raise RuntimeError("too many connections")
+                            self._connections.add(conn)
                         threading.Thread(target=self._handle, args=(conn,),
                                          name="oidc-callback", daemon=True).start()
                     except RuntimeError:  # full, or no thread to be had: drop it, go on
-                        with self._lock:
-                            self._connections.discard(conn)
-                        conn.close()
+                        self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        conn.close()
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -3464,54 +3482,45 @@ class _LoopbackReceiver:
                 return
             line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
             if line:
-                try:
-                    answer = self._answer(line)
-                except ValueError:  # a target urlsplit cannot read, e.g. "//[x"
-                    answer = _page(400, "Bad request", "This is not a login callback.")
-                conn.sendall(answer)
+                conn.sendall(self._answer(line))
         except OSError:  # timed out, reset, or dropped by close()
             pass
         finally:
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
+            self._drop(conn)
 
     def _answer(self, line: str) -> bytes:
         from urllib.parse import parse_qs, urlsplit
 
         method, target, *_ = [*line.split(" ", 2), "", ""]
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # a target urlsplit cannot read, e.g. "//[x"
+            return _page(400, "Bad request", _ONLY_CALLBACKS)
         entry = _same(parts.path, self._entry)
         # The path only: the query holds the code, the entry path is the secret.
         _logger().debug("loopback receiver: %s %s", _printable(method)[:10],
                         "(entry page)" if entry else _printable(parts.path)[:100])
         if method != "GET":
-            return _page(405, "Not allowed", "This address only receives login callbacks.")
-        if entry:
+            return _page(405, "Not allowed", _ONLY_CALLBACKS)
+        if parts.path == "/callback":
+            return self._callback({k: v[0] for k, v in parse_qs(parts.query).items()})
+        if entry and self._expected[1]:  # the login URL is known: serve it once
             return self._entry_page()
-        if parts.path != "/callback":
-            return _page(404, "Not found", "This address only receives login callbacks.")
-        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-        return self._callback(query)
+        return _page(404, "Not found", _ONLY_CALLBACKS)
 
     def _entry_page(self) -> bytes:
         with self._lock:
-            first, self._served = not self._served, self._served or bool(self._login_url)
-            login_url = self._login_url
-        if not login_url:
-            return _page(404, "Not found", "This address only receives login callbacks.")
+            first, self._served = not self._served, True
         if first:
-            return _page(302, "Login", "Continue at the login page.", login_url)
+            return _page(302, "Login", "Continue at the login page.", self._expected[1])
         # Someone else may hold the state now: this login can no longer be trusted.
-        text = ("This login page was opened twice, possibly by another user of this "
-                "machine. The login was stopped: start it again.")
-        self._deliver({"error": "login_page_reused", "error_description": text})
-        return _page(409, "Login stopped", text)
+        return self._stop("login_page_reused", "This login page was opened twice, possibly "
+                          "by another user of this machine. The login was stopped: start it "
+                          "again.", status=409)
 
     def _callback(self, query: dict[str, str]) -> bytes:
         with self._lock:
-            expected, served, iss, iss_required = (
-                self._state, self._served, self._iss, self._iss_required)
+            (expected, _, iss, iss_required), served = self._expected, self._served
         if self._result.done():
             return _page(409, "Already done", "This login has already finished.")
         if not (expected and _same(query.get("state", ""), expected)):
@@ -3520,10 +3529,8 @@ class _LoopbackReceiver:
                          "This callback does not belong to the waiting login (state "
                          "mismatch). Start the login again from your terminal.")
         if not served:  # the right state, yet nobody was sent to the provider with it
-            text = ("A login answer arrived before the login page was opened. The login "
-                    "was stopped: start it again.")
-            self._deliver({"error": "login_page_not_opened", "error_description": text})
-            return _page(400, "Login stopped", text)
+            return self._stop("login_page_not_opened", "A login answer arrived before the "
+                              "login page was opened. The login was stopped: start it again.")
         if "error" in query:
             error = _printable(query["error"])[:100]
             description = _printable(query.get("error_description", ""))[:300]
@@ -3533,12 +3540,17 @@ class _LoopbackReceiver:
             return _page(400, "Login failed", "The callback carries no code.")
         if iss and ("iss" in query or iss_required) and query.get("iss") != iss:
             # RFC 9207, 2.4: a response from another issuer; never exchange its code.
-            text = f"The login answer did not come from {iss} (iss)."
-            self._deliver({"error": "invalid_issuer", "error_description": text})
-            return _page(400, "Login not accepted", text)
+            return self._stop("invalid_issuer", f"The login answer did not come from {iss} "
+                              "(iss).", title="Login not accepted")
         self._deliver({"code": query["code"]})
         return _page(200, "Login successful",
                      "You can close this window and return to your terminal.")
+
+    def _stop(self, error: str, text: str, status: int = 400,
+              title: str = "Login stopped") -> bytes:
+        """End the login with *error*, and tell the browser why."""
+        self._deliver({"error": error, "error_description": text})
+        return _page(status, title, text)
 
     def _deliver(self, params: dict[str, str]) -> None:
         def _set() -> None:
@@ -3586,10 +3598,10 @@ def _read_request(conn: socket.socket, deadline: float) -> str:
 def _peer_is_this_user(conn: socket.socket) -> bool:
     """Whether the other end of a loopback connection runs as this user (or root).
 
-    Another user who read the entry URL from the browser's command line could
-    otherwise open it first. Linux lists every TCP socket with its owner in
-    /proc/net/tcp{,6}; elsewhere, or where that table does not show our own
-    socket (WSL 1), every peer is let in.
+    Another user who read the entry URL from the browser's command line must not
+    open it first. Linux lists every TCP socket with its owner in /proc/net/tcp{,6};
+    elsewhere, or where that table does not show our own socket (WSL 1), every peer
+    is let in.
     """
     import socket
     import struct
@@ -3598,17 +3610,14 @@ def _peer_is_this_user(conn: socket.socket) -> bool:
         return True
 
     def key(address: Any) -> str:  # as the kernel writes it: host-order words, hex
-        host, port = address[:2]
-        if conn.family == socket.AF_INET6:
-            words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, host))
-        else:
-            words = struct.unpack("=I", socket.inet_aton(host))
-        return "".join(f"{word:08X}" for word in words) + f":{port:04X}"
+        packed = socket.inet_pton(conn.family, address[0])
+        words = struct.unpack(f"={len(packed) // 4}I", packed)
+        return "".join(f"{word:08X}" for word in words) + f":{address[1]:04X}"
 
     ours, theirs = key(conn.getsockname()), key(conn.getpeername())
-    table = "/proc/net/tcp6" if conn.family == socket.AF_INET6 else "/proc/net/tcp"
+    six = "6" if conn.family == socket.AF_INET6 else ""
     try:
-        with open(table, encoding="ascii", errors="replace") as fh:
+        with open(f"/proc/net/tcp{six}", encoding="ascii", errors="replace") as fh:
             rows = [line.split() for line in fh]
     except OSError:
         return True
@@ -3620,60 +3629,58 @@ def _peer_is_this_user(conn: socket.socket) -> bool:
 
 
 def _listen_on_loopback(ports: Sequence[int]) -> list[socket.socket]:
-    """Listening sockets on the first port of *ports* that is free on every loopback address."""
+    """Listening sockets on the first of *ports* that is free on every loopback address.
+
+    All or nothing: a browser may try any address ``localhost`` names (``::1``
+    first, say), and whoever listens there gets the code and the state.
+    """
     errors = []
     for port in ports:
         # Port 0: the port the kernel picked for 127.0.0.1 may be taken on ::1; pick again.
         for _ in range(5 if port == 0 else 1):
+            sockets: list[socket.socket] = []
             try:
-                return _listen_all(port)
-            except OSError as exc:
+                for family, host in _loopback_addresses():
+                    sock = _bind(family, host, sockets[0].getsockname()[1] if sockets else port)
+                    if sock is not None:
+                        sockets.append(sock)
+                return sockets
+            except BaseException as exc:
+                for sock in sockets:
+                    sock.close()
+                if not isinstance(exc, OSError):
+                    raise
                 error = f"{port}: {exc.strerror or exc}"
         errors.append(error)
     raise AuthError("No free port for the login callback (" + "; ".join(errors)
                     + "); pass other redirect_ports")
 
 
-def _listen_all(port: int) -> list[socket.socket]:
-    """One port on 127.0.0.1, ::1 and all that localhost resolves to; all or nothing.
-
-    The py-oidc-auth redirect URI says ``localhost``: a browser may try ``::1``
-    first, and whoever listens there gets the code and the state.
-    """
+def _bind(family: int, host: str, port: int) -> socket.socket | None:
+    """A listening socket on *host* and *port*; None where the machine has no IPv6."""
     import errno
     import socket
 
-    sockets: list[socket.socket] = []
+    sock = None
     try:
-        for family, host in _loopback_addresses():
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as exc:
-                if family == socket.AF_INET6 and exc.errno == errno.EAFNOSUPPORT:
-                    continue  # no IPv6 at all: nobody can listen on ::1 either
-                raise
-            sockets.append(sock)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if sys.platform == "win32":  # SO_REUSEADDR on Windows lets others steal the port
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-            else:  # binds over an earlier login's TIME_WAIT; a second listener still fails
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    sockets.pop().close()  # IPv6 is off on this machine's loopback
-                    continue
-                raise
-            sock.listen(16)
-            sock.setblocking(False)
-            port = sock.getsockname()[1]
-    except BaseException:
-        for sock in sockets:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if sys.platform == "win32":  # SO_REUSEADDR on Windows lets others steal the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:  # binds over an earlier login's TIME_WAIT; a second listener still fails
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+    except BaseException as exc:
+        if sock is not None:
             sock.close()
+        if family == socket.AF_INET6 and isinstance(exc, OSError) and exc.errno in (
+                errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            return None  # IPv6 is off here: nobody else can listen there either
         raise
-    return sockets
 
 
 def _loopback_addresses() -> list[tuple[int, str]]:

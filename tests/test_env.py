@@ -1,17 +1,24 @@
-"""Environment detection: batch schedulers, terminals, notebooks, browsers, remote sessions."""
+"""Environment detection: batch schedulers, terminals, notebooks, browsers, remote sessions.
+
+Each decision is seen where it acts: ``authenticate()`` starts a login or refuses
+one and says why, a device login opens a browser or does not, ``--doctor`` shows it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import sys
+import threading
 import time
 import types
+import webbrowser
 
 import pytest
 
-from conftest import token_answer
+from conftest import device_answer, oauth_error, token_answer
 from tests import oac
 
 SSH_VARIABLES = ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY")
@@ -60,29 +67,66 @@ def tty_stdin(monkeypatch, terminal):
     return lambda: use_streams(monkeypatch, terminal[0], io.StringIO())
 
 
-@pytest.fixture
-def tty_stderr(monkeypatch, terminal):
-    """Call it in the test body: stderr becomes a terminal, stdin does not."""
-    return lambda: use_streams(monkeypatch, io.StringIO(), terminal[1])
+class TtyStream(io.StringIO):
+    """A stream that says it is a terminal, and keeps what was written to it."""
+
+    def isatty(self) -> bool:
+        return True
 
 
-# -- _batch_scheduler ----------------------------------------------------------------------
+def refusal(fake_server, **kwargs) -> str:
+    """Run authenticate where it must refuse a login at once; the reason it gives."""
+    start = time.monotonic()
+    with pytest.raises(oac.AuthError) as info:
+        oac.authenticate(fake_server.url, **kwargs)
+    assert time.monotonic() - start < 2
+    assert info.value.error == "login_required"
+    assert fake_server.hits("/auth/v2/device") == []
+    return info.value.message
 
 
-def test_no_batch_scheduler_by_default():
-    assert oac._batch_scheduler() is None
+def login_starts(fake_server) -> bool:
+    """Run authenticate against a device route that fails fast; did the login start?"""
+    fake_server.reply("POST", "/auth/v2/device", 500, {"detail": "stop here"})
+    with pytest.raises(oac.AuthError) as info:
+        oac.authenticate(fake_server.url, timeout=2)
+    assert "stop here" in info.value.message
+    return len(fake_server.hits("/auth/v2/device")) == 1
+
+
+def device_login(fake_server, monkeypatch) -> list[str]:
+    """A device login denied at its one poll; the URLs it opened in a browser."""
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or True)
+    fake_server.reply("POST", "/auth/v2/device", 200, device_answer())
+    fake_server.reply("POST", "/auth/v2/token", 400, oauth_error("access_denied"))
+    with pytest.raises(oac.AuthError, match="denied"):
+        oac.authenticate(fake_server.url, timeout=0.5)  # the one poll is at the time limit
+    for thread in threading.enumerate():
+        if thread.name == "oidc-browser":
+            thread.join(5)
+    return opened
+
+
+# -- batch jobs ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variable, system", sorted(oac._BATCH_VARIABLES.items()))
-def test_batch_scheduler_detected(monkeypatch, variable, system):
+def test_a_batch_job_refuses_a_login_whatever_else_is_there(monkeypatch, fake_server,
+                                                            variable, system):
+    # A terminal, a browser and a notebook: none of them is a person in a batch job.
+    use_streams(monkeypatch, TtyStream(), TtyStream())
+    monkeypatch.setenv("BROWSER", "firefox")
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     monkeypatch.setenv(variable, "12345")
-    assert oac._batch_scheduler() == system
+    assert f"this is a {system} batch job" in refusal(fake_server)
 
 
 @pytest.mark.parametrize("variable", sorted(oac._BATCH_VARIABLES))
-def test_empty_batch_variable_is_ignored(monkeypatch, variable):
+def test_an_empty_batch_variable_is_ignored(monkeypatch, fake_server, variable):
     monkeypatch.setenv(variable, "")
-    assert oac._batch_scheduler() is None
+    monkeypatch.setenv("BROWSER", "firefox")
+    assert login_starts(fake_server)
 
 
 def test_the_common_schedulers_are_known():
@@ -90,143 +134,74 @@ def test_the_common_schedulers_are_known():
     assert oac._BATCH_VARIABLES["SLURM_JOB_ID"] == "Slurm"
 
 
-# -- _has_tty / _in_jupyter --------------------------------------------------------------
+# -- terminals and notebooks ------------------------------------------------------------------
 
 
-@posix_only
-def test_tty_on_stdin(tty_stdin):
-    tty_stdin()
-    assert oac._has_tty()
-
-
-@posix_only
-def test_tty_on_stderr(tty_stderr):
-    tty_stderr()
-    assert oac._has_tty()
-
-
-def test_no_tty(no_tty):
-    no_tty()
-    assert not oac._has_tty()
-
-
-def test_missing_streams_are_not_terminals(monkeypatch):
+def test_missing_streams_are_not_terminals(monkeypatch, fake_server):
     # pythonw and some services run with sys.stdin / sys.stderr set to None.
     monkeypatch.setattr(sys, "stdin", None)
     monkeypatch.setattr(sys, "stderr", object())
-    assert not oac._has_tty()
-    assert oac._no_login_reason() is not None
+    assert "there is no terminal, notebook or configured browser" in refusal(fake_server)
 
 
-def test_jupyter_detected_by_ipykernel(monkeypatch):
-    assert not oac._in_jupyter()
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    assert oac._in_jupyter()
-
-
-# -- _no_login_reason ------------------------------------------------------------------------
-
-
-@posix_only
-@pytest.mark.parametrize("variable, system", sorted(oac._BATCH_VARIABLES.items()))
-def test_batch_job_wins_over_a_tty(monkeypatch, tty_stdin, variable, system):
-    tty_stdin()
-    monkeypatch.setenv(variable, "42")
-    reason = oac._no_login_reason()
-    assert reason is not None
-    assert system in reason
-
-
-def test_batch_job_wins_over_browser_and_jupyter(monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("BROWSER", "firefox")
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    reason = oac._no_login_reason()
-    assert reason is not None
-    assert "Slurm" in reason
-
-
-def test_no_tty_no_browser_no_jupyter_gives_a_reason(no_tty):
+def test_no_tty_no_browser_no_jupyter_gives_a_reason(no_tty, fake_server):
     no_tty()
-    reason = oac._no_login_reason()
-    assert reason is not None
-    assert "BROWSER" in reason
-    assert "terminal" in reason
+    message = refusal(fake_server)
+    assert "BROWSER" in message
+    assert "terminal" in message
 
 
-def test_browser_set_allows_a_login(no_tty, monkeypatch):
-    no_tty()
-    monkeypatch.setenv("BROWSER", "/usr/bin/true %s")
-    assert oac._no_login_reason() is None
+@pytest.mark.timeout(5)
+def test_a_terminal_on_stderr_starts_a_login(monkeypatch, fake_server):
+    use_streams(monkeypatch, io.StringIO(), TtyStream())
+    assert login_starts(fake_server)
 
 
-def test_jupyter_allows_a_login(no_tty, monkeypatch):
-    no_tty()
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    assert oac._no_login_reason() is None
+@pytest.mark.parametrize(("env", "plain"), [
+    ({}, False), ({"NO_COLOR": "1"}, True), ({"NO_COLOR": ""}, False),
+    ({"TERM": "dumb"}, True), ({"TERM": "xterm-256color"}, False),
+])
+def test_plain_terminals_get_no_escape_sequences(monkeypatch, fake_server, env, plain):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    stderr = TtyStream()
+    use_streams(monkeypatch, io.StringIO(), stderr)
+    device_login(fake_server, monkeypatch)
+    assert "Waiting for approval... 0:00 left" in stderr.getvalue()
+    assert ("\x1b" not in stderr.getvalue()) is plain
 
 
-@posix_only
-def test_terminal_allows_a_login(tty_stdin):
-    tty_stdin()
-    assert oac._no_login_reason() is None
-
-
-@posix_only
-def test_terminal_on_stderr_allows_a_login(tty_stderr):
-    tty_stderr()
-    assert oac._no_login_reason() is None
-
-
-# -- _is_remote / _can_open_browser -----------------------------------------------------------
-
-
-def test_not_remote_by_default():
-    assert not oac._is_remote()
+# -- remote sessions and browsers ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variable", SSH_VARIABLES)
-def test_ssh_session_is_remote(monkeypatch, variable):
-    monkeypatch.setenv(variable, "10.0.0.1 50000 10.0.0.2 22")
-    assert oac._is_remote()
-
-
-@pytest.mark.parametrize("variable", SSH_VARIABLES)
-def test_empty_ssh_variable_is_not_remote(monkeypatch, variable):
-    monkeypatch.setenv(variable, "")
-    assert not oac._is_remote()
-
-
-@pytest.mark.parametrize("variable", SSH_VARIABLES)
-def test_browser_variable_wins_over_ssh(monkeypatch, variable):
+def test_browser_variable_wins_over_ssh(monkeypatch, fake_server, variable):
     monkeypatch.setenv(variable, "10.0.0.1 50000 10.0.0.2 22")
     monkeypatch.setenv("BROWSER", "w3m")
-    assert oac._can_open_browser()
+    assert device_login(fake_server, monkeypatch) == [device_answer()["verification_uri_complete"]]
 
 
 @pytest.mark.parametrize("variable", SSH_VARIABLES)
-def test_ssh_session_without_browser_cannot_open_one(monkeypatch, variable):
+def test_ssh_session_without_browser_opens_none(monkeypatch, fake_server, variable):
+    use_streams(monkeypatch, TtyStream(), io.StringIO())
     monkeypatch.setenv(variable, "10.0.0.1 50000 10.0.0.2 22")
     monkeypatch.setenv("DISPLAY", ":0")  # X forwarding: the browser would still run remotely
-    assert not oac._can_open_browser()
+    assert device_login(fake_server, monkeypatch) == []
 
 
 @linux_only
-def test_linux_without_display_cannot_open_a_browser():
-    assert not oac._can_open_browser()
-
-
-@linux_only
-@pytest.mark.parametrize("variable, value", [("DISPLAY", ":0"), ("WAYLAND_DISPLAY", "wayland-0")])
-def test_linux_with_a_display_can_open_a_browser(monkeypatch, variable, value):
-    monkeypatch.setenv(variable, value)
-    assert oac._can_open_browser()
-
-
-@linux_only
-def test_linux_with_empty_display_cannot_open_a_browser(monkeypatch):
-    monkeypatch.setenv("DISPLAY", "")
-    assert not oac._can_open_browser()
+@pytest.mark.parametrize(("env", "opens"), [
+    ({}, False), ({"DISPLAY": ""}, False), ({"DISPLAY": ":0"}, True),
+    ({"WAYLAND_DISPLAY": "wayland-0"}, True),
+    ({"DISPLAY": ":0", "SSH_CONNECTION": ""}, True),  # an empty SSH variable is not remote
+])
+def test_linux_opens_a_browser_only_on_a_display(monkeypatch, fake_server, env, opens):
+    use_streams(monkeypatch, TtyStream(), io.StringIO())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert bool(device_login(fake_server, monkeypatch)) is opens
 
 
 # -- authenticate where nobody can log in -----------------------------------------------------
@@ -329,15 +304,6 @@ def test_batch_job_with_refused_refresh_says_what_to_do(monkeypatch, fake_server
 # -- where a login is allowed, it starts ------------------------------------------------------
 
 
-def login_starts(fake_server) -> bool:
-    """Run authenticate against a device route that fails fast; did the login start?"""
-    fake_server.reply("POST", "/auth/v2/device", 500, {"detail": "stop here"})
-    with pytest.raises(oac.AuthError) as info:
-        oac.authenticate(fake_server.url, timeout=2)
-    assert "stop here" in info.value.message
-    return len(fake_server.hits("/auth/v2/device")) == 1
-
-
 @pytest.mark.timeout(5)
 def test_browser_variable_starts_a_login_without_tty(no_tty, monkeypatch, fake_server):
     no_tty()
@@ -374,56 +340,52 @@ def test_explicit_flow_methods_are_not_gated(monkeypatch, no_tty, fake_server):
 # -- OIDC_TOKEN_FILE in the login gate ---------------------------------------------------------
 
 
-def test_a_token_file_refuses_a_login_even_with_a_browser(monkeypatch, tmp_path):
-    monkeypatch.setenv("BROWSER", "firefox")
-    assert oac._no_login_reason() is None
-    assert oac._no_login_reason("OIDC_TOKEN_FILE") is None  # the variable is not set
-    monkeypatch.setenv("OIDC_TOKEN_FILE", str(tmp_path / "job.json"))
-    reason = oac._no_login_reason("OIDC_TOKEN_FILE")
-    assert reason == f"the token file {tmp_path / 'job.json'} (OIDC_TOKEN_FILE) does not exist"
-
-
 @pytest.mark.parametrize(("content", "state"), [
-    ("not json", "holds no token"),
-    ('{"access_token": "a", "expires": 1}', "holds an expired access token and no refresh token"),
-    ('{"access_token": "a", "expires": 1, "refresh_token": "r", "refresh_expires": 2}',
+    (None, "does not exist"),
+    ({"access_token": "a", "expires": 1}, "holds an expired access token and no refresh token"),
+    ({"access_token": "a", "expires": 1, "refresh_token": "r", "refresh_expires": 2},
      "holds expired tokens: its refresh token expired at "
      + time.strftime("%Y-%m-%d %H:%M", time.localtime(2))),
-    ('{"access_token": "a", "expires": 1, "refresh_token": "r", "refresh_expires": 9999999999}',
-     "holds a refresh token that the server refused"),
 ])
-def test_token_file_state_says_what_is_wrong(tmp_path, content, state):
+def test_a_used_up_token_file_refuses_a_login_and_says_why(monkeypatch, fake_server, tmp_path,
+                                                          content, state):
+    monkeypatch.setenv("BROWSER", "firefox")  # a login would be allowed without the file
     path = tmp_path / "job.json"
-    path.write_text(content)
-    assert oac._token_file_state(str(path)).startswith(state)
+    if content is not None:
+        path.write_text(json.dumps({"server": fake_server.url, **content}))
+        path.chmod(0o600)
+    monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
+    message = refusal(fake_server)
+    assert f"the token file {path} (OIDC_TOKEN_FILE) {state}" in message
+    assert f"--export {path}" in message
 
 
-# -- NO_COLOR / TERM=dumb, containers ---------------------------------------------------------
+def test_a_refused_refresh_token_in_a_token_file_says_so(monkeypatch, fake_server, tmp_path,
+                                                         make_token):
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({**make_token(lifetime=-10), "server": fake_server.url}))
+    path.chmod(0o600)
+    monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
+    fake_server.reply("POST", "/auth/v2/token", 400, {"error": "invalid_grant"})
+    with pytest.raises(oac.AuthError) as info:
+        oac.authenticate(fake_server.url)
+    assert "holds a refresh token that the server refused" in info.value.message
+    assert fake_server.hits("/auth/v2/device") == []
 
 
-@pytest.mark.parametrize(("env", "plain"), [
-    ({}, False), ({"NO_COLOR": "1"}, True), ({"NO_COLOR": ""}, False),
-    ({"TERM": "dumb"}, True), ({"TERM": "xterm-256color"}, False),
+# -- containers, as --doctor shows them --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variable", "value", "shown"), [
+    ("APPTAINER_CONTAINER", "/images/x.sif", "Apptainer (APPTAINER_CONTAINER is set)"),
+    ("SINGULARITY_CONTAINER", "/images/x.sif", "Singularity (SINGULARITY_CONTAINER is set)"),
+    ("KUBERNETES_SERVICE_HOST", "10.0.0.1", "Kubernetes (KUBERNETES_SERVICE_HOST is set)"),
+    ("container", "podman", "podman (container is set)"),
 ])
-def test_plain_terminal(monkeypatch, env, plain):
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.setenv("TERM", "xterm")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert oac._plain_terminal() is plain
-
-
-@pytest.mark.parametrize(("variable", "value", "kind"), [
-    ("APPTAINER_CONTAINER", "/images/x.sif", "Apptainer"),
-    ("SINGULARITY_CONTAINER", "/images/x.sif", "Singularity"),
-    ("KUBERNETES_SERVICE_HOST", "10.0.0.1", "Kubernetes"),
-    ("container", "podman", "podman"),
-])
-def test_container_hints(monkeypatch, variable, value, kind):
+def test_doctor_names_the_container(monkeypatch, capsys, variable, value, shown):
     for name in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER", "KUBERNETES_SERVICE_HOST",
                  "container"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, value)
-    found = oac._in_container()
-    assert found is not None
-    assert found.startswith(kind)
+    assert oac.main(["--doctor"]) == 0
+    assert shown in capsys.readouterr().out

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import types
+import webbrowser
 from typing import Any
 
 import pytest
@@ -125,16 +126,19 @@ def test_a_failing_display_falls_back_to_text(notebook, fake_server, capsys):
     assert "confirm the code: ABCD-EFGH" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(30)
 def test_outside_a_notebook_ipython_is_not_used(monkeypatch, fake_server, capsys):
-    # IPython installed but no kernel (a plain script): text, no display call.
+    # IPython installed but no kernel (a plain script with BROWSER set): text, no display call.
     fake = FakeDisplay()
     display = types.ModuleType("IPython.display")
     display.display = fake.display  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "IPython.display", display)
-    oac._show_device_code("https://h.example", {"uri": "https://idp/x", "user_code": "CODE-1",
-                                                "device_code": "d", "interval": 1})
+    monkeypatch.setenv("BROWSER", "true")
+    monkeypatch.setattr(webbrowser, "open", lambda url, *args, **kwargs: True)
+    answer = script_login(fake_server)
+    assert oac.authenticate(fake_server.url, timeout=20)["access_token"] == answer["access_token"]
     assert fake.calls == []
-    assert "CODE-1" in capsys.readouterr().err
+    assert "confirm the code: ABCD-EFGH" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(30)

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import http.client
 import json
+import logging
 import os
 import re
 import socket
@@ -680,7 +681,7 @@ def test_malformed_requests_get_a_plain_answer_and_the_login_goes_on(server, tmp
     assert "Traceback" not in terminal.getvalue()
 
 
-def test_every_loopback_address_of_localhost_is_owned(monkeypatch):
+def test_every_loopback_address_of_localhost_is_owned(monkeypatch, caplog):
     # A hosts file that maps localhost to 127.0.1.1 as well (and wrongly to a LAN address).
     real = socket.getaddrinfo
 
@@ -692,7 +693,7 @@ def test_every_loopback_address_of_localhost_is_owned(monkeypatch):
                 (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    assert [host for _, host in oac._loopback_addresses()] == ["127.0.0.1", "::1", "127.0.1.1"]
+    caplog.set_level(logging.DEBUG, logger="py_oidc_auth_client")
 
     async def main() -> list[str]:
         loop = asyncio.get_running_loop()
@@ -701,3 +702,4 @@ def test_every_loopback_address_of_localhost_is_owned(monkeypatch):
                     if not bindable(host, receiver.port)]
 
     assert asyncio.run(main()) == ["127.0.0.1", "127.0.1.1"]
+    assert "localhost resolves to 192.0.2.7: not listening there" in caplog.text

@@ -171,6 +171,29 @@ def test_progress_lines_in_process(monkeypatch):
                                  "still waiting for approval, 4:29 left\n")
 
 
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stderr", "interactive", "env", "how"), [
+    (io.StringIO(), None, {}, "a line on stderr every 30 s"),
+    (Tty(), None, {}, "a live countdown line on stderr"),
+    (Tty(), None, {"NO_COLOR": "1"},
+     "a live countdown line on stderr, without escape sequences (NO_COLOR or TERM=dumb)"),
+    (Tty(), False, {}, "a line on stderr every 30 s"),
+    (None, None, {}, None),
+])
+def test_the_progress_says_what_it_shows(monkeypatch, stderr, interactive, env, how):
+    # What --doctor prints as the progress row: the same decision the device login makes.
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    progress = oac._Progress.on_stderr(interactive)
+    assert (progress and progress.how) == how
+
+
 def test_live_progress_survives_a_closed_stderr():
     stream = io.StringIO()
     progress = oac._Progress(stream, live=True)
