@@ -3732,37 +3732,21 @@ def authenticate(
     Parameters
     ----------
     host : str
-        Base URL of the application server (e.g. ``"https://myapp.example.com"``).
-    login_route, token_route, device_route : str
-        Server side routes of the authorization code login, the token exchange
-        and the device authorization endpoints.
-    redirect_ports : list of int, optional
-        Ports to try for the local callback server. Defaults to
-        ``[53100, 53101, 53102, 53103, 53104, 53105]``.
+        Base URL of the application server (e.g. ``"https://myapp.example.com"``);
+        with ``client_id``, the OpenID provider's issuer URL.
     store : TokenStore or None
         Custom `TokenStore`. When None a default store in the platform cache
         directory is used (e.g. ``~/.cache/<app_name>/token-store.json``).
-    app_name : str
-        Application name for the cache directory, when ``store`` is None.
     force : bool
         Skip the cache and force a fresh interactive login.
     timeout : int or None
         Maximum seconds to wait for the user to complete the login. None
         waits indefinitely.
-    client_id : str or None
-        Log in to a standard OpenID provider directly, as this client: *host*
-        is then the provider's issuer URL (its endpoints are discovered) and
-        the routes are not used.
-    client_secret : str or None
-        The client's secret, for a confidential client.
-    scopes : str or list of str or None
-        Scopes to ask the provider for; ``openid offline_access`` when None.
-        Tokens are kept per issuer, client id and scopes.
-    ca_bundle : str or None
-        CA certificates to trust for the server (see `Config`).
-    allow_http : bool
-        Allow plain ``http://`` to a host that is not this machine: tokens and
-        secrets then travel in clear. ``OIDC_ALLOW_HTTP=1`` does the same.
+    login_route, token_route, device_route, redirect_ports, app_name : optional
+        As in `Config`.
+    client_id, client_secret, scopes, ca_bundle, allow_http : optional
+        As in `Config`; ``scopes`` may also be one space separated string.
+        Tokens are kept per host, or per issuer, client id and scopes.
 
     Returns
     -------
@@ -3992,13 +3976,15 @@ def _join(worker: Any, done: dict[str, Any]) -> None:
 class BearerAuth:
     """Bearer-token auth for ``requests`` and ``httpx`` that keeps itself fresh.
 
-    Pass it as ``auth=`` to ``requests`` (one call or a ``Session``), to
-    ``httpx.Client`` or to ``httpx.AsyncClient``. Every request carries the
+    Pass it as ``auth=`` to ``requests`` (a call or a ``Session``), to
+    ``httpx.Client`` or to ``httpx.AsyncClient``. Each request carries the
     header of `authenticate` (`authenticate_async` for async clients), so a
     token is refreshed shortly before it expires. A 401 all the same counts as
-    expiry: the request is sent once more with a refreshed (or newer stored)
-    token. A second 401, or one to a token without a refresh token, is
-    returned as it is: an API's 401 never starts a login.
+    expiry: the request is sent once more with a fresh token. A second 401, or
+    one to a token without a refresh token, is returned as it is: an API's 401
+    never starts a login. Neither package is imported here; an instance made
+    after ``import httpx`` is an ``httpx.Auth``. For the retry a ``requests``
+    body must be bytes or str.
 
     Parameters
     ----------
@@ -4006,18 +3992,6 @@ class BearerAuth:
         Base URL of the server that issues the tokens.
     **authenticate_kwargs
         Keyword arguments of `authenticate`, except ``force``.
-
-    Notes
-    -----
-    Neither package is imported here: made after ``import httpx``, an
-    instance is an ``httpx.Auth``. For the retry a ``requests`` body must be
-    bytes or str; ``httpx`` reads the body first.
-
-    Examples
-    --------
-    >>> auth = BearerAuth("https://myapp.example.com")  # doctest: +SKIP
-    >>> requests.get("https://myapp.example.com/api/data", auth=auth)  # doctest: +SKIP
-    >>> httpx.Client(auth=auth).get("https://myapp.example.com/api/data")  # doctest: +SKIP
     """
 
     requires_request_body = True  # httpx: read the body first, so the retry can send it
@@ -4210,11 +4184,7 @@ def _epilog(prog: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``oidc-auth`` command line; return its exit code.
-
-    Exit codes: 0 success, 1 authentication failure, 2 usage error, 3 the
-    token would not stay valid for ``--min-valid`` seconds, 130 interrupted.
-    """
+    """Run the ``oidc-auth`` command line; return its exit code (``--help`` lists them)."""
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -4388,7 +4358,7 @@ def _cli(args: Any) -> int:
     _act_on_cache(args, store)
     if not args.host:
         return 0
-    token = _login(args)
+    token = _cli_token(args)
     if args.min_valid is not None:
         enough = _min_valid(args, token)
         if enough is None:
@@ -4436,7 +4406,7 @@ def _act_on_cache(args: Any, store: TokenStore) -> None:
             _say(f"No cached tokens in {store.path}")
 
 
-def _login(args: Any) -> Token:
+def _cli_token(args: Any) -> Token:
     """The token of HOST: `authenticate` with the command line's options."""
     if args.verbose:
         token_file = os.environ.get("OIDC_TOKEN_FILE")
