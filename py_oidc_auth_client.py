@@ -3868,32 +3868,6 @@ def _login_refusal(device: DeviceFlow, force: bool) -> AuthError | None:
     return AuthError(message, {"error": "login_required"}, 401)
 
 
-def _refused(response: Any, token: Token) -> bool:
-    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
-
-    Not after a redirect that dropped the header (another host), and not for a
-    token without a refresh token: an API's 401 must not start a login.
-    """
-    if (
-        response.status_code != 401
-        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
-        or not _refresh_valid(token)
-    ):
-        return False
-    if len(_REJECTED) > 4096:
-        _REJECTED.clear()
-    _REJECTED.add(token["access_token"])
-    return True
-
-
-def _renewal(sent: Token, token: Token) -> str | None:
-    """The header to retry with, or None when the refused token came back."""
-    if token["access_token"] == sent["access_token"]:
-        _REJECTED.discard(sent["access_token"])
-        return None
-    return token["headers"]["Authorization"]
-
-
 class _Interrupted(KeyboardInterrupt):
     """Ctrl-C or "Interrupt kernel" during a sync login in a running loop (a notebook)."""
 
@@ -4110,6 +4084,32 @@ def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
     return BearerAuth(host, **kwargs)
 
 
+def _refused(response: Any, token: Token) -> bool:
+    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
+
+    Not after a redirect that dropped the header (another host), and not for a
+    token without a refresh token: an API's 401 must not start a login.
+    """
+    if (
+        response.status_code != 401
+        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
+        or not _refresh_valid(token)
+    ):
+        return False
+    if len(_REJECTED) > 4096:
+        _REJECTED.clear()
+    _REJECTED.add(token["access_token"])
+    return True
+
+
+def _renewal(sent: Token, token: Token) -> str | None:
+    """The header to retry with, or None when the refused token came back."""
+    if token["access_token"] == sent["access_token"]:
+        _REJECTED.discard(sent["access_token"])
+        return None
+    return token["headers"]["Authorization"]
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -4196,15 +4196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _logger()
     try:
         return _cli(args)
-    except AuthError as exc:  # messages carry server text: printable, whatever made them
+    except (AuthError, OSError, ValueError) as exc:  # OSError: e.g. an unusable cache folder
+        # Messages carry server text: printable, whatever made them.
         print(f"oidc-auth: error: {_printable(_in_cli_words(exc))}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"oidc-auth: error: {_printable(str(exc))}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. an unusable cache folder
-        print(f"oidc-auth: error: {_printable(str(exc))}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ValueError) else 1
     except KeyboardInterrupt:
         print("oidc-auth: interrupted", file=sys.stderr)
         return 130
@@ -4335,10 +4330,10 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(__name__).setLevel(logging.DEBUG)
 
 
-def _in_cli_words(exc: AuthError) -> str:
+def _in_cli_words(exc: Exception) -> str:
     """The message of *exc*, with the provider's error; a time limit told as ``--timeout``."""
     message = str(exc)
-    if exc.error == "timeout":  # our time limit, not the device code's
+    if isinstance(exc, AuthError) and exc.error == "timeout":  # ours, not the device code's
         import re
 
         message, said = re.subn(r"\btimeout=(?: \([^)]*\))?", "--timeout SECONDS", message)
@@ -4555,32 +4550,28 @@ def _duration(seconds: int) -> str:
 
 # -- --verbose: secrets never reach the log --
 
-_SECRET_PATTERNS: list[tuple[Any, str]] = []
+_SECRET_PATTERNS = (  # compiled once, by re's own cache
+    # JWTs: access, ID and many refresh tokens.
+    (r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?", "[redacted]"),
+    # Credentials in headers.
+    (r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+", r"\1\2[redacted]"),
+    # name=value and "name": "value" pairs that carry a secret.
+    (r"(?i)\b((?:access|refresh|id)[_-]?token|device[_-]?code|code[_-]?verifier"
+     r"|client[_-]?secret|password|code|state)(\"?\s*[:=]\s*\"?)([^\s\"'&,;}]+)",
+     r"\1\2[redacted]"),
+    # user:password@ in URLs.
+    (r"//[^/@\s:]+:[^/@\s]+@", "//[redacted]@"),
+)
 
 
 def _redact_text(text: str) -> str:
     """Blank out anything in *text* that looks like a token, a code or another secret."""
     import re
 
-    if not _SECRET_PATTERNS:
-        _SECRET_PATTERNS.extend((re.compile(pattern), repl) for pattern, repl in (
-            # JWTs: access, ID and many refresh tokens.
-            (r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?", "[redacted]"),
-            # Credentials in headers.
-            (r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+", r"\1\2[redacted]"),
-            # name=value and "name": "value" pairs that carry a secret.
-            (r"(?i)\b((?:access|refresh|id)[_-]?token|device[_-]?code|code[_-]?verifier"
-             r"|client[_-]?secret|password|code|state)(\"?\s*[:=]\s*\"?)([^\s\"'&,;}]+)",
-             r"\1\2[redacted]"),
-            # user:password@ in URLs.
-            (r"//[^/@\s:]+:[^/@\s]+@", "//[redacted]@"),
-        ))
-        # Opaque tokens: long runs that mix upper case, lower case and digits, or long hex.
-        _SECRET_PATTERNS.append((re.compile(r"[A-Za-z0-9_~+=-]{20,}"), ""))
-    for pattern, repl in _SECRET_PATTERNS[:-1]:
-        text = pattern.sub(repl, text)
-    redacted: str = _SECRET_PATTERNS[-1][0].sub(_redact_random, text)
-    return redacted
+    for pattern, repl in _SECRET_PATTERNS:
+        text = re.sub(pattern, repl, text)
+    # Opaque tokens: long runs that mix upper case, lower case and digits, or long hex.
+    return re.sub(r"[A-Za-z0-9_~+=-]{20,}", _redact_random, text)
 
 
 def _redact_random(match: Any) -> str:
