@@ -3726,8 +3726,9 @@ def authenticate(
        flow. Where nobody can answer a login (a batch job, no terminal) an
        `AuthError` says what to do instead.
 
-    Tokens are stored per host, so several servers can be used side by side.
-    Works in scripts and inside a running event loop (Jupyter).
+    Tokens are stored per host (per issuer, client id and scopes for a
+    provider), so several servers can be used side by side. Works in scripts
+    and inside a running event loop (Jupyter).
 
     Parameters
     ----------
@@ -3746,7 +3747,6 @@ def authenticate(
         As in `Config`.
     client_id, client_secret, scopes, ca_bundle, allow_http : optional
         As in `Config`; ``scopes`` may also be one space separated string.
-        Tokens are kept per host, or per issuer, client id and scopes.
 
     Returns
     -------
