@@ -3733,47 +3733,27 @@ def authenticate(
        flow. Where nobody can answer a login (a batch job, no terminal) an
        `AuthError` says what to do instead.
 
-    Tokens are stored per host, so several servers can be used side by side.
-    Works in scripts and inside a running event loop (Jupyter).
+    Tokens are stored per host (per issuer, client id and scopes for a
+    provider), so several servers can be used side by side. Works in scripts
+    and inside a running event loop (Jupyter).
 
     Parameters
     ----------
     host : str
-        Base URL of the application server (e.g. ``"https://myapp.example.com"``).
-    login_route : str
-        Server side route for the authorization code login endpoint.
-    token_route : str
-        Server side route for the token exchange endpoint.
-    device_route : str
-        Server side route for the device authorization endpoint.
-    redirect_ports : list of int, optional
-        Ports to try for the local callback server. Defaults to
-        ``[53100, 53101, 53102, 53103, 53104, 53105]``.
+        Base URL of the application server (e.g. ``"https://myapp.example.com"``);
+        with ``client_id``, the OpenID provider's issuer URL.
     store : TokenStore or None
         Custom `TokenStore`. When None a default store in the platform cache
         directory is used (e.g. ``~/.cache/<app_name>/token-store.json``).
-    app_name : str
-        Application name for the cache directory. Only used when ``store`` is
-        None.
     force : bool
         Skip the cache and force a fresh interactive login.
     timeout : int or None
         Maximum seconds to wait for the user to complete the login. None
         waits indefinitely.
-    client_id : str or None
-        Log in to a standard OpenID provider directly, as this client: *host*
-        is then the provider's issuer URL (its endpoints are discovered) and
-        the routes are not used.
-    client_secret : str or None
-        The client's secret, for a confidential client.
-    scopes : str or list of str or None
-        Scopes to ask the provider for; ``openid offline_access`` when None.
-        Tokens are kept per issuer, client id and scopes.
-    ca_bundle : str or None
-        CA certificates to trust for the server (see `Config`).
-    allow_http : bool
-        Allow plain ``http://`` to a host that is not this machine: tokens and
-        secrets then travel in clear. ``OIDC_ALLOW_HTTP=1`` does the same.
+    login_route, token_route, device_route, redirect_ports, app_name : optional
+        As in `Config`.
+    client_id, client_secret, scopes, ca_bundle, allow_http : optional
+        As in `Config`; ``scopes`` may also be one space separated string.
 
     Returns
     -------
@@ -3798,6 +3778,7 @@ def authenticate(
     >>> token = authenticate("https://keycloak.example.org/realms/science",
     ...                      client_id="cli")  # doctest: +SKIP
     """
+    arguments = dict(locals())  # the parameters as given, handed on whole
     if not force:
         # The hot path: no flow objects, no asyncio, no network.
         if os.environ.get("OIDC_TOKEN_FILE"):
@@ -3807,12 +3788,7 @@ def authenticate(
         token = store_in_use.get(_store_key(host, client_id, scopes))
         if token is not None and _access_valid(token):
             return token
-    return _run_sync(authenticate_async(
-        host, login_route=login_route, token_route=token_route, device_route=device_route,
-        redirect_ports=redirect_ports, store=store, app_name=app_name, force=force,
-        timeout=timeout, client_id=client_id, client_secret=client_secret, scopes=scopes,
-        ca_bundle=ca_bundle, allow_http=allow_http,
-    ))
+    return _run_sync(authenticate_async(**arguments))
 
 
 async def authenticate_async(
@@ -3834,119 +3810,69 @@ async def authenticate_async(
 ) -> Token:
     """Async version of `authenticate`, for code already inside an event loop.
 
-    Parameters
-    ----------
-    host : str
-        Base URL of the application server.
-    login_route : str
-        Server side route for the authorization code login endpoint.
-    token_route : str
-        Server side route for the token exchange endpoint.
-    device_route : str
-        Server side route for the device authorization endpoint.
-    redirect_ports : list of int, optional
-        Ports to try for the local callback server.
-    store : TokenStore or None
-        Custom token store. Shared default when None.
-    app_name : str
-        Application name for the cache directory.
-    force : bool
-        Skip the cache and force a fresh login.
-    timeout : int or None
-        Maximum seconds to wait for user approval.
-    client_id : str or None
-        Log in to a standard OpenID provider directly; *host* is its issuer URL.
-    client_secret : str or None
-        The client's secret, for a confidential client.
-    scopes : str or list of str or None
-        Scopes to ask the provider for; ``openid offline_access`` when None.
-    ca_bundle : str or None
-        CA certificates to trust for the server (see `Config`).
-    allow_http : bool
-        Allow plain ``http://`` to a host that is not this machine: tokens and
-        secrets then travel in clear. ``OIDC_ALLOW_HTTP=1`` does the same.
-
-    Returns
-    -------
-    Token
-        The authentication token.
-
-    Raises
-    ------
-    AuthError
-        If authentication fails.
+    It takes the parameters of `authenticate`, returns its `Token` and raises
+    its `AuthError`.
     """
-    config = Config(host=host, app_name=app_name, login_route=login_route,
-                    token_route=token_route, device_route=device_route, client_id=client_id,
-                    client_secret=client_secret, ca_bundle=ca_bundle, allow_http=allow_http,
-                    scopes=None if scopes is None else _scopes(scopes))
-    if redirect_ports is not None:
-        config.redirect_ports = list(redirect_ports)
-    device = DeviceFlow._detached(config, store=store, timeout=timeout)
+    options = dict(locals())
+    del options["force"]
+    device = _login_flow(**options)
     with _TimeLimit(timeout):  # the whole login, requests included
         if not force:
             token = await device._cached_or_refreshed()
             if token is not None:
                 return token
-        token_file = None if force else os.environ.get(config.token_env_var)
-        reason = _no_login_reason(config.token_env_var if token_file else None)
-        if reason:
-            command = f"{_command()} {_cli_target(device.host)}"
-            raise AuthError(
-                f"Not logged in to {_server_name(device.host)}: {reason}. Make a new token "
-                f"file on a workstation: {command} --export {token_file}" if token_file else
-                f"Not logged in to {_server_name(device.host)}, and {reason}. Log in once on "
-                "a workstation "
-                f"({command}); in a batch job, point {config.token_env_var} at a token file "
-                f"made there ({command} --export token.json).",
-                {"error": "login_required"}, 401,
-            )
+        refusal = _login_refusal(device, force)
+        if refusal is not None:
+            raise refusal
         try:
             return await device._interactive_login()
         except _NoDeviceFlow as exc:
-            refusal = exc
-        code = CodeFlow._detached(config, store=store, timeout=timeout)
-        if not refusal.error:  # a server without the device flow: nothing to tell
-            _logger().debug("%s; using the code flow", refusal.message)
+            refused = exc
+        code = CodeFlow._detached(device.config, store=store, timeout=timeout)
+        if not refused.error:  # a server without the device flow: nothing to tell
+            _logger().debug("%s; using the code flow", refused.message)
             return await code._interactive_login()
         # The provider refused this client the device flow: say so now, and again if
         # the code flow fails too, since the client's registration may be the cause.
-        _say(f"The device login was refused ({_short(refusal.message, 300)}); "
+        _say(f"The device login was refused ({_short(refused.message, 300)}); "
              "trying the browser login instead.")
         try:
             return await code._interactive_login()
         except AuthError as exc:
             raise AuthError(
                 f"{exc.message}. Before that, the device login was refused: "
-                f"{_short(refusal.message, 300)}. Check the client id and its registration "
+                f"{_short(refused.message, 300)}. Check the client id and its registration "
                 "at the provider (allowed grant types, redirect URIs)",
-                {**exc.detail, "device_error": refusal.error}, exc.status_code) from None
+                {**exc.detail, "device_error": refused.error}, exc.status_code) from None
 
 
-def _refused(response: Any, token: Token) -> bool:
-    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
-
-    Not after a redirect that dropped the header (another host), and not for a
-    token without a refresh token: an API's 401 must not start a login.
-    """
-    if (
-        response.status_code != 401
-        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
-        or not _refresh_valid(token)
-    ):
-        return False
-    if len(_REJECTED) > 4096:
-        _REJECTED.clear()
-    _REJECTED.add(token["access_token"])
-    return True
+def _login_flow(
+    host: str, *, store: TokenStore | None = None, timeout: int | None = 30,
+    redirect_ports: Sequence[int] | None = None, scopes: str | Sequence[str] | None = None,
+    **fields: Any,
+) -> DeviceFlow:
+    """The flow for one login, from `authenticate`'s keyword arguments (but ``force``)."""
+    config = Config(host, redirect_ports=None if redirect_ports is None else list(redirect_ports),
+                    scopes=None if scopes is None else _scopes(scopes), **fields)
+    return DeviceFlow._detached(config, store=store, timeout=timeout)
 
 
-def _renewal(sent: Token, token: Token) -> str | None:
-    """The header to retry with, or None when the refused token came back."""
-    if token["access_token"] == sent["access_token"]:
-        _REJECTED.discard(sent["access_token"])
+def _login_refusal(device: DeviceFlow, force: bool) -> AuthError | None:
+    """The error to raise at once when nobody here could answer a login, else None."""
+    env_var = device.config.token_env_var
+    token_file = None if force else os.environ.get(env_var)
+    reason = _no_login_reason(env_var if token_file else None)
+    if not reason:
         return None
-    return token["headers"]["Authorization"]
+    server, command = _server_name(device.host), f"{_command()} {_cli_target(device.host)}"
+    if token_file:
+        message = (f"Not logged in to {server}: {reason}. Make a new token file on a "
+                   f"workstation: {command} --export {token_file}")
+    else:
+        message = (f"Not logged in to {server}, and {reason}. Log in once on a workstation "
+                   f"({command}); in a batch job, point {env_var} at a token file made "
+                   f"there ({command} --export token.json).")
+    return AuthError(message, {"error": "login_required"}, 401)
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -3968,12 +3894,17 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
         outside_a_loop = True
     if outside_a_loop:  # not in the except clause: a failure is not shown "During handling"
         return asyncio.run(coro)
-    import contextvars
+    return _run_in_worker(coro)
+
+
+def _run_in_worker(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run *coro* on a loop of its own in a worker thread, and wait for it."""
+    import asyncio
     import threading
 
-    # The caller's loop is blocked while we wait (the call is synchronous), so run
-    # our own loop in a worker thread.  It gets the caller's context: ipykernel
-    # keeps the current cell in context variables, so output lands in that cell.
+    # The caller's loop is blocked while we wait (the call is synchronous).  The
+    # worker gets the caller's context: ipykernel keeps the current cell in context
+    # variables, so output lands in that cell.
     done: dict[str, Any] = {}
 
     async def _main() -> _T:
@@ -3990,8 +3921,18 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
 
     worker = threading.Thread(target=contextvars.copy_context().run, args=(_work,),
                               name="oidc-auth", daemon=True)
-    caller = asyncio.current_task()
     worker.start()
+    _join(worker, done)
+    if "error" in done:
+        raise done["error"]
+    return cast("_T", done["result"])
+
+
+def _join(worker: Any, done: dict[str, Any]) -> None:
+    """Wait for *worker*; when interrupted, cancel its login (freeing its port) and raise."""
+    import asyncio
+
+    caller = asyncio.current_task()
     try:
         while worker.is_alive():
             worker.join(0.25)  # a timed wait lets Ctrl-C / "interrupt kernel" through
@@ -4000,8 +3941,6 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
             if caller is not None and getattr(caller, "cancelling", lambda: 0)():
                 raise asyncio.CancelledError
     except BaseException as exc:
-        # Interrupted: cancel the login in the worker (it frees its port and stops
-        # polling) instead of leaving it to run until its timeout.
         done["cancel"] = True
         if "task" in done:
             done["loop"].call_soon_threadsafe(done["task"].cancel)
@@ -4009,9 +3948,6 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
             raise
         worker.join(1.0)  # let it say "cancelled" while the cell still shows its output
         raise _Interrupted("the login was cancelled") from None
-    if "error" in done:
-        raise done["error"]
-    return cast("_T", done["result"])
 
 
 # ---------------------------------------------------------------------------
@@ -4021,37 +3957,22 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
 class BearerAuth:
     """Bearer-token auth for ``requests`` and ``httpx`` that keeps itself fresh.
 
-    Pass it as ``auth=`` to ``requests`` (one call or a ``Session``), to
-    ``httpx.Client`` or to ``httpx.AsyncClient``. Every request carries the
-    header of `authenticate` (a cached token costs no network), so a token is
-    refreshed shortly before it expires. If the server answers 401 all the
-    same, the token counts as expired: it is refreshed, or replaced by a newer
-    one in the store, and the request is sent once more. A second 401, or a
-    401 to a token that has no refresh token, is returned as it is: an API's
-    401 never starts a login by itself.
+    Pass it as ``auth=`` to ``requests`` (a call or a ``Session``), to
+    ``httpx.Client`` or to ``httpx.AsyncClient``. Each request carries the
+    header of `authenticate` (`authenticate_async` for async clients), so a
+    token is refreshed shortly before it expires. A 401 all the same counts as
+    expiry: the request is sent once more with a fresh token. A second 401, or
+    one to a token without a refresh token, is returned as it is: an API's 401
+    never starts a login. Neither package is imported here; an instance made
+    after ``import httpx`` is an ``httpx.Auth``. For the retry a ``requests``
+    body must be bytes or str.
 
     Parameters
     ----------
     host : str
         Base URL of the server that issues the tokens.
     **authenticate_kwargs
-        Keyword arguments of `authenticate` (``store``, ``app_name``,
-        ``timeout``, ``ca_bundle``, ...), except ``force``.
-
-    Notes
-    -----
-    Neither package is imported here. ``requests`` calls the object and its
-    response hook; ``httpx`` runs ``sync_auth_flow``/``async_auth_flow`` of an
-    ``httpx.Auth``, so an instance made after ``import httpx`` is one (httpx
-    turns any other callable into a one-shot auth: the header, no retry).
-    Async clients get the token with `authenticate_async`. For the retry a
-    ``requests`` body must be bytes or str; ``httpx`` reads the body first.
-
-    Examples
-    --------
-    >>> auth = BearerAuth("https://myapp.example.com")  # doctest: +SKIP
-    >>> requests.get("https://myapp.example.com/api/data", auth=auth)  # doctest: +SKIP
-    >>> httpx.Client(auth=auth).get("https://myapp.example.com/api/data")  # doctest: +SKIP
+        Keyword arguments of `authenticate`, except ``force``.
     """
 
     requires_request_body = True  # httpx: read the body first, so the retry can send it
@@ -4059,6 +3980,7 @@ class BearerAuth:
 
     def __new__(cls, host: str, **authenticate_kwargs: Any) -> BearerAuth:
         """Make an ``httpx.Auth`` as well when httpx is loaded (not imported here)."""
+        # httpx turns any other callable into a one-shot auth: the header, no retry.
         base = getattr(sys.modules.get("httpx"), "Auth", None)
         if isinstance(base, type) and not issubclass(cls, base):
             if cls not in _HTTPX_AUTH:
@@ -4086,7 +4008,7 @@ class BearerAuth:
 
     def __call__(self, request: Any) -> Any:
         """Add the header to a ``requests`` request, with a hook that retries a 401."""
-        token = authenticate(self.host, **self._kwargs)
+        token = self._token()
         request.headers["Authorization"] = token["headers"]["Authorization"]
         register = getattr(request, "register_hook", None)
         if register is not None:  # httpx's function auth has no hooks: header only
@@ -4096,30 +4018,47 @@ class BearerAuth:
     def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
         """The ``httpx.Client`` flow: send, and on a 401 once more with a fresh token."""
         request.read()
-        token = authenticate(self.host, **self._kwargs)
-        request.headers["Authorization"] = token["headers"]["Authorization"]
-        response = yield request
-        if _refused(response, token):
-            header = _renewal(token, authenticate(self.host, **self._kwargs))
-            if header is not None:
-                request.headers["Authorization"] = header
-                yield request
+        flow = self._flow(request)
+        step = next(flow)
+        while True:
+            answer = self._token() if step is None else (yield step)
+            try:
+                step = flow.send(answer)
+            except StopIteration:
+                return
 
     auth_flow = sync_auth_flow
 
     async def async_auth_flow(self, request: Any) -> AsyncGenerator[Any, Any]:
         """The ``httpx.AsyncClient`` flow, with `authenticate_async`."""
         await request.aread()
-        token = await authenticate_async(self.host, **self._kwargs)
+        flow = self._flow(request)
+        step = next(flow)
+        while True:
+            if step is None:
+                answer = await authenticate_async(self.host, **self._kwargs)
+            else:
+                answer = yield step
+            try:
+                step = flow.send(answer)
+            except StopIteration:
+                return
+
+    # -- Internals --
+
+    def _token(self) -> Token:
+        return authenticate(self.host, **self._kwargs)
+
+    def _flow(self, request: Any) -> Generator[Any, Any, None]:
+        """The httpx flow of both clients: yields None for a token, a request to send it."""
+        token = yield None
         request.headers["Authorization"] = token["headers"]["Authorization"]
         response = yield request
         if _refused(response, token):
-            header = _renewal(token, await authenticate_async(self.host, **self._kwargs))
+            header = _renewal(token, (yield None))
             if header is not None:
                 request.headers["Authorization"] = header
                 yield request
-
-    # -- Internals --
 
     def _retry_401(self, response: Any, sent: Token, **send_kwargs: Any) -> Any:
         """The ``requests`` response hook: resend a 401 once, with a fresh token."""
@@ -4131,7 +4070,7 @@ class BearerAuth:
             or not _refused(response, sent)
         ):
             return response
-        header = _renewal(sent, authenticate(self.host, **self._kwargs))
+        header = _renewal(sent, self._token())
         if header is None:
             return response
         response.content  # noqa: B018 -- read the 401 so its connection can be reused
@@ -4150,6 +4089,32 @@ _HTTPX_AUTH: dict[type, type[BearerAuth]] = {}
 
 def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
     return BearerAuth(host, **kwargs)
+
+
+def _refused(response: Any, token: Token) -> bool:
+    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
+
+    Not after a redirect that dropped the header (another host), and not for a
+    token without a refresh token: an API's 401 must not start a login.
+    """
+    if (
+        response.status_code != 401
+        or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
+        or not _refresh_valid(token)
+    ):
+        return False
+    if len(_REJECTED) > 4096:
+        _REJECTED.clear()
+    _REJECTED.add(token["access_token"])
+    return True
+
+
+def _renewal(sent: Token, token: Token) -> str | None:
+    """The header to retry with, or None when the refused token came back."""
+    if token["access_token"] == sent["access_token"]:
+        _REJECTED.discard(sent["access_token"])
+        return None
+    return token["headers"]["Authorization"]
 
 
 # ---------------------------------------------------------------------------
@@ -4226,11 +4191,28 @@ def _epilog(prog: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``oidc-auth`` command line; return its exit code.
+    """Run the ``oidc-auth`` command line; return its exit code (``--help`` lists them)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    if args.client_id and not args.client_secret:
+        args.client_secret = os.environ.get("OIDC_CLIENT_SECRET") or None
+    args.scope = _scopes(args.scope) if args.scope else None
+    _LOG_SETUP[:] = [lambda: _setup_logging(args.verbose)]  # logging: imported only if used
+    if args.verbose:
+        _logger()
+    try:
+        return _cli(args)
+    except (AuthError, OSError, ValueError) as exc:  # OSError: e.g. an unusable cache folder
+        # Messages carry server text: printable, whatever made them.
+        print(f"oidc-auth: error: {_printable(_in_cli_words(exc))}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    except KeyboardInterrupt:
+        print("oidc-auth: interrupted", file=sys.stderr)
+        return 130
 
-    Exit codes: 0 success, 1 authentication failure, 2 usage error, 3 the
-    token would not stay valid for ``--min-valid`` seconds, 130 interrupted.
-    """
+
+def _parser() -> Any:
     import argparse
 
     prog = _command()
@@ -4270,7 +4252,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--clear", action="store_true", help="remove all cached tokens")
     group.add_argument("--app-name", default="py-oidc-auth",
                        help="cache directory name (default: py-oidc-auth)")
-    group = parser.add_argument_group("the login")
+    _add_login_arguments(parser.add_argument_group("the login"))
+    group = parser.add_argument_group("diagnostics")
+    group.add_argument("--doctor", action="store_true",
+                       help="show what the library detects here and what it decides")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="debug log on stderr, secrets redacted")
+    group.add_argument("--version", action="version", version=f"oidc-auth {__version__}")
+    return parser
+
+
+def _add_login_arguments(group: Any) -> None:
     group.add_argument("--timeout", type=int, metavar="SECONDS",
                        help="seconds to wait for the login (default: as long as the device "
                             f"code lives, {_CLI_CODE_FLOW_WAIT // 60} min for a login in the "
@@ -4296,78 +4288,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--scope", action="append", metavar="SCOPE",
                        help="scopes to ask the provider for, repeatable or space separated "
                             "(default: openid offline_access)")
-    group = parser.add_argument_group("diagnostics")
-    group.add_argument("--doctor", action="store_true",
-                       help="show what the library detects here and what it decides")
-    group.add_argument("-v", "--verbose", action="store_true",
-                       help="debug log on stderr, secrets redacted")
-    group.add_argument("--version", action="version", version=f"oidc-auth {__version__}")
-    args = parser.parse_args(argv)
-    if (args.client_secret or args.scope) and not args.client_id:
-        parser.error("--client-secret and --scope need --client-id")
-    if args.client_id and not args.client_secret:
-        args.client_secret = os.environ.get("OIDC_CLIENT_SECRET") or None
-    args.scope = _scopes(args.scope) if args.scope else None
-    _check_args(parser, args)
 
-    def setup_logging() -> None:
-        import logging
 
-        handler = logging.StreamHandler()
-        handler.addFilter(_redact_record)
-        handler.setFormatter(logging.Formatter("oidc-auth: %(levelname)s: %(message)s"
-                                               if args.verbose else "oidc-auth: %(message)s"))
-        logging.basicConfig(level=logging.WARNING, handlers=[handler])
-        if args.verbose:
-            logging.getLogger(__name__).setLevel(logging.DEBUG)
-
-    _LOG_SETUP[:] = [setup_logging]  # logging is imported only if something is logged
-    if args.verbose:
-        _logger()
-    try:
-        return _cli(args)
-    except AuthError as exc:  # messages carry server text: printable, whatever made them
-        message = str(exc)  # with the provider's error, when the message lacks it
-        if exc.error == "timeout":  # our time limit, not the device code's: say how to
-            import re  # give more time in the command line's words, not the API's
-
-            message, said = re.subn(r"\btimeout=(?: \([^)]*\))?", "--timeout SECONDS", message)
-            if not said and "--timeout" not in message:
-                message += "; to wait longer, pass --timeout SECONDS (0: no limit)"
-        print(f"oidc-auth: error: {_printable(message)}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"oidc-auth: error: {_printable(str(exc))}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. an unusable cache folder
-        print(f"oidc-auth: error: {_printable(str(exc))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("oidc-auth: interrupted", file=sys.stderr)
-        return 130
+# What acts on a HOST's token (each needs a HOST), and what acts on the cache.
+_TOKEN_OPTIONS = ("json", "access_token", "header", "export", "min_valid")
+_CACHE_OPTIONS = ("list", "clear", "remove", "logout")
 
 
 def _check_args(parser: Any, args: Any) -> None:
-    """Refuse combinations that make no sense, with exit code 2."""
-    if args.doctor:
-        if any((args.json, args.access_token, args.header, args.export, args.list, args.clear,
-                args.remove, args.logout, args.force, args.min_valid is not None)):
-            parser.error("--doctor goes alone (a HOST may be given)")
-    elif not args.host:
-        for flag, given in (("--json", args.json), ("--access-token", args.access_token),
-                            ("--header", args.header), ("--export", args.export),
-                            ("--min-valid", args.min_valid is not None)):
-            if given:
-                parser.error(f"{flag} needs a HOST")
-        if not (args.list or args.clear or args.remove or args.logout):
+    """Refuse, with exit code 2, the combinations the groups above cannot express."""
+    def given(*names: str) -> list[str]:  # the options not left at their defaults
+        return [f"--{n.replace('_', '-')}" for n in names
+                if getattr(args, n) != parser.get_default(n)]
+
+    if given("client_secret", "scope") and not args.client_id:
+        parser.error("--client-secret and --scope need --client-id")
+    if args.doctor and given(*_TOKEN_OPTIONS, *_CACHE_OPTIONS, "force"):
+        parser.error("--doctor goes alone (a HOST may be given)")
+    if not args.host and not args.doctor:
+        for flag in given(*_TOKEN_OPTIONS):
+            parser.error(f"{flag} needs a HOST")
+        if not given(*_CACHE_OPTIONS):
             parser.error("give a HOST, or one of --list, --clear, --remove HOST, "
                          "--logout HOST, --doctor")
     if args.show_secrets and not args.json:
         parser.error("--show-secrets goes with --json")
-    if args.timeout is not None and args.timeout < 0:
-        parser.error("--timeout must be 0 or more")
-    if args.min_valid is not None and args.min_valid < 0:
-        parser.error("--min-valid must be 0 or more")
+    for flag, seconds in (("--timeout", args.timeout), ("--min-valid", args.min_valid)):
+        if seconds is not None and seconds < 0:
+            parser.error(f"{flag} must be 0 or more")
     for host in (args.host, args.remove, args.logout):
         try:
             if host:
@@ -4376,15 +4324,66 @@ def _check_args(parser: Any, args: Any) -> None:
             parser.error(exc.message)
 
 
+def _setup_logging(verbose: bool) -> None:
+    """Log to stderr, secrets redacted; debug messages with ``--verbose``."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.addFilter(_redact_record)
+    handler.setFormatter(logging.Formatter("oidc-auth: %(levelname)s: %(message)s"
+                                           if verbose else "oidc-auth: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    if verbose:
+        logging.getLogger(__name__).setLevel(logging.DEBUG)
+
+
+def _in_cli_words(exc: Exception) -> str:
+    """The message of *exc*, with the provider's error; a time limit told as ``--timeout``."""
+    message = str(exc)
+    if isinstance(exc, AuthError) and exc.error == "timeout":  # ours, not the device code's
+        import re
+
+        message, said = re.subn(r"\btimeout=(?: \([^)]*\))?", "--timeout SECONDS", message)
+        if not said and "--timeout" not in message:
+            message += "; to wait longer, pass --timeout SECONDS (0: no limit)"
+    return message
+
+
 def _cli(args: Any) -> int:
     store = _default_store(args.app_name)
-    log = _logger() if args.verbose else None
-    if log:
-        log.debug("py_oidc_auth_client %s (%s), Python %s", __version__,
-                  os.path.abspath(__file__), sys.version.split()[0])
+    if args.verbose:
+        _logger().debug("py_oidc_auth_client %s (%s), Python %s", __version__,
+                        os.path.abspath(__file__), sys.version.split()[0])
     if args.doctor:
         _doctor(args, store)
         return 0
+    _act_on_cache(args, store)
+    if not args.host:
+        return 0
+    token = _cli_token(args)
+    if args.min_valid is not None:
+        enough = _min_valid(args, token)
+        if enough is None:
+            return _EXIT_MIN_VALID
+        token = enough
+    key = _store_key(args.host, args.client_id, args.scope)
+    if args.export:
+        _export(args.export, key, token, store)
+    if args.access_token:
+        print(token["access_token"])
+    elif args.header:
+        print(f"Authorization: {token['headers']['Authorization']}")
+    elif args.json:  # with --show-secrets, exactly what --export writes
+        shown = _token_file_object(key, token)
+        print(json.dumps(shown if args.show_secrets else
+                         {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
+    elif not args.export:
+        print(f"Logged in to {_server_name(key)}: {_lifetimes(token)}")
+    return 0
+
+
+def _act_on_cache(args: Any, store: TokenStore) -> None:
+    """``--clear``, ``--remove``, ``--logout`` and ``--list``, in this order."""
     if args.clear:
         store.clear()
         _say(f"Removed all tokens from {store.path}")
@@ -4407,60 +4406,39 @@ def _cli(args: Any) -> int:
                          if token["refresh_token"] else "no refresh token"))
         if not listed:  # on stderr: a script reading stdout sees no hosts
             _say(f"No cached tokens in {store.path}")
-    if not args.host:
-        return 0
-    token_file = os.environ.get("OIDC_TOKEN_FILE")
-    if log:
-        log.debug("token store: %s",
-                  f"{token_file} (OIDC_TOKEN_FILE)" if token_file else store.path)
-        log.debug("interactive login: %s", _no_login_reason() or "possible")
+
+
+def _cli_token(args: Any) -> Token:
+    """The token of HOST: `authenticate` with the command line's options."""
+    if args.verbose:
+        token_file = os.environ.get("OIDC_TOKEN_FILE")
+        _logger().debug("token store: %s", f"{token_file} (OIDC_TOKEN_FILE)" if token_file
+                        else _default_store(args.app_name).path)
+        _logger().debug("interactive login: %s", _no_login_reason() or "possible")
     # A person is at the other end: by default wait as long as the device code lives
     # (authenticate's timeout=None), and a few minutes for a login in the browser.
     wait = _CODE_FLOW_WAIT.set(_CLI_CODE_FLOW_WAIT if args.timeout is None else None)
     try:
-        token = authenticate(
-            args.host, login_route=args.login_route, token_route=args.token_route,
-            device_route=args.device_route, redirect_ports=args.ports, force=args.force,
-            app_name=args.app_name, timeout=args.timeout or None, client_id=args.client_id,
-            client_secret=args.client_secret, scopes=args.scope, allow_http=args.allow_http,
-        )
+        return authenticate(args.host, force=args.force, **_cli_options(args))
     finally:
         _CODE_FLOW_WAIT.reset(wait)
-    if args.min_valid is not None:
-        enough = _min_valid(args, token)
-        if enough is None:
-            return _EXIT_MIN_VALID
-        token = enough
-    key = _store_key(args.host, args.client_id, args.scope)
-    if args.export:
-        _export(args.export, key, token, store)
-    if args.access_token:
-        print(token["access_token"])
-    elif args.header:
-        print(f"Authorization: {token['headers']['Authorization']}")
-    elif args.json:  # with --show-secrets, exactly what --export writes
-        shown = _token_file_object(key, token)
-        print(json.dumps(shown if args.show_secrets else
-                         {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
-    elif not args.export:
-        now = time.time()
-        print(f"Logged in to {_server_name(key)}: access token "
-              f"{_validity(token['expires'], now)}, refresh token "
-              + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
-    return 0
+
+
+def _cli_options(args: Any) -> dict[str, Any]:
+    """`authenticate`'s keyword arguments that the command line sets, but ``force``."""
+    return {"login_route": args.login_route, "token_route": args.token_route,
+            "device_route": args.device_route, "redirect_ports": args.ports,
+            "app_name": args.app_name, "timeout": args.timeout or None,
+            "client_id": args.client_id, "client_secret": args.client_secret,
+            "scopes": args.scope, "allow_http": args.allow_http}
 
 
 def _cli_flow(args: Any, key: str, store: TokenStore | None = None) -> DeviceFlow:
-    """A flow for store *key*, configured by the command line's routes, ports and app name."""
+    """A flow for store *key*, configured by the command line's options."""
     issuer, client_id, scopes = _split_key(key)
     secret = (args.client_secret or os.environ.get("OIDC_CLIENT_SECRET")) if client_id else None
-    config = Config(host=issuer, app_name=args.app_name, login_route=args.login_route,
-                    token_route=args.token_route, device_route=args.device_route,
-                    client_id=client_id, client_secret=secret or None, scopes=scopes,
-                    allow_http=args.allow_http)
-    if args.ports:
-        config.redirect_ports = list(args.ports)
-    return DeviceFlow._detached(config, store=store, timeout=args.timeout or None)
+    return _login_flow(issuer, store=store, **{**_cli_options(args), "client_id": client_id,
+                                               "client_secret": secret or None, "scopes": scopes})
 
 
 # -- --min-valid, --export, --logout --
@@ -4514,11 +4492,8 @@ def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
             _atomic_write(target, data)
     except OSError as exc:
         raise AuthError(f"Cannot write the token file {target}: {exc.strerror or exc}") from None
-    now = time.time()
-    _say(f"Wrote the token for {_server_name(key)} to {target} (readable by you only): access "
-         f"token {_validity(token['expires'], now)}, refresh token "
-         + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none")
-         + f".\nIn a batch job: export OIDC_TOKEN_FILE={target}")
+    _say(f"Wrote the token for {_server_name(key)} to {target} (readable by you only): "
+         f"{_lifetimes(token)}.\nIn a batch job: export OIDC_TOKEN_FILE={target}")
 
 
 def _logout(args: Any, store: TokenStore) -> None:
@@ -4545,6 +4520,13 @@ def _logout(args: Any, store: TokenStore) -> None:
 
 
 # -- Human terms --
+
+def _lifetimes(token: Token) -> str:
+    """``"access token valid for 54 min, refresh token expired 3 h ago"`` (or ``none``)."""
+    now = time.time()
+    refresh = _validity(token["refresh_expires"], now) if token["refresh_token"] else "none"
+    return f"access token {_validity(token['expires'], now)}, refresh token {refresh}"
+
 
 def _validity(timestamp: int, now: float) -> str:
     """``"valid for 54 min"`` or ``"expired 3 h ago"``."""
@@ -4575,32 +4557,28 @@ def _duration(seconds: int) -> str:
 
 # -- --verbose: secrets never reach the log --
 
-_SECRET_PATTERNS: list[tuple[Any, str]] = []
+_SECRET_PATTERNS = (  # compiled once, by re's own cache
+    # JWTs: access, ID and many refresh tokens.
+    (r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?", "[redacted]"),
+    # Credentials in headers.
+    (r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+", r"\1\2[redacted]"),
+    # name=value and "name": "value" pairs that carry a secret.
+    (r"(?i)\b((?:access|refresh|id)[_-]?token|device[_-]?code|code[_-]?verifier"
+     r"|client[_-]?secret|password|code|state)(\"?\s*[:=]\s*\"?)([^\s\"'&,;}]+)",
+     r"\1\2[redacted]"),
+    # user:password@ in URLs.
+    (r"//[^/@\s:]+:[^/@\s]+@", "//[redacted]@"),
+)
 
 
 def _redact_text(text: str) -> str:
     """Blank out anything in *text* that looks like a token, a code or another secret."""
     import re
 
-    if not _SECRET_PATTERNS:
-        _SECRET_PATTERNS.extend((re.compile(pattern), repl) for pattern, repl in (
-            # JWTs: access, ID and many refresh tokens.
-            (r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?", "[redacted]"),
-            # Credentials in headers.
-            (r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=-]+", r"\1\2[redacted]"),
-            # name=value and "name": "value" pairs that carry a secret.
-            (r"(?i)\b((?:access|refresh|id)[_-]?token|device[_-]?code|code[_-]?verifier"
-             r"|client[_-]?secret|password|code|state)(\"?\s*[:=]\s*\"?)([^\s\"'&,;}]+)",
-             r"\1\2[redacted]"),
-            # user:password@ in URLs.
-            (r"//[^/@\s:]+:[^/@\s]+@", "//[redacted]@"),
-        ))
-        # Opaque tokens: long runs that mix upper case, lower case and digits, or long hex.
-        _SECRET_PATTERNS.append((re.compile(r"[A-Za-z0-9_~+=-]{20,}"), ""))
-    for pattern, repl in _SECRET_PATTERNS[:-1]:
-        text = pattern.sub(repl, text)
-    redacted: str = _SECRET_PATTERNS[-1][0].sub(_redact_random, text)
-    return redacted
+    for pattern, repl in _SECRET_PATTERNS:
+        text = re.sub(pattern, repl, text)
+    # Opaque tokens: long runs that mix upper case, lower case and digits, or long hex.
+    return re.sub(r"[A-Za-z0-9_~+=-]{20,}", _redact_random, text)
 
 
 def _redact_random(match: Any) -> str:
@@ -4628,81 +4606,74 @@ def _redact_record(record: logging.LogRecord) -> bool:
     return True
 
 
-# -- --doctor --
+# -- --doctor: the decisions the code makes here, asked of the functions that make them --
 
 def _doctor(args: Any, store: TokenStore) -> None:
     """Print what the library detects and decides here, and why; never a secret."""
     import platform
 
-    rows: list[tuple[str, str]] = []
-    add = rows.append
-    add(("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"))
-    add(("python", f"{platform.python_version()} on {platform.platform()}"))
+    key = _store_key(args.host, args.client_id, args.scope) if args.host else ""
+    rows = [
+        ("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"),
+        ("python", f"{platform.python_version()} on {platform.platform()}"),
+        *_doctor_session(),
+        ("browser", _browser_decision()),
+        ("login", _login_decision()),
+        ("token cache", f"{store.path}: {_describe_file(store.path)}; its folder "
+                        f"{_describe_file(os.path.dirname(store.path))}"),
+        ("token file", _token_file_row(args.app_name)),
+        *([("cached token", f"{key}: {_describe_token(store, key)}")] if key else []),
+        ("proxies", _proxy_settings(key)),
+        ("CA bundle", _ca_settings()),
+        ("platformdirs", _platformdirs_version()),
+    ]
+    width = max(len(name) for name, _ in rows) + 2
+    for name, value in rows:
+        print(f"{name + ':':<{width}}{value}")
+
+
+def _doctor_session() -> list[tuple[str, str]]:
+    """The rows on the terminal, the batch system, SSH, a container, a display, Jupyter."""
     stdin_tty, stderr_tty = _isatty(sys.stdin), _isatty(sys.stderr)
-    add(("terminal", f"stdin {'is' if stdin_tty else 'is not'} a terminal, stderr "
-                     f"{'is' if stderr_tty else 'is not'}; TERM={os.environ.get('TERM', '')!r}"
-                     + (", NO_COLOR is set" if os.environ.get("NO_COLOR") else "")))
     if stderr_tty:
         progress = "a live countdown line on stderr" + (
             ", without escape sequences (NO_COLOR or TERM=dumb)" if _plain_terminal() else "")
     else:
         progress = f"a line on stderr every {_PROGRESS_EVERY:g} s (stderr is not a terminal)"
-    add(("progress", progress))
     jobs = [f"{name}={os.environ[name]}" for name in _BATCH_VARIABLES if os.environ.get(name)]
-    add(("batch job", f"{_batch_scheduler()} ({', '.join(jobs)})" if jobs else
-         "no (none of " + ", ".join(_BATCH_VARIABLES) + " is set)"))
     ssh = [v for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY") if os.environ.get(v)]
-    add(("ssh session", f"yes ({', '.join(ssh)} set)" if ssh else "no"))
-    add(("container", _in_container() or "none detected"))
     shown = [f"{v}={os.environ[v]}" for v in ("DISPLAY", "WAYLAND_DISPLAY") if os.environ.get(v)]
-    add(("display", ", ".join(shown) if shown else
-         f"desktop ({sys.platform})" if sys.platform in ("win32", "darwin") else
-         "none (DISPLAY and WAYLAND_DISPLAY are not set)"))
     jupyter = ("yes (ipykernel is loaded): device codes show as a clickable link"
                if _in_jupyter() else "no (ipykernel is not loaded in this process)")
     if not _in_jupyter() and os.environ.get("JPY_PARENT_PID"):
         jupyter += "; started from a Jupyter kernel (JPY_PARENT_PID is set)"
-    add(("jupyter", jupyter))
-    add(("browser", _browser_decision()))
-    add(("login", _login_decision()))
-    add(("token cache", f"{store.path}: {_describe_file(store.path)}; its folder "
-                        f"{_describe_file(os.path.dirname(store.path))}"))
-    token_file = os.environ.get("OIDC_TOKEN_FILE")
-    if token_file:
-        file_store = _default_store(args.app_name, "OIDC_TOKEN_FILE")
-        add(("token file", f"OIDC_TOKEN_FILE={token_file}: {_describe_file(token_file)}; "
-                           + _describe_token(file_store)))
-    else:
-        add(("token file", "OIDC_TOKEN_FILE is not set: tokens come from the cache"))
-    if args.host:
-        key = _store_key(args.host, args.client_id, args.scope)
-        add(("cached token", f"{key}: {_describe_token(store, key)}"))
-    add(("proxies", _proxy_settings()))
-    add(("CA bundle", _ca_settings()))
-    try:
-        from importlib.metadata import version
-
-        add(("platformdirs", version("platformdirs")))
-    except Exception:  # not installed, or installed without metadata
-        add(("platformdirs", "not installed: the cache is under XDG_CACHE_HOME or ~/.cache"))
-    width = max(len(key) for key, _ in rows) + 2
-    for key, value in rows:
-        print(f"{key + ':':<{width}}{value}")
+    return [
+        ("terminal", f"stdin {'is' if stdin_tty else 'is not'} a terminal, stderr "
+                     f"{'is' if stderr_tty else 'is not'}; TERM={os.environ.get('TERM', '')!r}"
+                     + (", NO_COLOR is set" if os.environ.get("NO_COLOR") else "")),
+        ("progress", progress),
+        ("batch job", f"{_batch_scheduler()} ({', '.join(jobs)})" if jobs else
+                      "no (none of " + ", ".join(_BATCH_VARIABLES) + " is set)"),
+        ("ssh session", f"yes ({', '.join(ssh)} set)" if _is_remote() else "no"),
+        ("container", _in_container() or "none detected"),
+        ("display", ", ".join(shown) if shown else
+                    f"desktop ({sys.platform})" if sys.platform in ("win32", "darwin") else
+                    "none (DISPLAY and WAYLAND_DISPLAY are not set)"),
+        ("jupyter", jupyter),
+    ]
 
 
 def _browser_decision() -> str:
-    if os.environ.get("BROWSER"):
-        return f"opened with BROWSER={os.environ['BROWSER']}"
-    if _is_remote():
-        return "not opened: this is an SSH session; open the printed URL on your own machine"
-    if _can_open_browser():
-        return "opened: a desktop session is available"
-    return "not opened: no display and BROWSER is not set; open the printed URL yourself"
+    if not _can_open_browser():
+        if _is_remote():
+            return "not opened: this is an SSH session; open the printed URL on your own machine"
+        return "not opened: no display and BROWSER is not set; open the printed URL yourself"
+    browser = os.environ.get("BROWSER")
+    return f"opened with BROWSER={browser}" if browser else "opened: a desktop session is available"
 
 
 def _login_decision() -> str:
-    token_file = os.environ.get("OIDC_TOKEN_FILE")
-    if token_file:
+    if os.environ.get("OIDC_TOKEN_FILE"):
         return ("never: OIDC_TOKEN_FILE is set, so authenticate() uses and refreshes that "
                 "file only, and fails at once when its tokens are dead")
     reason = _no_login_reason()
@@ -4713,6 +4684,24 @@ def _login_decision() -> str:
            "this is a Jupyter kernel" if _in_jupyter() else "BROWSER is set")
     return (f"allowed ({why}): the device flow, or the browser code flow when the server "
             "has no device flow")
+
+
+def _token_file_row(app_name: str) -> str:
+    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    if not token_file:
+        return "OIDC_TOKEN_FILE is not set: tokens come from the cache"
+    file_store = _default_store(app_name, "OIDC_TOKEN_FILE")
+    return (f"OIDC_TOKEN_FILE={token_file}: {_describe_file(token_file)}; "
+            + _describe_token(file_store))
+
+
+def _platformdirs_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("platformdirs")
+    except Exception:  # not installed, or installed without metadata
+        return "not installed: the cache is under XDG_CACHE_HOME or ~/.cache"
 
 
 def _describe_file(path: str) -> str:
@@ -4744,28 +4733,28 @@ def _describe_token(store: TokenStore, host: str = "") -> str:
     token = entries.get(server)
     if token is None:
         return bad or "no token"
-    now = time.time()
     whose = "" if not store._single else (
         f"for {_printable(_short(server, 200))}: " if server else
         'names no server (add "server": HOST, or export it anew): ')
-    return (f"{whose}access token {_validity(token['expires'], now)}, refresh token "
-            + (_validity(token["refresh_expires"], now) if token["refresh_token"] else "none"))
+    return whose + _lifetimes(token)
 
 
-def _proxy_settings() -> str:
-    import re
+def _proxy_settings(key: str) -> str:
+    """The proxy a request to the server of *key* (else to any server) goes through."""
     import urllib.request
+    from urllib.parse import urlsplit
 
-    proxies = urllib.request.getproxies()  # the environment, or the system's settings
-    used = {k: v for k, v in proxies.items() if k in ("https", "http", "no")}
-    if not used:
-        return "none (HTTPS_PROXY, HTTP_PROXY and NO_PROXY are not set)"
-    return ", ".join(f"{'NO_PROXY' if k == 'no' else k + ' via'} "
-                     + re.sub(r"//[^/@\s]*@", "//[credentials hidden]@", v)
-                     for k, v in sorted(used.items()))
+    netloc = urlsplit(_server_name(key)).netloc if key else "example.org"
+    shown = [f"{scheme} via {proxy}" for scheme in ("https", "http")
+             if (proxy := _proxy_for(f"{scheme}://{netloc}"))]
+    no_proxy = urllib.request.getproxies().get("no")  # the environment, or the system's
+    if no_proxy:
+        shown.append(f"NO_PROXY {no_proxy}")
+    return ", ".join(shown) or "none (HTTPS_PROXY, HTTP_PROXY and NO_PROXY are not set)"
 
 
 def _ca_settings() -> str:
+    """The CA certificates a request trusts, and the variables that choose them."""
     import ssl
 
     shown = []
@@ -4773,10 +4762,15 @@ def _ca_settings() -> str:
         value = os.environ.get(name)
         if value:
             shown.append(f"{name}={value}" + ("" if os.path.exists(value) else " (MISSING)"))
+    try:
+        (bundle, source, _), _ = _ssl_context(None)
+    except AuthError as exc:  # the request would fail the same way
+        return "; ".join([*shown, exc.message])
+    if source:
+        return "; ".join([*shown, f"trusts only {bundle} ({source})"])
     paths = ssl.get_default_verify_paths()  # after SSL_CERT_FILE and SSL_CERT_DIR
-    shown.append(f"OpenSSL looks in {paths.cafile or '(no file)'} and "
-                 f"{paths.capath or '(no folder)'}")
-    return "; ".join(shown)
+    return "; ".join([*shown, f"OpenSSL looks in {paths.cafile or '(no file)'} and "
+                              f"{paths.capath or '(no folder)'}"])
 
 
 # ---------------------------------------------------------------------------

@@ -61,8 +61,15 @@ class Issuer:
             self.refresh.add(answer["refresh_token"])
         return answer
 
+    def token(self, refresh: bool = True) -> oac.Token:
+        """A new login's answer as the store keeps it (a `Token`)."""
+        answer = self.answer(refresh)
+        return {**answer, "refresh_token": answer["refresh_token"] or "",
+                "refresh_expires": answer["refresh_expires"] if refresh else 0,
+                "headers": {"Authorization": f"Bearer {answer['access_token']}"}}
+
     def seed(self, store: oac.TokenStore, refresh: bool = True) -> oac.Token:
-        token = oac._make_token(self.answer(refresh))
+        token = self.token(refresh)
         store.put(self.fake.url, token)
         return token
 
@@ -242,7 +249,7 @@ def test_a_token_another_process_stored_is_used_without_a_refresh(
     def meanwhile(access: str) -> None:  # another process refreshes while we send
         if access == token["access_token"] and not newer:
             issuer.revoke(token)
-            newer.append(oac._make_token(issuer.answer()))
+            newer.append(issuer.token())
             oac.TokenStore(tmp_store.path).put(fake_server.url, newer[0])
 
     issuer.before_api = meanwhile

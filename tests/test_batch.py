@@ -50,18 +50,23 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def bearer(access: str, expires: int, refresh: str, refresh_expires: int) -> oac.Token:
+    """A `Token` with every documented field."""
+    return {"access_token": access, "token_type": "Bearer", "expires": expires,
+            "refresh_token": refresh, "refresh_expires": refresh_expires, "scope": "openid",
+            "headers": {"Authorization": f"Bearer {access}"}}
+
+
 def short_lived(lifetime: int, refresh: str = "refresh-1",
                 refresh_lifetime: int = 86400) -> oac.Token:
     """A token whose access part lives *lifetime* seconds from now (JWT iat/exp agree)."""
     now = int(time.time())
-    return oac._token(make_jwt(lifetime, now), "Bearer", now + lifetime, refresh,
-                      now + refresh_lifetime, "openid")
+    return bearer(make_jwt(lifetime, now), now + lifetime, refresh, now + refresh_lifetime)
 
 
 def dead_token() -> oac.Token:
     now = int(time.time())
-    return oac._token(make_jwt(3600, now - 7200), "Bearer", now - 3600, "refresh-dead",
-                      now - 60, "openid")
+    return bearer(make_jwt(3600, now - 7200), now - 3600, "refresh-dead", now - 60)
 
 
 # ---------------------------------------------------------------------------

@@ -487,7 +487,7 @@ def test_logout_without_revocation_removes_locally_and_says_so(fake_server, make
 def test_logout_uses_the_flows_revoke_when_there_is_one(fake_server, make_token, monkeypatch,
                                                         capsys, outcome, says):
     token = make_token()
-    store = oac._default_store("py-oidc-auth")
+    store = default_store()
     store.put(fake_server.url, token)
     seen: list[Any] = []
 
@@ -558,6 +558,36 @@ def test_a_debug_run_leaks_no_secret(fake_server, tmp_path):
             assert len(part) < 12 or part not in everything, part
 
 
+# A program whose log is set up by the command line's -v: what it logs comes out redacted.
+LOG_SCRIPT = """
+import json, logging, sys
+import py_oidc_auth_client as oac
+oac.main(["-v", "--list"])
+print("--- logged:", file=sys.stderr, flush=True)
+log = logging.getLogger("py_oidc_auth_client")
+for fmt, args, error in json.loads(sys.argv[1]):
+    try:
+        if error:
+            raise ValueError(error)
+        log.debug(fmt, *args)
+    except ValueError:
+        log.debug(fmt, *args, exc_info=True)
+"""
+
+
+def debug_log(*calls: tuple[str, list[str], str]) -> str:
+    """What ``log.debug(fmt, *args)`` writes after ``-v``, raising ValueError(error) first."""
+    proc = subprocess.run([sys.executable, "-c", LOG_SCRIPT, json.dumps(calls)], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr.split("--- logged:\n", 1)[1]
+
+
+def redacted(text: str) -> str:
+    (line,) = debug_log(("%s", [text], "")).splitlines()
+    return line.removeprefix("oidc-auth: DEBUG: ")
+
+
 @pytest.mark.parametrize(("text", "kept"), [
     ("POST https://h.example/auth/v2/token -> 400 (57 bytes)", True),
     ("token store: /tmp/pytest-of-root/pytest-12/test_x0/home/.cache/tokens.json", True),
@@ -566,7 +596,7 @@ def test_a_debug_run_leaks_no_secret(fake_server, tmp_path):
     ("user code ABCD-EFGH", True),
 ])
 def test_redaction_keeps_what_helps(text, kept):
-    assert (oac._redact_text(text) == text) is kept
+    assert (redacted(text) == text) is kept
 
 
 @pytest.mark.parametrize("text", [
@@ -581,35 +611,23 @@ def test_redaction_keeps_what_helps(text, kept):
     "state=abc|http://localhost:1/callback|verifier-1234",
 ])
 def test_redaction_removes_secrets(text):
-    redacted = oac._redact_text(text)
-    assert "[redacted]" in redacted
+    shown = redacted(text)
+    assert "[redacted]" in shown
     for secret in ("SlAV32hkKG", "abc.def", "8xLOxBtZp8", "GmRhmhcx", "2YotnFZF", "9f86d0",
                    "hunter2", "verifier-1234", "c2lnbmF0dXJl"):
-        assert secret not in redacted
+        assert secret not in shown
 
 
-def test_redaction_filter_covers_arguments_and_tracebacks():
-    import logging
-
-    try:
-        raise ValueError("bad token eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln")
-    except ValueError:
-        record = logging.LogRecord("x", logging.DEBUG, __file__, 1, "sent %s", (
-            "refresh_token=Zz9Yy8Xx7Ww6",), sys.exc_info())
-    assert oac._redact_record(record) is True
-    formatted = logging.Formatter().format(record)
-    assert "Zz9Yy8Xx7Ww6" not in formatted
-    assert "eyJzdWIiOiJ4In0" not in formatted
-    assert "ValueError: bad token [redacted]" in formatted
-
-
-def test_redaction_filter_survives_a_malformed_log_call():
-    import logging
-
-    record = logging.LogRecord("x", logging.DEBUG, __file__, 1, "%d tokens: %s",
-                               ("many", "refresh_token=Zz9Yy8Xx7Ww6"), None)
-    assert oac._redact_record(record) is True
-    assert record.getMessage() == "%d tokens: %s"
+def test_redaction_covers_arguments_tracebacks_and_malformed_log_calls():
+    logged = debug_log(
+        ("sent %s", ["refresh_token=Zz9Yy8Xx7Ww6"],
+         "bad token eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln"),
+        ("%d tokens: %s", ["many", "refresh_token=Zz9Yy8Xx7Ww6"], ""),
+    )
+    assert "Zz9Yy8Xx7Ww6" not in logged
+    assert "eyJzdWIiOiJ4In0" not in logged
+    assert "ValueError: bad token [redacted]" in logged
+    assert "oidc-auth: DEBUG: %d tokens: %s\n" in logged  # the call's own text, no arguments
 
 
 # ---------------------------------------------------------------------------
@@ -681,9 +699,8 @@ def test_doctor_explains_a_batch_job_and_never_prints_secrets(make_token, tmp_pa
     assert rows["token file"].endswith("access token valid for 59 min, refresh token valid "
                                        "for 23 h 59 min")
     assert rows["cached token"].startswith("https://a.example.com: access token valid for 59 min")
-    assert "http via http://[credentials hidden]@proxy.example:3128" not in rows["proxies"]
-    assert "https via http://[credentials hidden]@proxy.example:3128" in rows["proxies"]
-    assert "NO_PROXY localhost,.internal" in rows["proxies"]
+    # The proxy that a request to the host goes through, without its credentials.
+    assert rows["proxies"] == "https via http://proxy.example:3128, NO_PROXY localhost,.internal"
     assert f"SSL_CERT_FILE={ca}" in rows["CA bundle"]
     assert f"REQUESTS_CA_BUNDLE={tmp_path / 'missing.pem'} (MISSING)" in rows["CA bundle"]
     for secret in ("s3cret-pass", "alice", token["access_token"], "refresh-Secret-12345"):

@@ -73,8 +73,13 @@ def rfc_token(lifetime: int = 3600, refresh: str = "provider-refresh") -> dict[s
             "expires_in": lifetime, "refresh_token": refresh, "scope": "openid offline_access"}
 
 
+def client_key(issuer: str, scopes: str = "offline_access openid") -> str:
+    """The store key of CLIENT's tokens (sorted scopes), as --list shows it."""
+    return f"{issuer}#client_id={CLIENT}&scope={scopes.replace(' ', '+')}"
+
+
 def cache_for_client(issuer: str, make_token: Any, **lifetimes: int) -> str:
-    key = oac._store_key(issuer, CLIENT)
+    key = client_key(issuer)
     oac.TokenStore(app_name="py-oidc-auth").put(key, make_token(**lifetimes))
     return key
 
@@ -100,12 +105,12 @@ def test_logout_with_client_id_revokes_and_forgets(fake_server, make_token):
 def test_logout_of_a_listed_key_and_with_scopes(fake_server, make_token):
     issuer = provider(fake_server)
     store = oac.TokenStore(app_name="py-oidc-auth")
-    scoped = oac._store_key(issuer, CLIENT, ["openid", "profile"])
+    scoped = client_key(issuer, "openid profile")
     store.put(scoped, make_token())
-    store.put(oac._store_key(issuer, CLIENT), make_token())
+    store.put(client_key(issuer), make_token())
     done = module_cli("--logout", issuer, "--client-id", CLIENT, "--scope", "profile openid")
     assert done.returncode == 0, done.stderr
-    assert store.hosts() == [oac._store_key(issuer, CLIENT)]  # only that login went
+    assert store.hosts() == [client_key(issuer)]  # only that login went
     (listed,) = shlex.split(module_cli("--list").stdout.split("\t")[0])  # as it is pasted
     done = module_cli("--logout", listed)
     assert done.returncode == 0, done.stderr

@@ -90,9 +90,11 @@ class Provider:
 
     def store_token(self, store: oac.TokenStore) -> oac.Token:
         now = int(time.time())
-        token = oac._token("access-token-1", "Bearer", now + 3600, "refresh-token-1",
-                           now + 86400, "openid")
-        store.put(oac._store_key(self.issuer, CLIENT), token)
+        token: oac.Token = {
+            "access_token": "access-token-1", "token_type": "Bearer", "expires": now + 3600,
+            "refresh_token": "refresh-token-1", "refresh_expires": now + 86400,
+            "scope": "openid", "headers": {"Authorization": "Bearer access-token-1"}}
+        store.put(f"{self.issuer}#client_id={CLIENT}&scope=offline_access+openid", token)
         return token
 
 
@@ -116,9 +118,9 @@ def test_logout_revokes_at_the_endpoint_of_the_oauth_document(fake_server, tmp_s
         {"token": token["access_token"], "token_type_hint": "access_token", "client_id": CLIENT},
     ]
     assert tmp_store.hosts() == []
-    # One answer, kept: asking again costs no request.
-    run(flow._metadata())
-    run(flow._metadata())
+    # One answer, kept: asking again (a logout asks for end_session_endpoint) costs no request.
+    run(flow.logout())
+    run(flow.logout())
     assert len(fake_server.hits(provider.oauth_path)) == 1
     assert len(provider.hits(OPENID)) == 1
 
@@ -170,7 +172,7 @@ def test_endpoints_of_the_oauth_document_are_checked_like_the_others(fake_server
     provider.oauth["revocation_endpoint"] = "javascript:alert(1)"
     flow = oac.DeviceFlow(provider.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
     with pytest.raises(oac.AuthError) as info:
-        run(flow._metadata())
+        run(flow.get_device_code())
     assert "revocation_endpoint" in info.value.message
     assert OAUTH in info.value.message
     assert info.value.status_code == 502
@@ -181,8 +183,11 @@ def test_the_oauth_document_is_asked_for_only_when_needed(fake_server, tmp_store
     full = Provider(fake_server)
     full.openid.update(device_authorization_endpoint=f"{full.issuer}/device",
                        revocation_endpoint=f"{full.issuer}/revoke")
+    fake_server.reply("POST", "/revoke", 200, b"")
+    full.store_token(tmp_store)
     flow = oac.DeviceFlow(full.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
-    assert run(flow._metadata())["revocation_endpoint"] == f"{full.issuer}/revoke"
+    run(flow.logout())
+    assert len(full.hits("/revoke")) == 2  # the endpoint of the OpenID document
     assert fake_server.hits(OAUTH) == []
 
 
@@ -191,8 +196,7 @@ def test_a_provider_without_an_oauth_document_is_asked_once(fake_server, tmp_sto
     provider = Provider(fake_server, "/realms/x", "nowhere")
     flow = oac.DeviceFlow(provider.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
     for _ in range(3):
-        meta = run(flow._metadata())
-        assert "revocation_endpoint" not in meta
+        assert run(flow.logout()) is None  # nothing to revoke, no end_session_endpoint
     assert len(fake_server.hits(OAUTH + "/realms/x")) == 1
     assert len(fake_server.hits("/realms/x" + OAUTH)) == 1
 
@@ -323,9 +327,11 @@ def test_status_codes_say_what_failed(fake_server):
         assert status(fake_server.url + "/t", timeout=2) == 408
 
 
-def test_a_ca_bundle_that_cannot_be_used_is_bad_input(tmp_path):
+def test_a_ca_bundle_that_cannot_be_used_is_bad_input(tmp_path, tmp_store):
+    flow = oac.DeviceFlow("https://127.0.0.1:9", ca_bundle=str(tmp_path / "missing.pem"),
+                          store=tmp_store, timeout=5)
     with pytest.raises(oac.AuthError) as info:
-        oac._ssl_context(str(tmp_path / "missing.pem"))
+        run(flow.get_device_code())
     assert info.value.status_code == 400
     assert "missing.pem" in info.value.message
 

@@ -21,12 +21,13 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import token_answer
-from tests.test_cli import DEVICE, TOKEN, default_store, oauth_error
+from conftest import oauth_error, token_answer
+from tests import oac
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 HOST = "https://myapp.example.com"
+DEVICE, TOKEN = "/auth/v2/device", "/auth/v2/token"
 SECTIONS = ("Command line", "Batch jobs and clusters", "Notebooks", "Troubleshooting")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="runs POSIX shell snippets")
@@ -138,7 +139,7 @@ def test_command_line_section(shell, fake_server, make_token):
     token = make_token()
     fake_server.reply("GET", "/api/data", 200, {"data": [1, 2, 3]})
     first, curl = run_section("Command line", shell,  # logged in on this workstation
-                              before=lambda: default_store().put(fake_server.url, token))
+                              before=lambda: oac.TokenStore().put(fake_server.url, token))
     out = first.stdout.splitlines()
     assert out[0].startswith(f"Logged in to {fake_server.url}: access token valid for 59 min")
     assert out[1] == token["access_token"]
@@ -155,7 +156,7 @@ def test_command_line_section(shell, fake_server, make_token):
 @pytest.mark.timeout(90)
 def test_batch_section(shell, fake_server, make_token, isolated_env):
     token = make_token(lifetime=3600, refresh_lifetime=5 * 3600)
-    default_store().put(fake_server.url, token)
+    oac.TokenStore().put(fake_server.url, token)
     fake_server.reply("GET", "/api/data", 200, {"ok": True})
     (handoff,) = run_section("Batch jobs and clusters", shell)
     exported = isolated_env / "job-token.json"
@@ -172,7 +173,7 @@ def test_batch_section(shell, fake_server, make_token, isolated_env):
     assert fake_server.hits(TOKEN) == []
 
     # The same job when the login would not last its four hours: it refuses to start.
-    default_store().put(fake_server.url, make_token(lifetime=3600, refresh_lifetime=3600))
+    oac.TokenStore().put(fake_server.url, make_token(lifetime=3600, refresh_lifetime=3600))
     fake_server.reply("POST", TOKEN, 200, token_answer(refresh=None))
     (refused,) = run_section("Batch jobs and clusters", shell, check=False)
     assert refused.returncode == 1  # job.sh: `|| exit 1`
@@ -198,13 +199,13 @@ def test_notebooks_section(shell, fake_server):
     assert '<a href="https://idp.example/device?user_code=WDJB-MJHT"' in shown["text/html"]
     assert "<code>WDJB-MJHT</code>" in shown["text/html"]
     assert "WDJB-MJHT" not in login.stderr  # shown once, as the link
-    assert default_store().get(fake_server.url)["access_token"] == answer["access_token"]
+    assert oac.TokenStore().get(fake_server.url)["access_token"] == answer["access_token"]
     assert awaited.stdout == ""  # the cached token: nothing to show
 
 
 @pytest.mark.timeout(90)
 def test_troubleshooting_section(shell, fake_server, make_token):
-    default_store().put(fake_server.url, make_token())
+    oac.TokenStore().put(fake_server.url, make_token())
     (done,) = run_section("Troubleshooting", shell)
     assert "login:" in done.stdout
     assert "token cache:" in done.stdout
