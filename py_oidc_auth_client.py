@@ -4617,8 +4617,6 @@ def _doctor(args: Any, store: TokenStore) -> None:
         ("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"),
         ("python", f"{platform.python_version()} on {platform.platform()}"),
         *_doctor_session(),
-        ("browser", _browser_decision()),
-        ("login", _login_decision()),
         ("token cache", f"{store.path}: {_describe_file(store.path)}; its folder "
                         f"{_describe_file(os.path.dirname(store.path))}"),
         ("token file", _token_file_row(args.app_name)),
@@ -4633,57 +4631,22 @@ def _doctor(args: Any, store: TokenStore) -> None:
 
 
 def _doctor_session() -> list[tuple[str, str]]:
-    """The rows on the terminal, the batch system, SSH, a container, a display, Jupyter."""
-    stdin_tty, stderr_tty = _isatty(sys.stdin), _isatty(sys.stderr)
-    if stderr_tty:
-        progress = "a live countdown line on stderr" + (
-            ", without escape sequences (NO_COLOR or TERM=dumb)" if _plain_terminal() else "")
-    else:
-        progress = f"a line on stderr every {_PROGRESS_EVERY:g} s (stderr is not a terminal)"
-    jobs = [f"{name}={os.environ[name]}" for name in _BATCH_VARIABLES if os.environ.get(name)]
-    ssh = [v for v in ("SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY") if os.environ.get(v)]
-    shown = [f"{v}={os.environ[v]}" for v in ("DISPLAY", "WAYLAND_DISPLAY") if os.environ.get(v)]
-    jupyter = ("yes (ipykernel is loaded): device codes show as a clickable link"
-               if _in_jupyter() else "no (ipykernel is not loaded in this process)")
-    if not _in_jupyter() and os.environ.get("JPY_PARENT_PID"):
-        jupyter += "; started from a Jupyter kernel (JPY_PARENT_PID is set)"
+    """The rows of the session: what the login, the browser and the progress decide."""
+    stdin, stderr = (("is" if _isatty(stream) else "is not") for stream in (sys.stdin, sys.stderr))
+    progress = _Progress.on_stderr(None)
+    browser, because = _browser_check()
+    login, why = _login_check()
     return [
-        ("terminal", f"stdin {'is' if stdin_tty else 'is not'} a terminal, stderr "
-                     f"{'is' if stderr_tty else 'is not'}; TERM={os.environ.get('TERM', '')!r}"
-                     + (", NO_COLOR is set" if os.environ.get("NO_COLOR") else "")),
-        ("progress", progress),
-        ("batch job", f"{_batch_scheduler()} ({', '.join(jobs)})" if jobs else
-                      "no (none of " + ", ".join(_BATCH_VARIABLES) + " is set)"),
-        ("ssh session", f"yes ({', '.join(ssh)} set)" if _is_remote() else "no"),
+        ("terminal", f"stdin {stdin} a terminal, stderr {stderr}"),
+        ("progress", progress.how if progress else "none (no stderr, or a notebook)"),
+        ("batch job", _batch_scheduler() or "no"),
+        ("ssh session", _is_remote() or "no"),
         ("container", _in_container() or "none detected"),
-        ("display", ", ".join(shown) if shown else
-                    f"desktop ({sys.platform})" if sys.platform in ("win32", "darwin") else
-                    "none (DISPLAY and WAYLAND_DISPLAY are not set)"),
-        ("jupyter", jupyter),
+        ("jupyter", "yes (ipykernel is loaded)" if _in_jupyter() else "no"),
+        ("browser", f"{'opened' if browser else 'not opened'}: {because}"),
+        ("login", "never: OIDC_TOKEN_FILE is set (see the token file)" if os.environ.get(
+            "OIDC_TOKEN_FILE") else f"{'allowed' if login else 'refused'} ({why})"),
     ]
-
-
-def _browser_decision() -> str:
-    if not _can_open_browser():
-        if _is_remote():
-            return "not opened: this is an SSH session; open the printed URL on your own machine"
-        return "not opened: no display and BROWSER is not set; open the printed URL yourself"
-    browser = os.environ.get("BROWSER")
-    return f"opened with BROWSER={browser}" if browser else "opened: a desktop session is available"
-
-
-def _login_decision() -> str:
-    if os.environ.get("OIDC_TOKEN_FILE"):
-        return ("never: OIDC_TOKEN_FILE is set, so authenticate() uses and refreshes that "
-                "file only, and fails at once when its tokens are dead")
-    reason = _no_login_reason()
-    if reason:
-        return f"refused: {reason}; authenticate() raises AuthError at once"
-    why = ("stdin is a terminal" if _isatty(sys.stdin) else
-           "stderr is a terminal" if _isatty(sys.stderr) else
-           "this is a Jupyter kernel" if _in_jupyter() else "BROWSER is set")
-    return (f"allowed ({why}): the device flow, or the browser code flow when the server "
-            "has no device flow")
 
 
 def _token_file_row(app_name: str) -> str:
