@@ -45,7 +45,6 @@ From the shell::
 from __future__ import annotations
 
 import contextvars
-import json
 import math
 import os
 import stat
@@ -95,6 +94,19 @@ def _logger() -> logging.Logger:
 
 
 _LOG_SETUP: list[Callable[[], None]] = []
+
+
+# json is imported on first use: it pulls in re and enum, which doubles the import cost.
+def _loads(data: bytes | str, **hooks: Any) -> Any:
+    import json
+
+    return json.loads(data, **hooks)
+
+
+def _dumps(value: Any, **options: Any) -> str:
+    import json
+
+    return json.dumps(value, **options)
 
 
 _DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
@@ -406,8 +418,17 @@ class _Response:
     def __init__(self, url: str, status: int, headers: dict[str, str], body: bytes) -> None:
         self.url, self.status, self.headers, self.body = url, status, headers, body
 
-    def json(self) -> Any:
-        return json.loads(self.body)
+    def json(self) -> dict[str, Any] | None:
+        return _json_object(self.body)
+
+
+def _json_object(data: bytes | str) -> dict[str, Any] | None:
+    """*data* as a JSON object, or None when it is anything else (HTML, a list, garbage)."""
+    try:
+        value = _loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # The deadline of the login under way and its length in seconds: no request made
@@ -549,11 +570,12 @@ def _request_blocking(
     request: Any = urllib.request.Request(url, data=data, headers=headers,  # noqa: S310
                                           method=method)
     # Read by the handlers of _transport_classes: where to note the sockets, and
-    # which redirects a GET may follow.
-    request.sockets, request.allow_http = [] if sockets is None else sockets, allow_http
+    # whether (and where) a redirect may be followed.
+    request.sockets = [] if sockets is None else sockets
+    request.follow, request.allow_http = follow, allow_http
     proxy = _proxy_for(url)
     where = f"{method} {url}" + (f" (via proxy {proxy})" if proxy else "")
-    opener = _opener(follow, ca_bundle)
+    opener = _opener(ca_bundle)
     try:
         try:
             with opener.open(request, timeout=max(0.001, deadline - time.monotonic())) as resp:
@@ -663,24 +685,20 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
 _OPENERS: dict[tuple[Any, ...], Any] = {}
 
 
-def _opener(follow: bool, ca_bundle: str | None = None) -> Any:
-    """A cached opener for the current proxy settings and CA bundle.
-
-    Proxies are urllib's: ``HTTPS_PROXY``/``HTTP_PROXY`` (the system settings on
-    macOS and Windows), read here so that a change is seen; ``NO_PROXY`` is
-    checked by urllib on every request.
-    """
+def _opener(ca_bundle: str | None = None) -> Any:
+    """A cached opener for the current proxy settings and CA bundle."""
     import urllib.request
 
+    # urllib's proxies: HTTPS_PROXY/HTTP_PROXY (the system settings on macOS and
+    # Windows), read on each request so that a change is seen; it checks NO_PROXY itself.
     proxies = urllib.request.getproxies()
     context_key, context = _ssl_context(ca_bundle)
-    key = (follow, tuple(sorted(proxies.items())), context_key)
+    key = (tuple(sorted(proxies.items())), context_key)
     opener = _OPENERS.get(key)
     if opener is None:
-        http_handler, https_handler, redirect, no_redirect = _transport_classes()
+        handler, redirect = _transport_classes()
         opener = _OPENERS[key] = urllib.request.build_opener(
-            urllib.request.ProxyHandler(proxies), http_handler, https_handler(context=context),
-            redirect if follow else no_redirect)
+            urllib.request.ProxyHandler(proxies), handler(context=context), redirect())
     return opener
 
 
@@ -688,52 +706,30 @@ _TRANSPORT: list[Any] = []
 
 
 def _transport_classes() -> list[Any]:
-    """The handlers: each notes its sockets; a GET follows safe redirects only, else none."""
+    """The urllib handlers: each notes its sockets; a GET follows safe redirects only, else none."""
+    # Made on first use: subclassing urllib's handlers at module level would import
+    # urllib.request, http.client and ssl with this module.
     if _TRANSPORT:
         return _TRANSPORT
     import http.client
     import urllib.request
 
-    class _Noted:
-        """A connection that notes its socket on the request, for _abort and _read_capped."""
-
-        sockets: list[Any]
-
-        def connect(self) -> None:
-            super().connect()  # type: ignore[misc]
-            self.sockets.append(self.sock)  # type: ignore[attr-defined]
-
-    class _HTTP(_Noted, http.client.HTTPConnection):
-        pass
-
-    class _HTTPS(_Noted, http.client.HTTPSConnection):
-        pass
-
-    def noted(base: type[Any], req: Any) -> Callable[..., Any]:
-        def connection(host: str, **kwargs: Any) -> Any:
-            conn = base(host, **kwargs)
-            conn.sockets = getattr(req, "sockets", [])
-            return conn
-        return connection
-
-    class _HTTPHandler(urllib.request.HTTPHandler):
+    class _Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         def http_open(self, req: Any) -> Any:
-            return self.do_open(noted(_HTTP, req), req)
+            return self.do_open(_noting(http.client.HTTPConnection, req), req)
 
-    class _HTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req: Any) -> Any:
-            return self.do_open(noted(_HTTPS, req), req,
+            return self.do_open(_noting(http.client.HTTPSConnection, req), req,
                                 context=self._context)  # type: ignore[attr-defined]
 
     class _Redirect(urllib.request.HTTPRedirectHandler):
-        """Follow to https, or to an allowed http URL; never from https down to http."""
-
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
                              newurl: str) -> Any:
-            target = newurl.lower()
-            if not target.startswith("https://") and (
-                req.full_url.lower().startswith("https://")
-                or _insecure(newurl, getattr(req, "allow_http", False))
+            if not req.follow:  # _request reads the 3xx itself
+                return None
+            # To https, or to an allowed http URL; never from https down to http.
+            if not newurl.lower().startswith("https://") and (
+                req.full_url.lower().startswith("https://") or _insecure(newurl, req.allow_http)
             ):
                 fp.close()
                 raise AuthError(f"GET {req.full_url} answered {code}, a redirect to "
@@ -742,15 +738,27 @@ def _transport_classes() -> list[Any]:
                                 {"error": "redirect"}, code)
             new: Any = super().redirect_request(req, fp, code, msg, headers, newurl)
             if new is not None:
-                new.sockets, new.allow_http = req.sockets, req.allow_http
+                new.sockets, new.follow, new.allow_http = req.sockets, True, req.allow_http
             return new
 
-    class _NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    _TRANSPORT[:] = [_HTTPHandler, _HTTPSHandler, _Redirect, _NoRedirect]
+    _TRANSPORT[:] = [_Handler, _Redirect]
     return _TRANSPORT
+
+
+def _noting(connection_class: type[Any], req: Any) -> Callable[..., Any]:
+    """*connection_class* for urllib, noting each socket on *req* for _abort and _read_capped."""
+    def connection(host: str, **kwargs: Any) -> Any:
+        conn = connection_class(host, **kwargs)
+        connect = conn.connect
+
+        def connect_and_note() -> None:
+            connect()
+            req.sockets.append(conn.sock)
+
+        conn.connect = connect_and_note
+        return conn
+
+    return connection
 
 
 _WARNED_HTTP: set[str] = set()
@@ -835,14 +843,10 @@ async def _post_form(
     """POST a form and return the JSON object it answers; errors become AuthError."""
     resp = await _request("POST", url, form=form, timeout=timeout, auth=auth,
                           ca_bundle=ca_bundle, allow_http=allow_http)
-    payload: Any
-    try:
-        payload = resp.json()
-    except ValueError:
-        payload = None
+    payload = resp.json()
     if resp.status >= 400:
         raise _http_error(resp, payload, [*form.values(), *(auth or ())])
-    if not isinstance(payload, dict):
+    if payload is None:
         kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
         raise AuthError(
             f"POST {url} answered {resp.status} with {kind}; is this the right host and route?",
@@ -908,16 +912,11 @@ def _oauth_error(payload: Any, clean: Callable[[str], str] | None = None) -> tup
             return _oauth_error(payload["detail"], clean)
     elif isinstance(payload, str):
         # py-oidc-auth wraps the provider's answer: "Upstream OIDC error: {...}".
-        start = payload.find("{")
-        if start >= 0:
-            try:
-                inner = json.loads(payload[start:])
-            except ValueError:
-                inner = None
-            if inner is not None:
-                error, description = _oauth_error(inner, clean)
-                if error:
-                    return error, description
+        inner = _json_object(payload[payload.find("{"):]) if "{" in payload else None
+        if inner is not None:
+            error, description = _oauth_error(inner, clean)
+            if error:
+                return error, description
         return "", (clean or _short)(payload)
     return "", ""
 
@@ -953,34 +952,45 @@ class _Session:
         auth: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """POST a form, retrying transient faults with backoff until *deadline*."""
-        attempt = 0
-        limit = _TIME_LIMIT.get()
-        if limit is not None:  # no retry past the login's time limit either
-            deadline = limit[0] if deadline is None else min(deadline, limit[0])
-        while True:
+        def send(end: float | None) -> Coroutine[Any, Any, dict[str, Any]]:
             timeout = self.timeout
-            if deadline is not None:
+            if end is not None:
                 # A request made at the deadline (a last poll) gets the grace that
                 # _request allows it, not less: a far server needs that long.
-                timeout = max(_LATE_GRACE, min(timeout, deadline - time.monotonic()))
-            try:
-                return await _post_form(url, form, timeout=timeout, auth=auth,
-                                        ca_bundle=self.ca_bundle, allow_http=self.allow_http)
-            except AuthError as exc:
-                if not exc._retry:
-                    raise
-                attempt += 1
-                delay = _backoff(attempt, exc)
-                if attempt > _RETRIES or (
-                    deadline is not None and time.monotonic() + delay >= deadline
-                ):
-                    raise AuthError(
-                        f"{exc.message} (gave up after {attempt} attempts)",
-                        exc.detail,
-                        exc.status_code,
-                    ) from None
-                _logger().debug("retrying in %.1f s after: %s", delay, exc.message)
-                await _sleep(delay)
+                timeout = max(_LATE_GRACE, min(timeout, end - time.monotonic()))
+            return _post_form(url, form, timeout=timeout, auth=auth,
+                              ca_bundle=self.ca_bundle, allow_http=self.allow_http)
+
+        return await _retrying(send, deadline)
+
+
+async def _retrying(send: Callable[[float | None], Coroutine[Any, Any, _T]],
+                    deadline: float | None = None) -> _T:
+    """``await send(deadline)`` again after transient faults, with backoff, while time allows.
+
+    The deadline is the earlier of *deadline* and the login's time limit, or None.
+    """
+    limit = _TIME_LIMIT.get()
+    if limit is not None:  # no retry past the login's time limit either
+        deadline = limit[0] if deadline is None else min(deadline, limit[0])
+    attempt = 0
+    while True:
+        try:
+            return await send(deadline)
+        except AuthError as exc:
+            if not exc._retry:
+                raise
+            attempt += 1
+            delay = _backoff(attempt, exc)
+            if attempt > _RETRIES or (
+                deadline is not None and time.monotonic() + delay >= deadline
+            ):
+                # Still marked _retry: a passing fault (discovery asks again next time).
+                exc.message = f"{exc.message} (gave up after {attempt} attempts)"
+                exc.args = (exc.message,)
+                raise
+            _logger().debug("retrying in %.1f s after: %s", delay, exc.message)
+            await _sleep(delay)
 
 
 class _TimeLimit:
@@ -1040,24 +1050,9 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
     cached = _FETCHED.get(url)
     if cached is not None and not fresh and time.monotonic() < cached[0]:
         return cached[1]
-    attempt = 0
-    while True:
-        try:
-            resp = await session.request("GET", url)
-            break
-        except AuthError as exc:
-            if not exc._retry:
-                raise
-            attempt += 1
-            delay, limit = _backoff(attempt, exc), _TIME_LIMIT.get()
-            if attempt > _RETRIES or (limit is not None and time.monotonic() + delay >= limit[0]):
-                raise
-            await _sleep(delay)
-    try:
-        doc = resp.json()
-    except ValueError:
-        doc = None
-    if resp.status != 200 or not isinstance(doc, dict):
+    resp = await _retrying(lambda _: session.request("GET", url))
+    doc = resp.json()
+    if resp.status != 200 or doc is None:
         what = f"answered {resp.status}" if resp.status != 200 else "is not a JSON object"
         raise AuthError(f"GET {url} {what}; is the issuer URL right?", status_code=502)
     if len(_FETCHED) > 64:
@@ -1103,7 +1098,7 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     word = token_type.replace("-", "").replace("_", "").replace(".", "")
     if _printable(access) != access or " " in access or not (word.isascii() and word.isalnum()):
         raise AuthError(f"The token answer's access_token or its token_type "
-                        f"({_short(json.dumps(token_type), 40)}) holds spaces or control "
+                        f"({_short(_dumps(token_type), 40)}) holds spaces or control "
                         "characters; it cannot be used in an HTTP header", status_code=502)
     expires = _timestamp(raw, "expires", "expires_at", "expires_in", now)
     if expires is None:
@@ -1210,7 +1205,7 @@ def _strict_json(data: bytes | str) -> Any:
         number = float(text)
         return number if math.isfinite(number) else refuse(text)
 
-    return json.loads(data, parse_constant=refuse, parse_float=finite)
+    return _loads(data, parse_constant=refuse, parse_float=finite)
 
 
 _LIFETIMES: dict[str, int] = {}
@@ -1307,9 +1302,9 @@ def _b64decode(text: str) -> bytes:
 def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
     """Why an ID token signed with *alg* is refused before any key is fetched; "" if not."""
     if alg is None or (isinstance(alg, str) and alg.strip().lower() in ("", "none")):
-        return f"it is not signed (alg {_short(json.dumps(alg), 40)})"
+        return f"it is not signed (alg {_short(_dumps(alg), 40)})"
     if not isinstance(alg, str):
-        return f"its alg header {_short(json.dumps(alg), 40)} is not an algorithm name"
+        return f"its alg header {_short(_dumps(alg), 40)} is not an algorithm name"
     if alg in _RSA_DIGESTS or alg in _PSS_DIGESTS:
         return "" if meta.get("jwks_uri") else (
             f"its {alg} signature cannot be checked: the provider publishes no jwks_uri")
@@ -1318,7 +1313,7 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
             f"it is signed with {alg}, which needs the client secret, and none is configured")
     if alg not in _UNVERIFIED_ALGS:
         known = ", ".join([*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS])
-        return f"its algorithm {_short(json.dumps(alg), 40)} is not one of {known}"
+        return f"its algorithm {_short(_dumps(alg), 40)} is not one of {known}"
     listed = meta.get("id_token_signing_alg_values_supported")
     if not isinstance(listed, list) or alg not in listed:
         return (f"it is signed with {alg}, which this client cannot verify and the provider "
@@ -1649,7 +1644,7 @@ class TokenStore:
             return {}, "is not a file", None
         self._check_mode(st.st_mode)
         try:
-            obj = json.loads(data)
+            obj = _loads(data)
         except ValueError:
             return {}, "is not valid JSON", data
         if not isinstance(obj, dict):
@@ -1666,7 +1661,7 @@ class TokenStore:
         if len(entries) == len(obj):
             return entries, "", b""
         rest = {key: value for key, value in obj.items() if key not in entries}
-        return entries, "has malformed entries", json.dumps(rest).encode()
+        return entries, "has malformed entries", _dumps(rest).encode()
 
     def _repair(self) -> dict[str, Token]:
         """Under the lock: keep the good entries live, set only the unreadable rest aside."""
@@ -1785,7 +1780,7 @@ class TokenStore:
             for entry in obj.values():
                 if entry["access_token"] in _ID_TOKENS:
                     entry["id_token"] = _ID_TOKENS[entry["access_token"]]
-        _atomic_write(self.path, json.dumps(obj, separators=(",", ":")).encode())
+        _atomic_write(self.path, _dumps(obj, separators=(",", ":")).encode())
 
     def _check_mode(self, mode: int) -> None:
         if mode & 0o077 and not self._warned_mode and sys.platform != "win32":
@@ -2137,7 +2132,7 @@ def _token_file_state(path: str) -> str:
     """What is wrong with a token file that gave no token."""
     try:
         with open(path, "rb") as fh:
-            token = _as_token(json.loads(fh.read(_MAX_BODY)))
+            token = _as_token(_loads(fh.read(_MAX_BODY)))
     except FileNotFoundError:
         return "does not exist"
     except (OSError, ValueError):
@@ -3169,7 +3164,7 @@ def _device_lifetime(value: object, url: str) -> float:
     number = _finite(value)
     if number is None or number <= 0:
         raise AuthError(f"POST {url}: the device answer's expires_in "
-                        f"{_short(json.dumps(value), 40)} is not a number of seconds; "
+                        f"{_short(_dumps(value), 40)} is not a number of seconds; "
                         "tell the server's operators", status_code=502)
     return min(number, _MAX_DEVICE_LIFETIME)
 
@@ -4433,7 +4428,7 @@ def _cli(args: Any) -> int:
         print(f"Authorization: {token['headers']['Authorization']}")
     elif args.json:  # with --show-secrets, exactly what --export writes
         shown = _token_file_object(key, token)
-        print(json.dumps(shown if args.show_secrets else
+        print(_dumps(shown if args.show_secrets else
                          {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
         now = time.time()
@@ -4500,7 +4495,7 @@ def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
     target = os.path.abspath(os.path.expanduser(path))
     if target == store.path:
         raise ValueError(f"{path} is the token cache itself; export to another file")
-    data = (json.dumps(_token_file_object(key, token), indent=2) + "\n").encode()
+    data = (_dumps(_token_file_object(key, token), indent=2) + "\n").encode()
     try:
         # The lock a job takes to refresh this file: a re-export never crosses it.
         with _FileLock(target + ".lock"):

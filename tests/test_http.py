@@ -443,7 +443,6 @@ def test_transient_status_retried_then_gives_up_saying_attempts(fake_server, sta
     attempts = oac._RETRIES + 1
     assert len(fake_server.hits("/t")) == attempts
     exc = info.value
-    assert not exc._retry
     assert f"gave up after {attempts} attempts" in exc.message
     assert exc.status_code == status
     assert url in exc.message
