@@ -148,41 +148,24 @@ class AuthError(Exception):
     Parameters
     ----------
     message : str
-        Human readable summary of what went wrong.
+        What went wrong, for a human.
     detail : dict, optional
-        Raw error payload from the OIDC provider, typically containing
-        ``"error"`` and ``"error_description"`` keys.
+        The provider's error payload (``"error"``, ``"error_description"``), or ``{}``.
     status_code : int
-        HTTP status code from the upstream response. Defaults to 500 when the
-        error did not originate from an HTTP call.
-
-    Attributes
-    ----------
-    message : str
-        The error summary.
-    detail : dict
-        Provider error payload (empty dict if not available).
-    status_code : int
-        HTTP status code: the server's own when it answered with an error
-        (400 ``invalid_grant``, 401 ``invalid_client``, 403 ``access_denied``,
-        ...), otherwise one of
-
-        - 400: bad input: the host URL, an option, a CA bundle, a token file;
-        - 401: not logged in, and no login can be started here (batch job,
-          no terminal);
-        - 408: the login was not completed within ``timeout``;
-        - 500: a failure on this machine (the token store, no free port);
-        - 502: the server answered, but not usably (not JSON, a field
-          missing, an ID token or issuer that does not check out, the
-          connection cut mid-answer);
-        - 503: the server could not be reached (connection refused, unknown
-          host name, TLS refused);
-        - 504: the server did not answer in time.
+        The server's own status when it answered with an error (400
+        ``invalid_grant``, 401 ``invalid_client``, ...), otherwise one of
+        400 bad input (host URL, option, CA bundle, token file); 401 not logged
+        in and no login can start here (batch job, no terminal); 408 the login
+        took longer than ``timeout``; 500 a failure on this machine (token
+        store, no free port); 502 an unusable answer (not JSON, a field
+        missing, a bad ID token or issuer, cut mid-answer); 503 the server
+        cannot be reached (refused, unknown host, TLS); 504 no answer in time.
 
     Notes
     -----
-    ``str(exc)`` is the message, followed by the provider's ``error`` and
-    ``error_description`` when the message does not already say them.
+    The parameters are kept as attributes. ``str(exc)`` is the message,
+    followed by the provider's ``error`` and ``error_description`` when the
+    message does not already say them.
     """
 
     # Private marks set by the HTTP layer. Not subclasses: whatever fails, the
@@ -226,24 +209,20 @@ class _NoDeviceFlow(AuthError):
 
 
 class Token(TypedDict):
-    """OAuth 2.0 token payload.
+    """OAuth 2.0 token, as returned by ``authenticate`` and the flows.
 
     Attributes
     ----------
-    access_token : str
-        The bearer access token (JWT).
-    token_type : str
-        Token type, typically ``"Bearer"``.
-    expires : int
-        Access token expiry as a Unix timestamp (seconds).
+    access_token, token_type : str
+        The bearer access token (a JWT) and its type, ``"Bearer"``.
+    expires, refresh_expires : int
+        Expiry of the access and the refresh token, Unix time in seconds.
     refresh_token : str
-        The refresh token for obtaining new access tokens.
-    refresh_expires : int
-        Refresh token expiry as a Unix timestamp (seconds).
+        For new access tokens; ``""`` when the server gave none.
     scope : str
-        Space separated list of granted scopes.
+        The granted scopes, space separated.
     headers : dict of str to str
-        Pre built ``Authorization`` header ready for use with HTTP clients.
+        The ``Authorization`` header, ready for an HTTP client.
     """
 
     access_token: str
@@ -256,22 +235,18 @@ class Token(TypedDict):
 
 
 class DeviceCode(TypedDict):
-    """Device authorization response.
-
-    Returned by ``get_device_code()``. Pass ``device_code`` and ``interval``
-    to ``poll()`` to complete the flow.
+    """Device authorization answer of ``get_device_code()``; ``poll()`` completes it.
 
     Attributes
     ----------
     uri : str
-        Verification URL the user should open in a browser: the
-        ``verification_uri_complete`` when the provider sends one.
+        The page to open (``verification_uri_complete`` when the provider sends one).
     user_code : str
-        Short code the user enters at the verification URI.
+        The code the user enters there.
     device_code : str
-        Opaque code used to poll the token endpoint.
+        Opaque code for polling the token endpoint.
     interval : int
-        Minimum polling interval in seconds.
+        Seconds between polls, at least.
     """
 
     uri: str
@@ -281,40 +256,34 @@ class DeviceCode(TypedDict):
 
 
 class Config:
-    """Connection and routing configuration for an OIDC enabled server.
+    """Connection and routing configuration of a server.
 
     Parameters
     ----------
     host : str
-        Base URL of the application server (e.g. ``"https://myapp.example.com"``).
+        The application server's base URL (``"https://myapp.example.com"``), or
+        with ``client_id`` the provider's issuer URL.
     redirect_ports : list of int, optional
-        Ports to try, in order, for the local authorization code callback.
-        Defaults to ``[53100, 53101, 53102, 53103, 53104, 53105]``.
+        Ports to try, in order, for the code flow's loopback redirect; 53100 to
+        53105 when None.
     token_env_var : str
-        Name of the environment variable that points to a token file.
+        The environment variable that may name a token file.
     app_name : str
-        Application name used to locate the platform cache directory.
-    login_route : str
-        Server side route for the authorization code login endpoint.
-    token_route : str
-        Server side route for the token exchange endpoint.
-    device_route : str
-        Server side route for the device authorization endpoint.
-    client_id : str or None
-        Set it to talk to a standard OpenID provider directly: ``host`` is then
-        the provider's issuer URL and the routes are not used.
-    client_secret : str or None
-        The client's secret, for a confidential client.
+        Names the platform cache folder that holds the tokens.
+    login_route, token_route, device_route : str
+        The py-oidc-auth server's routes; unused with ``client_id``.
+    client_id, client_secret : str or None
+        A standard OpenID provider's client, talked to directly; the secret
+        only for a confidential client.
     scopes : list of str or None
         Scopes to ask a standard provider for; ``["openid", "offline_access"]``
         when None.
     ca_bundle : str or None
-        A PEM file of CA certificates to trust for this server instead of
-        the system's; None uses ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE``
-        when set.
+        A PEM file of CA certificates to trust instead of the system's; when
+        None, ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE`` if set.
     allow_http : bool
-        Allow plain ``http://`` to a host that is not this machine (tokens and
-        secrets then travel in clear); ``OIDC_ALLOW_HTTP=1`` does the same.
+        Allow plain ``http://`` to another machine (tokens then travel in
+        clear); ``OIDC_ALLOW_HTTP=1`` does the same.
     """
 
     # Written out rather than a @dataclass: importing dataclasses (and the inspect,
