@@ -1069,19 +1069,15 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
         raise AuthError(f"The token answer's access_token or its token_type "
                         f"({_short(_dumps(token_type), 40)}) holds spaces or control "
                         "characters; it cannot be used in an HTTP header", status_code=502)
-    expires = _timestamp(raw, "expires", "expires_at", "expires_in", now)
+    expires = _timestamp(raw, "expires", now)
     if expires is None:
         expires = _exp_claim(access, now) or now + 300
     if expires <= now:
-        raise AuthError(
-            "The server sent an access token that has already expired; "
-            "check that this machine's clock is right",
-            status_code=502,
-        )
+        raise AuthError("The server sent an access token that has already expired; check "
+                        "that this machine's clock is right", status_code=502)
     refresh = raw.get("refresh_token")
     if isinstance(refresh, str) and refresh:
-        refresh_expires = _timestamp(raw, "refresh_expires", "refresh_expires_at",
-                                     "refresh_expires_in", now)
+        refresh_expires = _timestamp(raw, "refresh_expires", now)
         # py-oidc-auth invents now + 180 s when the provider gives no lifetime.
         if refresh_expires is None or abs(refresh_expires - now - 180) <= 3:
             refresh_expires = _exp_claim(refresh, now) or now + _UNKNOWN_REFRESH_LIFETIME
@@ -1111,20 +1107,18 @@ def _token(
     }
 
 
-def _timestamp(raw: dict[str, Any], absolute: str, alt: str, relative: str, now: int) -> int | None:
-    """An expiry time from an absolute or a relative field; None when no field says one.
+def _timestamp(raw: dict[str, Any], name: str, now: int) -> int | None:
+    """An expiry from *name* or *name*_at (absolute) or *name*_in (relative); else None.
 
     A relative 0 means "no known expiry" (Keycloak's offline tokens); NaN, Infinity
     and text count as not given; lifetimes past _MAX_LIFETIME are cut to it.
     """
-    for key in (absolute, alt):
+    for key in (name, f"{name}_at"):
         value = _finite(raw.get(key))
         if value is not None and value > 0:
             return int(min(value, now + _MAX_LIFETIME))
-    value = _finite(raw.get(relative))
-    if not value:
-        return None
-    return now + int(min(value, _MAX_LIFETIME))
+    value = _finite(raw.get(f"{name}_in"))
+    return now + int(min(value, _MAX_LIFETIME)) if value else None
 
 
 _MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
@@ -1150,19 +1144,15 @@ def _exp_claim(token: str, now: int) -> int | None:
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
-    """Decode a JWT payload without verifying it (only to read timestamps)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return {}
+    """The claims of a JWT, not verified (only to read timestamps); ``{}`` if none."""
     try:
-        payload = _strict_json(_b64decode(parts[1]))
-    except ValueError:  # also non-finite numbers
+        return _jws_parts(token)[1]
+    except AuthError:
         return {}
-    return payload if isinstance(payload, dict) else {}
 
 
 class _NotFinite(ValueError):
-    """NaN, Infinity or a number too large for a float in JSON from a server."""
+    """NaN, Infinity or a number too large for a float, in JSON from a server."""
 
 
 def _strict_json(data: bytes | str) -> Any:
@@ -1177,7 +1167,8 @@ def _strict_json(data: bytes | str) -> Any:
     return _loads(data, parse_constant=refuse, parse_float=finite)
 
 
-_LIFETIMES: dict[str, int] = {}
+_LIFETIMES: dict[str, int] = {}  # access token -> its granted lifetime in seconds
+_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
 
 
 def _margin(token: Token) -> int:
@@ -1191,11 +1182,9 @@ def _lifetime(token: Token) -> int:
     lifetime = _LIFETIMES.get(access)
     if lifetime is None:
         claims = _jwt_claims(access)
-        exp, iat = claims.get("exp"), claims.get("iat")
-        lifetime = (
-            int(exp - iat) if isinstance(exp, (int, float)) and isinstance(iat, (int, float))
-            else 2 * _MAX_MARGIN  # unknown: the full 60-s margin
-        )
+        exp, iat = _finite(claims.get("exp")), _finite(claims.get("iat"))
+        # Unknown: twice the margin, so the full margin applies.
+        lifetime = int(exp - iat) if exp is not None and iat is not None else 2 * _MAX_MARGIN
         if len(_LIFETIMES) > 4096:
             _LIFETIMES.clear()
         _LIFETIMES[access] = lifetime
@@ -1207,19 +1196,14 @@ def _access_valid(token: Token, now: float | None = None) -> bool:
         token["access_token"] not in _REJECTED)
 
 
-_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
-
-
 def _refresh_valid(token: Token, now: float | None = None) -> bool:
     return bool(token["refresh_token"]) and token["refresh_expires"] - _margin(token) > (
-        now or time.time()
-    )
+        now or time.time())
 
 
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
 
 _ID_TOKENS: dict[str, str] = {}  # access token -> the ID token that came with it (for logout)
-
 
 # DigestInfo prefixes of EMSA-PKCS1-v1_5 (RFC 8017, 9.2 note 1).
 _RSA_DIGESTS = {
@@ -1227,11 +1211,7 @@ _RSA_DIGESTS = {
     "RS384": ("sha384", "3041300d060960864801650304020205000430"),
     "RS512": ("sha512", "3051300d060960864801650304020305000440"),
 }
-
-
 _PSS_DIGESTS = {"PS256": "sha256", "PS384": "sha384", "PS512": "sha512"}  # RFC 7518, 3.5
-
-
 _HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 
 
