@@ -154,12 +154,15 @@ class AuthError(Exception):
     status_code : int
         The server's own status when it answered with an error (400
         ``invalid_grant``, 401 ``invalid_client``, ...), otherwise one of
-        400 bad input (host URL, option, CA bundle, token file); 401 not logged
-        in and no login can start here (batch job, no terminal); 408 the login
-        took longer than ``timeout``; 500 a failure on this machine (token
-        store, no free port); 502 an unusable answer (not JSON, a field
-        missing, a bad ID token or issuer, cut mid-answer); 503 the server
-        cannot be reached (refused, unknown host, TLS); 504 no answer in time.
+
+        - 400: bad input (host URL, option, CA bundle, token file);
+        - 401: not logged in, and no login can start here (batch job, no terminal);
+        - 408: the login took longer than ``timeout``;
+        - 500: a failure on this machine (token store, no free port);
+        - 502: an unusable answer (not JSON, a field missing, an ID token or
+          issuer that does not check out, cut mid-answer);
+        - 503: the server cannot be reached (refused, unknown host, TLS);
+        - 504: no answer in time.
 
     Notes
     -----
@@ -347,8 +350,6 @@ class Config:
 # reorder text: removed from server and callback text before anyone reads it.
 _CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
                            *range(0x2066, 0x206A)])
-
-
 _CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
 
 
@@ -404,24 +405,14 @@ def _json_object(data: bytes | str) -> dict[str, Any] | None:
 # for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
 _TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
     "_TIME_LIMIT", default=None)
-
-
 _LATE_GRACE = 1.0
-
-
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 async def _request(
-    method: str,
-    url: str,
-    *,
-    form: dict[str, str] | None = None,
-    timeout: float = _HTTP_TIMEOUT,
-    follow_redirects: bool = True,
-    auth: tuple[str, str] | None = None,
-    ca_bundle: str | None = None,
-    allow_http: bool = False,
+    method: str, url: str, *, form: dict[str, str] | None = None,
+    timeout: float = _HTTP_TIMEOUT, follow_redirects: bool = True,
+    auth: tuple[str, str] | None = None, ca_bundle: str | None = None, allow_http: bool = False,
 ) -> _Response:
     """Send one request; it ends by *timeout* and the login's time limit, come what may.
 
@@ -484,20 +475,20 @@ def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]
 
     def settle(result: Any, error: BaseException | None) -> None:
         if future.done():  # the caller gave up (timeout, cancel)
-            return
-        if error is not None:
+            pass
+        elif error is not None:
             future.set_exception(error)
         else:
             future.set_result(result)
 
     def work() -> None:
-        result, error = None, None
+        outcome: tuple[Any, BaseException | None]
         try:
-            result = func(*args)
+            outcome = (func(*args), None)
         except BaseException as exc:  # handed to the caller, who raises it
-            error = exc
+            outcome = (None, exc)
         try:
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, *outcome)
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
@@ -547,14 +538,12 @@ def _request_blocking(
     opener = _opener(ca_bundle)
     try:
         try:
-            with opener.open(request, timeout=max(0.001, deadline - time.monotonic())) as resp:
-                return _Response(url, resp.status, dict(resp.headers),
-                                 _read_capped(resp, resp.status, where, deadline,
-                                              request.sockets))
+            resp = opener.open(request, timeout=max(0.001, deadline - time.monotonic()))
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
-            with exc:
-                return _Response(url, exc.code, dict(exc.headers or {}),
-                                 _read_capped(exc, exc.code, where, deadline, request.sockets))
+            resp = exc
+        with resp:
+            return _Response(url, resp.status, dict(resp.headers or {}),
+                             _read_capped(resp, resp.status, where, deadline, request.sockets))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
@@ -597,6 +586,7 @@ def _read_capped(resp: Any, status: int, where: str, deadline: float = float("in
 def _transport_error(
     where: str, reason: object, ca_bundle: str | None = None, proxy: str = ""
 ) -> AuthError:
+    import http.client
     import socket
     import ssl
 
@@ -611,11 +601,10 @@ def _transport_error(
                           f"{'proxy' if proxy else 'server'} running?", 503)
     if isinstance(reason, (TimeoutError, socket.timeout)):
         return _transient(f"{where}: timed out", 504)
-    if isinstance(reason, (ConnectionError, EOFError)) or type(reason).__name__ in (
-        "RemoteDisconnected",
-        "IncompleteRead",
-        "BadStatusLine",
-    ):  # the server took the request and broke off: a bad answer, so 502
+    if isinstance(reason, (ConnectionError, EOFError, http.client.IncompleteRead,
+                           http.client.BadStatusLine)):
+        # The server took the request and broke off (RemoteDisconnected is a
+        # ConnectionError): a bad answer, so 502.
         return _transient(f"{where}: connection lost ({type(reason).__name__})", 502)
     # may quote the server
     return _unreached(f"{where}: request failed ({_short(str(reason))})")
@@ -734,10 +723,7 @@ _WARNED_HTTP: set[str] = set()
 
 
 def _insecure(url: str, allow_http: bool = False) -> str:
-    """Why *url* must not be used (plain http to another machine), or ``""``.
-
-    Allowed plain http is named in one warning per host.
-    """
+    """Why *url* must not be used, or ``""``; allowed plain http is warned of once per host."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -794,9 +780,8 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
     if context is None:
         import ssl
 
-        path = key[0]
         try:  # as in requests and curl, a bundle replaces the system's CAs
-            context = ssl.create_default_context(cafile=path or None)
+            context = ssl.create_default_context(cafile=key[0] or None)
         except OSError as exc:  # also ssl.SSLError: not PEM certificates
             raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
                             f"{exc.strerror or exc}; point {source} at a PEM file of CA "
@@ -826,15 +811,12 @@ async def _post_form(
 
 def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> AuthError:
     """The error answer *resp* as an AuthError; any of *secrets* it echoes is blanked out."""
-    secrets = sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True)
+    secrets = list(secrets)
 
     def clean(text: str, limit: int = 200) -> str:
         # Printable first (a control byte inside an echoed secret would defeat the
         # match), redacted next, cut last: a cut secret would survive as a prefix.
-        text = _printable(text)
-        for secret in secrets:
-            text = text.replace(secret, "[redacted]")
-        return _short(text, limit)
+        return _short(_blank(_printable(text), secrets), limit)
 
     error, description = _oauth_error(payload, clean)
     error, description = clean(error, 100), clean(description)
@@ -844,28 +826,32 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
                 else "no OAuth error in the answer")
     detail = {"error": error, "error_description": description} if error else {}
     message = f"{resp.url} answered {resp.status}: {text}"
-    if resp.status not in _TRANSIENT_STATUS or error:
+    if resp.status in _TRANSIENT_STATUS and not error:
+        exc = _transient(message, resp.status, detail, unanswered=False)
+        retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after")
+                       or "").strip()
+        if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
+            exc._retry_after = min(float(retry_after), 60.0)
+    else:
         exc = AuthError(message, detail, resp.status)
-        exc._answered = True
-        return exc
-    exc = _transient(message, resp.status, detail, unanswered=False)
     exc._answered = True
-    retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after") or "").strip()
-    if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
-        exc._retry_after = min(float(retry_after), 60.0)
     return exc
 
 
 def _redact(exc: AuthError, secrets: Iterable[str]) -> AuthError:
-    """Blank out any submitted value (a code, a token) that the server echoed back."""
-    for secret in secrets:
-        if len(secret) >= 8:
-            exc.message = exc.message.replace(secret, "[redacted]")
-            for key, value in list(exc.detail.items()):
-                if isinstance(value, str):
-                    exc.detail[key] = value.replace(secret, "[redacted]")
+    """*exc* with any submitted value (a code, a token) that the server echoed blanked out."""
+    secrets = list(secrets)
+    exc.message = _blank(exc.message, secrets)
+    exc.detail = {key: _blank(value, secrets) if isinstance(value, str) else value
+                  for key, value in exc.detail.items()}
     exc.args = (exc.message,)
     return exc
+
+
+def _blank(text: str, secrets: Iterable[str]) -> str:
+    for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _oauth_error(payload: Any, clean: Callable[[str], str] | None = None) -> tuple[str, str]:
@@ -935,10 +921,7 @@ class _Session:
 
 async def _retrying(send: Callable[[float | None], Coroutine[Any, Any, _T]],
                     deadline: float | None = None) -> _T:
-    """``await send(deadline)`` again after transient faults, with backoff, while time allows.
-
-    The deadline is the earlier of *deadline* and the login's time limit, or None.
-    """
+    """``await send(deadline)``, again after transient faults, with backoff, while time allows."""
     limit = _TIME_LIMIT.get()
     if limit is not None:  # no retry past the login's time limit either
         deadline = limit[0] if deadline is None else min(deadline, limit[0])
@@ -1031,12 +1014,10 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
 
 
 def _web_url(url: object, what: str, allow_http: bool = False) -> str:
-    """*url* if it may be opened or shown as a link, else an AuthError naming it.
-
-    A server's URL ends up on a browser's command line and in a notebook's link:
-    only https:// (http:// to this machine or where plain http is allowed) with a
-    host, never a value that starts like an option or hides characters.
-    """
+    """*url* if it may be opened or shown as a link, else an AuthError naming it."""
+    # It ends up on a browser's command line and in a notebook's link: https (or
+    # allowed http) with a host, never a value that starts like an option or hides
+    # characters.
     from urllib.parse import urlsplit
 
     text = url if isinstance(url, str) else ""
