@@ -52,8 +52,10 @@ def elsewhere():
 def expired_token(store: oac.TokenStore, host: str) -> None:
     """An expired access token with a valid refresh token: the next call refreshes."""
     now = int(time.time())
-    store.put(oac._store_key(host), oac._token("old-access", "Bearer", now - 100, REFRESH,
-                                               now + 86400, "openid"))
+    store.put(oac._store_key(host), oac.Token(
+        access_token="old-access", token_type="Bearer", expires=now - 100, refresh_token=REFRESH,
+        refresh_expires=now + 86400, scope="openid",
+        headers={"Authorization": "Bearer old-access"}))
 
 
 def basic(user: str, password: str) -> str:
