@@ -96,7 +96,7 @@ def _logger() -> logging.Logger:
 _LOG_SETUP: list[Callable[[], None]] = []
 
 
-# json is imported on first use: it pulls in re and enum, which doubles the import cost.
+# json (with its decoder, scanner and encoder) is imported on first use, not by every import.
 def _loads(data: bytes | str, **hooks: Any) -> Any:
     import json
 
@@ -414,12 +414,7 @@ async def _request(
     timeout: float = _HTTP_TIMEOUT, follow_redirects: bool = True,
     auth: tuple[str, str] | None = None, ca_bundle: str | None = None, allow_http: bool = False,
 ) -> _Response:
-    """Send one request; it ends by *timeout* and the login's time limit, come what may.
-
-    Only a GET without credentials follows redirects; for any other request a
-    redirect is an AuthError, unless *follow_redirects* is False (the caller
-    reads the 3xx itself).
-    """
+    """Send one request; it ends by *timeout* and the login's time limit, come what may."""
     import asyncio
 
     refusal = _insecure(url, allow_http)
@@ -434,8 +429,10 @@ async def _request(
         if deadline <= now:
             raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
                             "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
-    # Secrets (client secret, code, verifier, refresh or device code) never follow
-    # a redirect: urllib would carry them, Authorization header and all, elsewhere.
+    # Only a GET without credentials follows redirects: urllib would carry secrets (client
+    # secret, code, verifier, refresh or device code), Authorization header and all,
+    # elsewhere. Any other redirect is an AuthError, unless follow_redirects is False (the
+    # caller reads the 3xx itself).
     follow = follow_redirects and method == "GET" and form is None and auth is None
     sockets: list[Any] = []
     done = _in_daemon_thread(_request_blocking, method, url, form, deadline, follow, auth,
@@ -453,12 +450,15 @@ async def _request(
         raise
     location = resp.headers.get("Location") or resp.headers.get("location")
     if follow_redirects and not follow and resp.status in _REDIRECTS and location:
-        raise AuthError(
-            f"{method} {url} answered {resp.status}, a redirect to "
-            f"{_printable(_short(location, 100))}; a request that carries credentials never "
-            "follows a redirect: configure the endpoint's final URL",
-            {"error": "redirect"}, resp.status)
+        raise _redirect_refused(method, url, resp.status, location, "a request that carries "
+                                "credentials never follows a redirect: configure the "
+                                "endpoint's final URL")
     return resp
+
+
+def _redirect_refused(method: str, url: str, status: int, location: str, why: str) -> AuthError:
+    return AuthError(f"{method} {url} answered {status}, a redirect to {_short(location, 100)}; "
+                     f"{why}", {"error": "redirect"}, status)
 
 
 def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
@@ -690,10 +690,9 @@ def _transport_classes() -> list[Any]:
                 req.full_url.lower().startswith("https://") or _insecure(newurl, req.allow_http)
             ):
                 fp.close()
-                raise AuthError(f"GET {req.full_url} answered {code}, a redirect to "
-                                f"{_printable(_short(newurl, 100))}; not followed: a redirect "
-                                "may lead to https (or allowed http), never from https to http",
-                                {"error": "redirect"}, code)
+                raise _redirect_refused("GET", req.full_url, code, newurl, "not followed: a "
+                                        "redirect may lead to https (or allowed http), never "
+                                        "from https to http")
             new: Any = super().redirect_request(req, fp, code, msg, headers, newurl)
             if new is not None:
                 new.sockets, new.follow, new.allow_http = req.sockets, True, req.allow_http
@@ -730,8 +729,8 @@ def _insecure(url: str, allow_http: bool = False) -> str:
     host = _printable(parts.hostname or "")
     if not _plain_http_allowed(url, allow_http):
         if parts.scheme.lower() != "http":
-            return f"{_printable(_short(url, 100))} is not an https URL"
-        return (f"Refused to send anything to {_printable(_short(url, 100))}: plain http to "
+            return f"{_short(url, 100)} is not an https URL"
+        return (f"Refused to send anything to {_short(url, 100)}: plain http to "
                 f"{host}, another machine, would carry tokens and secrets in clear. Use https, "
                 f"or allow plain http explicitly: {_ALLOW_HTTP_VAR}=1 in the environment, or "
                 "allow_http=True (--allow-http on the command line)")
