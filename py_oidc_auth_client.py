@@ -468,32 +468,21 @@ def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]
     default executor, so a stuck read there would hold the process.
     """
     import asyncio
+    import concurrent.futures
     import threading
 
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # the caller gave up (timeout, cancel)
-            pass
-        elif error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    done: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
     def work() -> None:
-        outcome: tuple[Any, BaseException | None]
+        if not done.set_running_or_notify_cancel():  # the caller gave up before the start
+            return
         try:
-            outcome = (func(*args), None)
+            done.set_result(func(*args))
         except BaseException as exc:  # handed to the caller, who raises it
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+            done.set_exception(exc)
 
     threading.Thread(target=work, name="oidc-auth-http", daemon=True).start()
-    return future
+    return asyncio.wrap_future(done)
 
 
 def _abort(sockets: list[Any]) -> None:
