@@ -351,6 +351,21 @@ class Config:
 _CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
                            *range(0x2066, 0x206A)])
 _CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
+_ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
+_UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
+# The deadline of the login under way and its length in seconds: no request made
+# for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
+_TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "_TIME_LIMIT", default=None)
+_LATE_GRACE = 1.0
+# Made on first use, kept for the process: an opener per proxy settings and CA bundle,
+# an SSL context per CA bundle, urllib's handler classes, hosts warned of plain http.
+_OPENERS: dict[tuple[Any, ...], Any] = {}
+_SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
+_TRANSPORT: list[Any] = []
+_WARNED_HTTP: set[str] = set()
 
 
 def _printable(text: str) -> str:
@@ -364,9 +379,6 @@ def _is_loopback(hostname: str) -> bool:
     return name == "localhost" or name.endswith(".localhost") or name == "::1" or (
         name.startswith("127.") and name.replace(".", "").isdigit()
     )
-
-
-_ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
 
 
 def _plain_http_allowed(url: str, allow_http: bool = False) -> bool:
@@ -399,14 +411,6 @@ def _json_object(data: bytes | str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
-
-
-# The deadline of the login under way and its length in seconds: no request made
-# for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
-_TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
-    "_TIME_LIMIT", default=None)
-_LATE_GRACE = 1.0
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 async def _request(
@@ -606,10 +610,6 @@ def _unreached(message: str, detail: dict[str, Any] | None = None) -> AuthError:
     return exc
 
 
-# X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
-_UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
-
-
 def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
                ca_bundle: str | None) -> AuthError:
     """The refused certificate explained, with the fix when a CA is missing."""
@@ -629,9 +629,6 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
     )
 
 
-_OPENERS: dict[tuple[Any, ...], Any] = {}
-
-
 def _opener(ca_bundle: str | None = None) -> Any:
     """A cached opener for the current proxy settings and CA bundle."""
     import urllib.request
@@ -647,9 +644,6 @@ def _opener(ca_bundle: str | None = None) -> Any:
         opener = _OPENERS[key] = urllib.request.build_opener(
             urllib.request.ProxyHandler(proxies), handler(context=context), redirect())
     return opener
-
-
-_TRANSPORT: list[Any] = []
 
 
 def _transport_classes() -> list[Any]:
@@ -707,9 +701,6 @@ def _noting(connection_class: type[Any], req: Any) -> Callable[..., Any]:
     return connection
 
 
-_WARNED_HTTP: set[str] = set()
-
-
 def _insecure(url: str, allow_http: bool = False) -> str:
     """Why *url* must not be used, or ``""``; allowed plain http is warned of once per host."""
     from urllib.parse import urlsplit
@@ -750,9 +741,6 @@ def _ca_bundle(option: str | None) -> tuple[str, str]:
         if os.environ.get(name):
             return os.environ[name], name
     return "", ""
-
-
-_SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
 
 
 def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLContext]:
@@ -1025,6 +1013,11 @@ def _web_url(url: object, what: str, allow_http: bool = False) -> str:
 # Tokens & keys: token answers, lifetimes, JWS and RSA signatures
 # ---------------------------------------------------------------------------
 
+_MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
+_LIFETIMES: dict[str, int] = {}  # access token -> its granted lifetime in seconds
+_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
+
+
 def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     """Turn a token answer into a ``Token``; keep a refresh token that was not rotated."""
     now = int(time.time())
@@ -1090,9 +1083,6 @@ def _timestamp(raw: dict[str, Any], name: str, now: int) -> int | None:
     return now + int(min(value, _MAX_LIFETIME)) if value else None
 
 
-_MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
-
-
 def _finite(value: object) -> float | None:
     """A finite number from a server (a JSON number or a string of digits), else None."""
     if isinstance(value, str):  # some servers send "3600"
@@ -1134,10 +1124,6 @@ def _strict_json(data: bytes | str) -> Any:
         return number if math.isfinite(number) else refuse(text)
 
     return _loads(data, parse_constant=refuse, parse_float=finite)
-
-
-_LIFETIMES: dict[str, int] = {}  # access token -> its granted lifetime in seconds
-_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
 
 
 def _margin(token: Token) -> int:
@@ -1182,8 +1168,6 @@ _RSA_DIGESTS = {
 }
 _PSS_DIGESTS = {"PS256": "sha256", "PS384": "sha384", "PS512": "sha512"}  # RFC 7518, 3.5
 _HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
-
-
 # Algorithms this module cannot verify, with the key type that signs them. OIDC Core
 # 3.1.3.7 (6) lets a client trust an ID token on the strength of the TLS connection to
 # the token endpoint; we do so only for these, only when the provider lists the
