@@ -45,7 +45,6 @@ From the shell::
 from __future__ import annotations
 
 import contextvars
-import json
 import math
 import os
 import stat
@@ -97,6 +96,19 @@ def _logger() -> logging.Logger:
 _LOG_SETUP: list[Callable[[], None]] = []
 
 
+# json (with its decoder, scanner and encoder) is imported on first use, not by every import.
+def _loads(data: bytes | str, **hooks: Any) -> Any:
+    import json
+
+    return json.loads(data, **hooks)
+
+
+def _dumps(value: Any, **options: Any) -> str:
+    import json
+
+    return json.dumps(value, **options)
+
+
 _DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
 _MAX_BODY = 1 << 20  # 1 MiB: no token answer is anywhere near this
 _HTTP_TIMEOUT = 30.0  # per request, also when the flow itself may wait forever
@@ -136,41 +148,27 @@ class AuthError(Exception):
     Parameters
     ----------
     message : str
-        Human readable summary of what went wrong.
+        What went wrong, for a human.
     detail : dict, optional
-        Raw error payload from the OIDC provider, typically containing
-        ``"error"`` and ``"error_description"`` keys.
+        The provider's error payload (``"error"``, ``"error_description"``), or ``{}``.
     status_code : int
-        HTTP status code from the upstream response. Defaults to 500 when the
-        error did not originate from an HTTP call.
+        The server's own status when it answered with an error (400
+        ``invalid_grant``, 401 ``invalid_client``, ...), otherwise one of
 
-    Attributes
-    ----------
-    message : str
-        The error summary.
-    detail : dict
-        Provider error payload (empty dict if not available).
-    status_code : int
-        HTTP status code: the server's own when it answered with an error
-        (400 ``invalid_grant``, 401 ``invalid_client``, 403 ``access_denied``,
-        ...), otherwise one of
-
-        - 400: bad input: the host URL, an option, a CA bundle, a token file;
-        - 401: not logged in, and no login can be started here (batch job,
-          no terminal);
-        - 408: the login was not completed within ``timeout``;
-        - 500: a failure on this machine (the token store, no free port);
-        - 502: the server answered, but not usably (not JSON, a field
-          missing, an ID token or issuer that does not check out, the
-          connection cut mid-answer);
-        - 503: the server could not be reached (connection refused, unknown
-          host name, TLS refused);
-        - 504: the server did not answer in time.
+        - 400: bad input (host URL, option, CA bundle, token file);
+        - 401: not logged in, and no login can start here (batch job, no terminal);
+        - 408: the login took longer than ``timeout``;
+        - 500: a failure on this machine (token store, no free port);
+        - 502: an unusable answer (not JSON, a field missing, an ID token or
+          issuer that does not check out, cut mid-answer);
+        - 503: the server cannot be reached (refused, unknown host, TLS);
+        - 504: no answer in time.
 
     Notes
     -----
-    ``str(exc)`` is the message, followed by the provider's ``error`` and
-    ``error_description`` when the message does not already say them.
+    The parameters are kept as attributes. ``str(exc)`` is the message,
+    followed by the provider's ``error`` and ``error_description`` when the
+    message does not already say them.
     """
 
     # Private marks set by the HTTP layer. Not subclasses: whatever fails, the
@@ -214,24 +212,20 @@ class _NoDeviceFlow(AuthError):
 
 
 class Token(TypedDict):
-    """OAuth 2.0 token payload.
+    """OAuth 2.0 token, as returned by ``authenticate`` and the flows.
 
     Attributes
     ----------
-    access_token : str
-        The bearer access token (JWT).
-    token_type : str
-        Token type, typically ``"Bearer"``.
-    expires : int
-        Access token expiry as a Unix timestamp (seconds).
+    access_token, token_type : str
+        The bearer access token (a JWT) and its type, ``"Bearer"``.
+    expires, refresh_expires : int
+        Expiry of the access and the refresh token, Unix time in seconds.
     refresh_token : str
-        The refresh token for obtaining new access tokens.
-    refresh_expires : int
-        Refresh token expiry as a Unix timestamp (seconds).
+        For new access tokens; ``""`` when the server gave none.
     scope : str
-        Space separated list of granted scopes.
+        The granted scopes, space separated.
     headers : dict of str to str
-        Pre built ``Authorization`` header ready for use with HTTP clients.
+        The ``Authorization`` header, ready for an HTTP client.
     """
 
     access_token: str
@@ -244,22 +238,18 @@ class Token(TypedDict):
 
 
 class DeviceCode(TypedDict):
-    """Device authorization response.
-
-    Returned by ``get_device_code()``. Pass ``device_code`` and ``interval``
-    to ``poll()`` to complete the flow.
+    """Device authorization answer of ``get_device_code()``; ``poll()`` completes it.
 
     Attributes
     ----------
     uri : str
-        Verification URL the user should open in a browser: the
-        ``verification_uri_complete`` when the provider sends one.
+        The page to open (``verification_uri_complete`` when the provider sends one).
     user_code : str
-        Short code the user enters at the verification URI.
+        The code the user enters there.
     device_code : str
-        Opaque code used to poll the token endpoint.
+        Opaque code for polling the token endpoint.
     interval : int
-        Minimum polling interval in seconds.
+        Seconds between polls, at least.
     """
 
     uri: str
@@ -269,40 +259,34 @@ class DeviceCode(TypedDict):
 
 
 class Config:
-    """Connection and routing configuration for an OIDC enabled server.
+    """Connection and routing configuration of a server.
 
     Parameters
     ----------
     host : str
-        Base URL of the application server (e.g. ``"https://myapp.example.com"``).
+        The application server's base URL (``"https://myapp.example.com"``), or
+        with ``client_id`` the provider's issuer URL.
     redirect_ports : list of int, optional
-        Ports to try, in order, for the local authorization code callback.
-        Defaults to ``[53100, 53101, 53102, 53103, 53104, 53105]``.
+        Ports to try, in order, for the code flow's loopback redirect; 53100 to
+        53105 when None.
     token_env_var : str
-        Name of the environment variable that points to a token file.
+        The environment variable that may name a token file.
     app_name : str
-        Application name used to locate the platform cache directory.
-    login_route : str
-        Server side route for the authorization code login endpoint.
-    token_route : str
-        Server side route for the token exchange endpoint.
-    device_route : str
-        Server side route for the device authorization endpoint.
-    client_id : str or None
-        Set it to talk to a standard OpenID provider directly: ``host`` is then
-        the provider's issuer URL and the routes are not used.
-    client_secret : str or None
-        The client's secret, for a confidential client.
+        Names the platform cache folder that holds the tokens.
+    login_route, token_route, device_route : str
+        The py-oidc-auth server's routes; unused with ``client_id``.
+    client_id, client_secret : str or None
+        A standard OpenID provider's client, talked to directly; the secret
+        only for a confidential client.
     scopes : list of str or None
         Scopes to ask a standard provider for; ``["openid", "offline_access"]``
         when None.
     ca_bundle : str or None
-        A PEM file of CA certificates to trust for this server instead of
-        the system's; None uses ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE``
-        when set.
+        A PEM file of CA certificates to trust instead of the system's; when
+        None, ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE`` if set.
     allow_http : bool
-        Allow plain ``http://`` to a host that is not this machine (tokens and
-        secrets then travel in clear); ``OIDC_ALLOW_HTTP=1`` does the same.
+        Allow plain ``http://`` to another machine (tokens then travel in
+        clear); ``OIDC_ALLOW_HTTP=1`` does the same.
     """
 
     # Written out rather than a @dataclass: importing dataclasses (and the inspect,
@@ -366,9 +350,22 @@ class Config:
 # reorder text: removed from server and callback text before anyone reads it.
 _CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
                            *range(0x2066, 0x206A)])
-
-
 _CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
+_ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
+_UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
+# The deadline of the login under way and its length in seconds: no request made
+# for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
+_TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "_TIME_LIMIT", default=None)
+_LATE_GRACE = 1.0
+# Made on first use, kept for the process: an opener per proxy settings and CA bundle,
+# an SSL context per CA bundle, urllib's handler classes, hosts warned of plain http.
+_OPENERS: dict[tuple[Any, ...], Any] = {}
+_SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
+_TRANSPORT: list[Any] = []
+_WARNED_HTTP: set[str] = set()
 
 
 def _printable(text: str) -> str:
@@ -382,9 +379,6 @@ def _is_loopback(hostname: str) -> bool:
     return name == "localhost" or name.endswith(".localhost") or name == "::1" or (
         name.startswith("127.") and name.replace(".", "").isdigit()
     )
-
-
-_ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
 
 
 def _plain_http_allowed(url: str, allow_http: bool = False) -> bool:
@@ -406,39 +400,25 @@ class _Response:
     def __init__(self, url: str, status: int, headers: dict[str, str], body: bytes) -> None:
         self.url, self.status, self.headers, self.body = url, status, headers, body
 
-    def json(self) -> Any:
-        return json.loads(self.body)
+    def json(self) -> dict[str, Any] | None:
+        return _json_object(self.body)
 
 
-# The deadline of the login under way and its length in seconds: no request made
-# for it runs more than _LATE_GRACE past that, whatever its own timeout (_TimeLimit).
-_TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
-    "_TIME_LIMIT", default=None)
-
-
-_LATE_GRACE = 1.0
-
-
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+def _json_object(data: bytes | str) -> dict[str, Any] | None:
+    """*data* as a JSON object, or None when it is anything else (HTML, a list, garbage)."""
+    try:
+        value = _loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 async def _request(
-    method: str,
-    url: str,
-    *,
-    form: dict[str, str] | None = None,
-    timeout: float = _HTTP_TIMEOUT,
-    follow_redirects: bool = True,
-    auth: tuple[str, str] | None = None,
-    ca_bundle: str | None = None,
-    allow_http: bool = False,
+    method: str, url: str, *, form: dict[str, str] | None = None,
+    timeout: float = _HTTP_TIMEOUT, follow_redirects: bool = True,
+    auth: tuple[str, str] | None = None, ca_bundle: str | None = None, allow_http: bool = False,
 ) -> _Response:
-    """Send one request; it ends by *timeout* and the login's time limit, come what may.
-
-    Only a GET without credentials follows redirects; for any other request a
-    redirect is an AuthError, unless *follow_redirects* is False (the caller
-    reads the 3xx itself).
-    """
+    """Send one request; it ends by *timeout* and the login's time limit, come what may."""
     import asyncio
 
     refusal = _insecure(url, allow_http)
@@ -453,8 +433,10 @@ async def _request(
         if deadline <= now:
             raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
                             "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
-    # Secrets (client secret, code, verifier, refresh or device code) never follow
-    # a redirect: urllib would carry them, Authorization header and all, elsewhere.
+    # Only a GET without credentials follows redirects: urllib would carry secrets (client
+    # secret, code, verifier, refresh or device code), Authorization header and all,
+    # elsewhere. Any other redirect is an AuthError, unless follow_redirects is False (the
+    # caller reads the 3xx itself).
     follow = follow_redirects and method == "GET" and form is None and auth is None
     sockets: list[Any] = []
     done = _in_daemon_thread(_request_blocking, method, url, form, deadline, follow, auth,
@@ -472,12 +454,15 @@ async def _request(
         raise
     location = resp.headers.get("Location") or resp.headers.get("location")
     if follow_redirects and not follow and resp.status in _REDIRECTS and location:
-        raise AuthError(
-            f"{method} {url} answered {resp.status}, a redirect to "
-            f"{_printable(_short(location, 100))}; a request that carries credentials never "
-            "follows a redirect: configure the endpoint's final URL",
-            {"error": "redirect"}, resp.status)
+        raise _redirect_refused(method, url, resp.status, location, "a request that carries "
+                                "credentials never follows a redirect: configure the "
+                                "endpoint's final URL")
     return resp
+
+
+def _redirect_refused(method: str, url: str, status: int, location: str, why: str) -> AuthError:
+    return AuthError(f"{method} {url} answered {status}, a redirect to {_short(location, 100)}; "
+                     f"{why}", {"error": "redirect"}, status)
 
 
 def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
@@ -487,32 +472,21 @@ def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]
     default executor, so a stuck read there would hold the process.
     """
     import asyncio
+    import concurrent.futures
     import threading
 
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # the caller gave up (timeout, cancel)
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    done: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
     def work() -> None:
-        result, error = None, None
+        if not done.set_running_or_notify_cancel():  # the caller gave up before the start
+            return
         try:
-            result = func(*args)
+            done.set_result(func(*args))
         except BaseException as exc:  # handed to the caller, who raises it
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+            done.set_exception(exc)
 
     threading.Thread(target=work, name="oidc-auth-http", daemon=True).start()
-    return future
+    return asyncio.wrap_future(done)
 
 
 def _abort(sockets: list[Any]) -> None:
@@ -549,21 +523,20 @@ def _request_blocking(
     request: Any = urllib.request.Request(url, data=data, headers=headers,  # noqa: S310
                                           method=method)
     # Read by the handlers of _transport_classes: where to note the sockets, and
-    # which redirects a GET may follow.
-    request.sockets, request.allow_http = [] if sockets is None else sockets, allow_http
+    # whether (and where) a redirect may be followed.
+    request.sockets = [] if sockets is None else sockets
+    request.follow, request.allow_http = follow, allow_http
     proxy = _proxy_for(url)
     where = f"{method} {url}" + (f" (via proxy {proxy})" if proxy else "")
-    opener = _opener(follow, ca_bundle)
+    opener = _opener(ca_bundle)
     try:
         try:
-            with opener.open(request, timeout=max(0.001, deadline - time.monotonic())) as resp:
-                return _Response(url, resp.status, dict(resp.headers),
-                                 _read_capped(resp, resp.status, where, deadline,
-                                              request.sockets))
+            resp = opener.open(request, timeout=max(0.001, deadline - time.monotonic()))
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
-            with exc:
-                return _Response(url, exc.code, dict(exc.headers or {}),
-                                 _read_capped(exc, exc.code, where, deadline, request.sockets))
+            resp = exc
+        with resp:
+            return _Response(url, resp.status, dict(resp.headers or {}),
+                             _read_capped(resp, resp.status, where, deadline, request.sockets))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
@@ -606,6 +579,7 @@ def _read_capped(resp: Any, status: int, where: str, deadline: float = float("in
 def _transport_error(
     where: str, reason: object, ca_bundle: str | None = None, proxy: str = ""
 ) -> AuthError:
+    import http.client
     import socket
     import ssl
 
@@ -620,11 +594,10 @@ def _transport_error(
                           f"{'proxy' if proxy else 'server'} running?", 503)
     if isinstance(reason, (TimeoutError, socket.timeout)):
         return _transient(f"{where}: timed out", 504)
-    if isinstance(reason, (ConnectionError, EOFError)) or type(reason).__name__ in (
-        "RemoteDisconnected",
-        "IncompleteRead",
-        "BadStatusLine",
-    ):  # the server took the request and broke off: a bad answer, so 502
+    if isinstance(reason, (ConnectionError, EOFError, http.client.IncompleteRead,
+                           http.client.BadStatusLine)):
+        # The server took the request and broke off (RemoteDisconnected is a
+        # ConnectionError): a bad answer, so 502.
         return _transient(f"{where}: connection lost ({type(reason).__name__})", 502)
     # may quote the server
     return _unreached(f"{where}: request failed ({_short(str(reason))})")
@@ -635,10 +608,6 @@ def _unreached(message: str, detail: dict[str, Any] | None = None) -> AuthError:
     exc = AuthError(message, detail, 503)
     exc._unanswered = True
     return exc
-
-
-# X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
-_UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
 
 
 def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
@@ -660,115 +629,88 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
     )
 
 
-_OPENERS: dict[tuple[Any, ...], Any] = {}
-
-
-def _opener(follow: bool, ca_bundle: str | None = None) -> Any:
-    """A cached opener for the current proxy settings and CA bundle.
-
-    Proxies are urllib's: ``HTTPS_PROXY``/``HTTP_PROXY`` (the system settings on
-    macOS and Windows), read here so that a change is seen; ``NO_PROXY`` is
-    checked by urllib on every request.
-    """
+def _opener(ca_bundle: str | None = None) -> Any:
+    """A cached opener for the current proxy settings and CA bundle."""
     import urllib.request
 
+    # urllib's proxies: HTTPS_PROXY/HTTP_PROXY (the system settings on macOS and
+    # Windows), read on each request so that a change is seen; it checks NO_PROXY itself.
     proxies = urllib.request.getproxies()
     context_key, context = _ssl_context(ca_bundle)
-    key = (follow, tuple(sorted(proxies.items())), context_key)
+    key = (tuple(sorted(proxies.items())), context_key)
     opener = _OPENERS.get(key)
     if opener is None:
-        http_handler, https_handler, redirect, no_redirect = _transport_classes()
+        handler, redirect = _transport_classes()
         opener = _OPENERS[key] = urllib.request.build_opener(
-            urllib.request.ProxyHandler(proxies), http_handler, https_handler(context=context),
-            redirect if follow else no_redirect)
+            urllib.request.ProxyHandler(proxies), handler(context=context), redirect())
     return opener
 
 
-_TRANSPORT: list[Any] = []
-
-
 def _transport_classes() -> list[Any]:
-    """The handlers: each notes its sockets; a GET follows safe redirects only, else none."""
+    """The urllib handlers: each notes its sockets; a GET follows safe redirects only, else none."""
+    # Made on first use: subclassing urllib's handlers at module level would import
+    # urllib.request, http.client and ssl with this module.
     if _TRANSPORT:
         return _TRANSPORT
     import http.client
     import urllib.request
 
-    class _Noted:
-        """A connection that notes its socket on the request, for _abort and _read_capped."""
-
-        sockets: list[Any]
-
-        def connect(self) -> None:
-            super().connect()  # type: ignore[misc]
-            self.sockets.append(self.sock)  # type: ignore[attr-defined]
-
-    class _HTTP(_Noted, http.client.HTTPConnection):
-        pass
-
-    class _HTTPS(_Noted, http.client.HTTPSConnection):
-        pass
-
-    def noted(base: type[Any], req: Any) -> Callable[..., Any]:
-        def connection(host: str, **kwargs: Any) -> Any:
-            conn = base(host, **kwargs)
-            conn.sockets = getattr(req, "sockets", [])
-            return conn
-        return connection
-
-    class _HTTPHandler(urllib.request.HTTPHandler):
+    class _Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         def http_open(self, req: Any) -> Any:
-            return self.do_open(noted(_HTTP, req), req)
+            return self.do_open(_noting(http.client.HTTPConnection, req), req)
 
-    class _HTTPSHandler(urllib.request.HTTPSHandler):
         def https_open(self, req: Any) -> Any:
-            return self.do_open(noted(_HTTPS, req), req,
+            return self.do_open(_noting(http.client.HTTPSConnection, req), req,
                                 context=self._context)  # type: ignore[attr-defined]
 
     class _Redirect(urllib.request.HTTPRedirectHandler):
-        """Follow to https, or to an allowed http URL; never from https down to http."""
-
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
                              newurl: str) -> Any:
-            target = newurl.lower()
-            if not target.startswith("https://") and (
-                req.full_url.lower().startswith("https://")
-                or _insecure(newurl, getattr(req, "allow_http", False))
+            if not req.follow:  # _request reads the 3xx itself
+                return None
+            # To https, or to an allowed http URL; never from https down to http.
+            if not newurl.lower().startswith("https://") and (
+                req.full_url.lower().startswith("https://") or _insecure(newurl, req.allow_http)
             ):
                 fp.close()
-                raise AuthError(f"GET {req.full_url} answered {code}, a redirect to "
-                                f"{_printable(_short(newurl, 100))}; not followed: a redirect "
-                                "may lead to https (or allowed http), never from https to http",
-                                {"error": "redirect"}, code)
+                raise _redirect_refused("GET", req.full_url, code, newurl, "not followed: a "
+                                        "redirect may lead to https (or allowed http), never "
+                                        "from https to http")
             new: Any = super().redirect_request(req, fp, code, msg, headers, newurl)
             if new is not None:
-                new.sockets, new.allow_http = req.sockets, req.allow_http
+                new.sockets, new.follow, new.allow_http = req.sockets, True, req.allow_http
             return new
 
-    class _NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    _TRANSPORT[:] = [_HTTPHandler, _HTTPSHandler, _Redirect, _NoRedirect]
+    _TRANSPORT[:] = [_Handler, _Redirect]
     return _TRANSPORT
 
 
-_WARNED_HTTP: set[str] = set()
+def _noting(connection_class: type[Any], req: Any) -> Callable[..., Any]:
+    """*connection_class* for urllib, noting each socket on *req* for _abort and _read_capped."""
+    def connection(host: str, **kwargs: Any) -> Any:
+        conn = connection_class(host, **kwargs)
+        connect = conn.connect
+
+        def connect_and_note() -> None:
+            connect()
+            req.sockets.append(conn.sock)
+
+        conn.connect = connect_and_note
+        return conn
+
+    return connection
 
 
 def _insecure(url: str, allow_http: bool = False) -> str:
-    """Why *url* must not be used (plain http to another machine), or ``""``.
-
-    Allowed plain http is named in one warning per host.
-    """
+    """Why *url* must not be used, or ``""``; allowed plain http is warned of once per host."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     host = _printable(parts.hostname or "")
     if not _plain_http_allowed(url, allow_http):
         if parts.scheme.lower() != "http":
-            return f"{_printable(_short(url, 100))} is not an https URL"
-        return (f"Refused to send anything to {_printable(_short(url, 100))}: plain http to "
+            return f"{_short(url, 100)} is not an https URL"
+        return (f"Refused to send anything to {_short(url, 100)}: plain http to "
                 f"{host}, another machine, would carry tokens and secrets in clear. Use https, "
                 f"or allow plain http explicitly: {_ALLOW_HTTP_VAR}=1 in the environment, or "
                 "allow_http=True (--allow-http on the command line)")
@@ -801,9 +743,6 @@ def _ca_bundle(option: str | None) -> tuple[str, str]:
     return "", ""
 
 
-_SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
-
-
 def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLContext]:
     """One cached context per CA bundle, and its cache key."""
     bundle, source = _ca_bundle(option)
@@ -817,9 +756,8 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
     if context is None:
         import ssl
 
-        path = key[0]
         try:  # as in requests and curl, a bundle replaces the system's CAs
-            context = ssl.create_default_context(cafile=path or None)
+            context = ssl.create_default_context(cafile=key[0] or None)
         except OSError as exc:  # also ssl.SSLError: not PEM certificates
             raise AuthError(f"Cannot use the CA bundle {bundle} (from {source}): "
                             f"{exc.strerror or exc}; point {source} at a PEM file of CA "
@@ -835,14 +773,10 @@ async def _post_form(
     """POST a form and return the JSON object it answers; errors become AuthError."""
     resp = await _request("POST", url, form=form, timeout=timeout, auth=auth,
                           ca_bundle=ca_bundle, allow_http=allow_http)
-    payload: Any
-    try:
-        payload = resp.json()
-    except ValueError:
-        payload = None
+    payload = resp.json()
     if resp.status >= 400:
         raise _http_error(resp, payload, [*form.values(), *(auth or ())])
-    if not isinstance(payload, dict):
+    if payload is None:
         kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
         raise AuthError(
             f"POST {url} answered {resp.status} with {kind}; is this the right host and route?",
@@ -853,15 +787,12 @@ async def _post_form(
 
 def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> AuthError:
     """The error answer *resp* as an AuthError; any of *secrets* it echoes is blanked out."""
-    secrets = sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True)
+    secrets = list(secrets)
 
     def clean(text: str, limit: int = 200) -> str:
         # Printable first (a control byte inside an echoed secret would defeat the
         # match), redacted next, cut last: a cut secret would survive as a prefix.
-        text = _printable(text)
-        for secret in secrets:
-            text = text.replace(secret, "[redacted]")
-        return _short(text, limit)
+        return _short(_blank(_printable(text), secrets), limit)
 
     error, description = _oauth_error(payload, clean)
     error, description = clean(error, 100), clean(description)
@@ -871,28 +802,32 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
                 else "no OAuth error in the answer")
     detail = {"error": error, "error_description": description} if error else {}
     message = f"{resp.url} answered {resp.status}: {text}"
-    if resp.status not in _TRANSIENT_STATUS or error:
+    if resp.status in _TRANSIENT_STATUS and not error:
+        exc = _transient(message, resp.status, detail, unanswered=False)
+        retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after")
+                       or "").strip()
+        if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
+            exc._retry_after = min(float(retry_after), 60.0)
+    else:
         exc = AuthError(message, detail, resp.status)
-        exc._answered = True
-        return exc
-    exc = _transient(message, resp.status, detail, unanswered=False)
     exc._answered = True
-    retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after") or "").strip()
-    if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
-        exc._retry_after = min(float(retry_after), 60.0)
     return exc
 
 
 def _redact(exc: AuthError, secrets: Iterable[str]) -> AuthError:
-    """Blank out any submitted value (a code, a token) that the server echoed back."""
-    for secret in secrets:
-        if len(secret) >= 8:
-            exc.message = exc.message.replace(secret, "[redacted]")
-            for key, value in list(exc.detail.items()):
-                if isinstance(value, str):
-                    exc.detail[key] = value.replace(secret, "[redacted]")
+    """*exc* with any submitted value (a code, a token) that the server echoed blanked out."""
+    secrets = list(secrets)
+    exc.message = _blank(exc.message, secrets)
+    exc.detail = {key: _blank(value, secrets) if isinstance(value, str) else value
+                  for key, value in exc.detail.items()}
     exc.args = (exc.message,)
     return exc
+
+
+def _blank(text: str, secrets: Iterable[str]) -> str:
+    for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _oauth_error(payload: Any, clean: Callable[[str], str] | None = None) -> tuple[str, str]:
@@ -908,16 +843,11 @@ def _oauth_error(payload: Any, clean: Callable[[str], str] | None = None) -> tup
             return _oauth_error(payload["detail"], clean)
     elif isinstance(payload, str):
         # py-oidc-auth wraps the provider's answer: "Upstream OIDC error: {...}".
-        start = payload.find("{")
-        if start >= 0:
-            try:
-                inner = json.loads(payload[start:])
-            except ValueError:
-                inner = None
-            if inner is not None:
-                error, description = _oauth_error(inner, clean)
-                if error:
-                    return error, description
+        inner = _json_object(payload[payload.find("{"):]) if "{" in payload else None
+        if inner is not None:
+            error, description = _oauth_error(inner, clean)
+            if error:
+                return error, description
         return "", (clean or _short)(payload)
     return "", ""
 
@@ -953,34 +883,42 @@ class _Session:
         auth: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """POST a form, retrying transient faults with backoff until *deadline*."""
-        attempt = 0
-        limit = _TIME_LIMIT.get()
-        if limit is not None:  # no retry past the login's time limit either
-            deadline = limit[0] if deadline is None else min(deadline, limit[0])
-        while True:
+        def send(end: float | None) -> Coroutine[Any, Any, dict[str, Any]]:
             timeout = self.timeout
-            if deadline is not None:
+            if end is not None:
                 # A request made at the deadline (a last poll) gets the grace that
                 # _request allows it, not less: a far server needs that long.
-                timeout = max(_LATE_GRACE, min(timeout, deadline - time.monotonic()))
-            try:
-                return await _post_form(url, form, timeout=timeout, auth=auth,
-                                        ca_bundle=self.ca_bundle, allow_http=self.allow_http)
-            except AuthError as exc:
-                if not exc._retry:
-                    raise
-                attempt += 1
-                delay = _backoff(attempt, exc)
-                if attempt > _RETRIES or (
-                    deadline is not None and time.monotonic() + delay >= deadline
-                ):
-                    raise AuthError(
-                        f"{exc.message} (gave up after {attempt} attempts)",
-                        exc.detail,
-                        exc.status_code,
-                    ) from None
-                _logger().debug("retrying in %.1f s after: %s", delay, exc.message)
-                await _sleep(delay)
+                timeout = max(_LATE_GRACE, min(timeout, end - time.monotonic()))
+            return _post_form(url, form, timeout=timeout, auth=auth,
+                              ca_bundle=self.ca_bundle, allow_http=self.allow_http)
+
+        return await _retrying(send, deadline)
+
+
+async def _retrying(send: Callable[[float | None], Coroutine[Any, Any, _T]],
+                    deadline: float | None = None) -> _T:
+    """``await send(deadline)``, again after transient faults, with backoff, while time allows."""
+    limit = _TIME_LIMIT.get()
+    if limit is not None:  # no retry past the login's time limit either
+        deadline = limit[0] if deadline is None else min(deadline, limit[0])
+    attempt = 0
+    while True:
+        try:
+            return await send(deadline)
+        except AuthError as exc:
+            if not exc._retry:
+                raise
+            attempt += 1
+            delay = _backoff(attempt, exc)
+            if attempt > _RETRIES or (
+                deadline is not None and time.monotonic() + delay >= deadline
+            ):
+                # Still marked _retry: a passing fault (discovery asks again next time).
+                exc.message = f"{exc.message} (gave up after {attempt} attempts)"
+                exc.args = (exc.message,)
+                raise
+            _logger().debug("retrying in %.1f s after: %s", delay, exc.message)
+            await _sleep(delay)
 
 
 class _TimeLimit:
@@ -1040,24 +978,9 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
     cached = _FETCHED.get(url)
     if cached is not None and not fresh and time.monotonic() < cached[0]:
         return cached[1]
-    attempt = 0
-    while True:
-        try:
-            resp = await session.request("GET", url)
-            break
-        except AuthError as exc:
-            if not exc._retry:
-                raise
-            attempt += 1
-            delay, limit = _backoff(attempt, exc), _TIME_LIMIT.get()
-            if attempt > _RETRIES or (limit is not None and time.monotonic() + delay >= limit[0]):
-                raise
-            await _sleep(delay)
-    try:
-        doc = resp.json()
-    except ValueError:
-        doc = None
-    if resp.status != 200 or not isinstance(doc, dict):
+    resp = await _retrying(lambda _: session.request("GET", url))
+    doc = resp.json()
+    if resp.status != 200 or doc is None:
         what = f"answered {resp.status}" if resp.status != 200 else "is not a JSON object"
         raise AuthError(f"GET {url} {what}; is the issuer URL right?", status_code=502)
     if len(_FETCHED) > 64:
@@ -1067,12 +990,10 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
 
 
 def _web_url(url: object, what: str, allow_http: bool = False) -> str:
-    """*url* if it may be opened or shown as a link, else an AuthError naming it.
-
-    A server's URL ends up on a browser's command line and in a notebook's link:
-    only https:// (http:// to this machine or where plain http is allowed) with a
-    host, never a value that starts like an option or hides characters.
-    """
+    """*url* if it may be opened or shown as a link, else an AuthError naming it."""
+    # It ends up on a browser's command line and in a notebook's link: https (or
+    # allowed http) with a host, never a value that starts like an option or hides
+    # characters.
     from urllib.parse import urlsplit
 
     text = url if isinstance(url, str) else ""
@@ -1092,6 +1013,11 @@ def _web_url(url: object, what: str, allow_http: bool = False) -> str:
 # Tokens & keys: token answers, lifetimes, JWS and RSA signatures
 # ---------------------------------------------------------------------------
 
+_MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
+_LIFETIMES: dict[str, int] = {}  # access token -> its granted lifetime in seconds
+_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
+
+
 def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     """Turn a token answer into a ``Token``; keep a refresh token that was not rotated."""
     now = int(time.time())
@@ -1103,21 +1029,17 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     word = token_type.replace("-", "").replace("_", "").replace(".", "")
     if _printable(access) != access or " " in access or not (word.isascii() and word.isalnum()):
         raise AuthError(f"The token answer's access_token or its token_type "
-                        f"({_short(json.dumps(token_type), 40)}) holds spaces or control "
+                        f"({_short(_dumps(token_type), 40)}) holds spaces or control "
                         "characters; it cannot be used in an HTTP header", status_code=502)
-    expires = _timestamp(raw, "expires", "expires_at", "expires_in", now)
+    expires = _timestamp(raw, "expires", now)
     if expires is None:
         expires = _exp_claim(access, now) or now + 300
     if expires <= now:
-        raise AuthError(
-            "The server sent an access token that has already expired; "
-            "check that this machine's clock is right",
-            status_code=502,
-        )
+        raise AuthError("The server sent an access token that has already expired; check "
+                        "that this machine's clock is right", status_code=502)
     refresh = raw.get("refresh_token")
     if isinstance(refresh, str) and refresh:
-        refresh_expires = _timestamp(raw, "refresh_expires", "refresh_expires_at",
-                                     "refresh_expires_in", now)
+        refresh_expires = _timestamp(raw, "refresh_expires", now)
         # py-oidc-auth invents now + 180 s when the provider gives no lifetime.
         if refresh_expires is None or abs(refresh_expires - now - 180) <= 3:
             refresh_expires = _exp_claim(refresh, now) or now + _UNKNOWN_REFRESH_LIFETIME
@@ -1147,23 +1069,18 @@ def _token(
     }
 
 
-def _timestamp(raw: dict[str, Any], absolute: str, alt: str, relative: str, now: int) -> int | None:
-    """An expiry time from an absolute or a relative field; None when no field says one.
+def _timestamp(raw: dict[str, Any], name: str, now: int) -> int | None:
+    """An expiry from *name* or *name*_at (absolute) or *name*_in (relative); else None.
 
     A relative 0 means "no known expiry" (Keycloak's offline tokens); NaN, Infinity
     and text count as not given; lifetimes past _MAX_LIFETIME are cut to it.
     """
-    for key in (absolute, alt):
+    for key in (name, f"{name}_at"):
         value = _finite(raw.get(key))
         if value is not None and value > 0:
             return int(min(value, now + _MAX_LIFETIME))
-    value = _finite(raw.get(relative))
-    if not value:
-        return None
-    return now + int(min(value, _MAX_LIFETIME))
-
-
-_MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
+    value = _finite(raw.get(f"{name}_in"))
+    return now + int(min(value, _MAX_LIFETIME)) if value else None
 
 
 def _finite(value: object) -> float | None:
@@ -1186,19 +1103,15 @@ def _exp_claim(token: str, now: int) -> int | None:
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
-    """Decode a JWT payload without verifying it (only to read timestamps)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return {}
+    """The claims of a JWT, not verified (only to read timestamps); ``{}`` if none."""
     try:
-        payload = _strict_json(_b64decode(parts[1]))
-    except ValueError:  # also non-finite numbers
+        return _jws_parts(token)[1]
+    except AuthError:
         return {}
-    return payload if isinstance(payload, dict) else {}
 
 
 class _NotFinite(ValueError):
-    """NaN, Infinity or a number too large for a float in JSON from a server."""
+    """NaN, Infinity or a number too large for a float, in JSON from a server."""
 
 
 def _strict_json(data: bytes | str) -> Any:
@@ -1210,10 +1123,7 @@ def _strict_json(data: bytes | str) -> Any:
         number = float(text)
         return number if math.isfinite(number) else refuse(text)
 
-    return json.loads(data, parse_constant=refuse, parse_float=finite)
-
-
-_LIFETIMES: dict[str, int] = {}
+    return _loads(data, parse_constant=refuse, parse_float=finite)
 
 
 def _margin(token: Token) -> int:
@@ -1227,11 +1137,9 @@ def _lifetime(token: Token) -> int:
     lifetime = _LIFETIMES.get(access)
     if lifetime is None:
         claims = _jwt_claims(access)
-        exp, iat = claims.get("exp"), claims.get("iat")
-        lifetime = (
-            int(exp - iat) if isinstance(exp, (int, float)) and isinstance(iat, (int, float))
-            else 2 * _MAX_MARGIN  # unknown: the full 60-s margin
-        )
+        exp, iat = _finite(claims.get("exp")), _finite(claims.get("iat"))
+        # Unknown: twice the margin, so the full margin applies.
+        lifetime = int(exp - iat) if exp is not None and iat is not None else 2 * _MAX_MARGIN
         if len(_LIFETIMES) > 4096:
             _LIFETIMES.clear()
         _LIFETIMES[access] = lifetime
@@ -1243,19 +1151,14 @@ def _access_valid(token: Token, now: float | None = None) -> bool:
         token["access_token"] not in _REJECTED)
 
 
-_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
-
-
 def _refresh_valid(token: Token, now: float | None = None) -> bool:
     return bool(token["refresh_token"]) and token["refresh_expires"] - _margin(token) > (
-        now or time.time()
-    )
+        now or time.time())
 
 
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
 
 _ID_TOKENS: dict[str, str] = {}  # access token -> the ID token that came with it (for logout)
-
 
 # DigestInfo prefixes of EMSA-PKCS1-v1_5 (RFC 8017, 9.2 note 1).
 _RSA_DIGESTS = {
@@ -1263,14 +1166,8 @@ _RSA_DIGESTS = {
     "RS384": ("sha384", "3041300d060960864801650304020205000430"),
     "RS512": ("sha512", "3051300d060960864801650304020305000440"),
 }
-
-
 _PSS_DIGESTS = {"PS256": "sha256", "PS384": "sha384", "PS512": "sha512"}  # RFC 7518, 3.5
-
-
 _HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
-
-
 # Algorithms this module cannot verify, with the key type that signs them. OIDC Core
 # 3.1.3.7 (6) lets a client trust an ID token on the strength of the TLS connection to
 # the token endpoint; we do so only for these, only when the provider lists the
@@ -1307,9 +1204,9 @@ def _b64decode(text: str) -> bytes:
 def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
     """Why an ID token signed with *alg* is refused before any key is fetched; "" if not."""
     if alg is None or (isinstance(alg, str) and alg.strip().lower() in ("", "none")):
-        return f"it is not signed (alg {_short(json.dumps(alg), 40)})"
+        return f"it is not signed (alg {_short(_dumps(alg), 40)})"
     if not isinstance(alg, str):
-        return f"its alg header {_short(json.dumps(alg), 40)} is not an algorithm name"
+        return f"its alg header {_short(_dumps(alg), 40)} is not an algorithm name"
     if alg in _RSA_DIGESTS or alg in _PSS_DIGESTS:
         return "" if meta.get("jwks_uri") else (
             f"its {alg} signature cannot be checked: the provider publishes no jwks_uri")
@@ -1318,7 +1215,7 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
             f"it is signed with {alg}, which needs the client secret, and none is configured")
     if alg not in _UNVERIFIED_ALGS:
         known = ", ".join([*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS])
-        return f"its algorithm {_short(json.dumps(alg), 40)} is not one of {known}"
+        return f"its algorithm {_short(_dumps(alg), 40)} is not one of {known}"
     listed = meta.get("id_token_signing_alg_values_supported")
     if not isinstance(listed, list) or alg not in listed:
         return (f"it is signed with {alg}, which this client cannot verify and the provider "
@@ -1649,7 +1546,7 @@ class TokenStore:
             return {}, "is not a file", None
         self._check_mode(st.st_mode)
         try:
-            obj = json.loads(data)
+            obj = _loads(data)
         except ValueError:
             return {}, "is not valid JSON", data
         if not isinstance(obj, dict):
@@ -1666,7 +1563,7 @@ class TokenStore:
         if len(entries) == len(obj):
             return entries, "", b""
         rest = {key: value for key, value in obj.items() if key not in entries}
-        return entries, "has malformed entries", json.dumps(rest).encode()
+        return entries, "has malformed entries", _dumps(rest).encode()
 
     def _repair(self) -> dict[str, Token]:
         """Under the lock: keep the good entries live, set only the unreadable rest aside."""
@@ -1785,7 +1682,7 @@ class TokenStore:
             for entry in obj.values():
                 if entry["access_token"] in _ID_TOKENS:
                     entry["id_token"] = _ID_TOKENS[entry["access_token"]]
-        _atomic_write(self.path, json.dumps(obj, separators=(",", ":")).encode())
+        _atomic_write(self.path, _dumps(obj, separators=(",", ":")).encode())
 
     def _check_mode(self, mode: int) -> None:
         if mode & 0o077 and not self._warned_mode and sys.platform != "win32":
@@ -2140,7 +2037,7 @@ def _token_file_state(path: str) -> str:
     """What is wrong with a token file that gave no token."""
     try:
         with open(path, "rb") as fh:
-            token = _as_token(json.loads(fh.read(_MAX_BODY)))
+            token = _as_token(_loads(fh.read(_MAX_BODY)))
     except FileNotFoundError:
         return "does not exist"
     except (OSError, ValueError):
@@ -3192,7 +3089,7 @@ def _device_lifetime(value: object, url: str) -> float:
     number = _finite(value)
     if number is None or number <= 0:
         raise AuthError(f"POST {url}: the device answer's expires_in "
-                        f"{_short(json.dumps(value), 40)} is not a number of seconds; "
+                        f"{_short(_dumps(value), 40)} is not a number of seconds; "
                         "tell the server's operators", status_code=502)
     return min(number, _MAX_DEVICE_LIFETIME)
 
@@ -4375,7 +4272,7 @@ def _cli(args: Any) -> int:
         print(f"Authorization: {token['headers']['Authorization']}")
     elif args.json:  # with --show-secrets, exactly what --export writes
         shown = _token_file_object(key, token)
-        print(json.dumps(shown if args.show_secrets else
+        print(_dumps(shown if args.show_secrets else
                          {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
         print(f"Logged in to {_server_name(key)}: {_lifetimes(token)}")
@@ -4485,7 +4382,7 @@ def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
     target = os.path.abspath(os.path.expanduser(path))
     if target == store.path:
         raise ValueError(f"{path} is the token cache itself; export to another file")
-    data = (json.dumps(_token_file_object(key, token), indent=2) + "\n").encode()
+    data = (_dumps(_token_file_object(key, token), indent=2) + "\n").encode()
     try:
         # The lock a job takes to refresh this file: a re-export never crosses it.
         with _FileLock(target + ".lock"):

@@ -1,4 +1,4 @@
-"""The HTTP layer: _request, _post_form, _oauth_error and _Session retries, on real sockets."""
+"""The HTTP layer: requests, answers, OAuth errors and retries, on real sockets."""
 
 from __future__ import annotations
 
@@ -301,7 +301,7 @@ def test_hang_with_deadline_gives_up_in_time(fake_server):
     assert_no_secret(info.value)
 
 
-# -- _post_form: decoding -------------------------------------------------------------
+# -- answers that are not JSON objects -----------------------------------------------
 
 
 @pytest.mark.timeout(5)
@@ -322,32 +322,31 @@ def test_post_form_returns_the_json_object(fake_server):
     ('"a string"', "not a JSON object"),
     ("", "not a JSON object"),
 ])
-def test_post_form_rejects_answers_that_are_not_json_objects(fake_server, body, kind):
-    fake_server.reply("POST", "/t", 200, body)
-    url = fake_server.url + "/t"
-    with pytest.raises(oac.AuthError) as info:
-        run(oac._post_form(url, FORM, timeout=2))
-    message = info.value.message
-    assert url in message
-    assert names_status(message, 200)
-    assert kind in message
-    assert_no_secret(info.value)
+def test_post_form_rejects_answers_that_are_not_json_objects(fake_server, tmp_store, body,
+                                                             kind):
+    exc = device_route_error(fake_server, tmp_store, 200, body)
+    assert exc.status_code == 502
+    assert kind in exc.message
 
 
 @pytest.mark.timeout(5)
-def test_html_error_page_names_url_and_status(fake_server):
-    fake_server.reply("POST", "/t", 404, "<html><h1>404 Not Found</h1></html>",
-                      headers={"Content-Type": "text/html"})
-    url = fake_server.url + "/t"
+def test_html_error_page_names_url_and_status(fake_server, tmp_store):
+    exc = device_route_error(fake_server, tmp_store, 404, "<html><h1>404 Not Found</h1></html>")
+    assert exc.status_code == 404
+
+
+def device_route_error(fake_server, tmp_store, status: int, body) -> oac.AuthError:
+    """The AuthError of ``DeviceFlow.get_device_code`` when the device route answers so."""
+    fake_server.reply("POST", "/auth/v2/device", status, body)
     with pytest.raises(oac.AuthError) as info:
-        run(oac._post_form(url, FORM, timeout=2))
-    assert info.value.status_code == 404
-    assert url in info.value.message
-    assert names_status(info.value.message, 404)
-    assert_no_secret(info.value)
+        run(oac.DeviceFlow(fake_server.url, store=tmp_store).get_device_code())
+    exc = info.value
+    assert fake_server.url + "/auth/v2/device" in exc.message
+    assert names_status(exc.message, status)
+    return exc
 
 
-# -- _post_form: OAuth errors ---------------------------------------------------------
+# -- OAuth errors, as a flow sees them ------------------------------------------------
 
 
 @pytest.mark.timeout(5)
@@ -362,56 +361,32 @@ def test_html_error_page_names_url_and_status(fake_server):
     ({"detail": {"error": "expired_token", "error_description": "too late"}},
      "expired_token", "too late"),
     ({"detail": {"detail": {"error": "invalid_client"}}}, "invalid_client", ""),
+    ({"error": "", "detail": {"error": "x"}}, "x", ""),
+    ({"error": "e", "error_description": None}, "e", ""),
+    ({"detail": "Upstream OIDC error: {not json"}, "", "Upstream OIDC error: {not json"),
+    ({"detail": "Upstream OIDC error: []"}, "", "Upstream OIDC error: []"),
+    ({"detail": 'Upstream OIDC error: {"error": "invalid_grant"}'}, "invalid_grant", ""),
+    ({"detail": "plain   text\n here"}, "", "plain text here"),
+    ({"detail": "Not authenticated"}, "", "Not authenticated"),
+    ({"error": 42}, "", ""),
+    ([], "", "no OAuth error in the answer"),
+    ("null", "", "no OAuth error in the answer"),
 ])
-def test_oauth_error_found_top_level_or_nested(fake_server, body, error, description):
-    fake_server.reply("POST", "/t", 400, body)
-    url = fake_server.url + "/t"
-    with pytest.raises(oac.AuthError) as info:
-        run(oac._post_form(url, FORM, timeout=2))
-    exc = info.value
+def test_oauth_error_found_top_level_or_nested(fake_server, tmp_store, body, error,
+                                               description):
+    exc = device_route_error(fake_server, tmp_store, 400, body)
     assert exc.status_code == 400
     assert exc.error == error
-    assert exc.detail == {"error": error, "error_description": description}
-    assert url in exc.message
-    assert names_status(exc.message, 400)
+    assert exc.detail == ({"error": error, "error_description": description} if error else {})
     assert error in exc.message
     assert description in exc.message
-    assert_no_secret(exc)
 
 
-@pytest.mark.timeout(5)
-def test_error_without_oauth_code_keeps_the_servers_text(fake_server):
-    fake_server.reply("POST", "/t", 401, {"detail": "Not authenticated"})
-    url = fake_server.url + "/t"
-    with pytest.raises(oac.AuthError) as info:
-        run(oac._post_form(url, FORM, timeout=2))
-    assert info.value.status_code == 401
-    assert info.value.error == ""
-    assert info.value.detail == {}
-    assert "Not authenticated" in info.value.message
-    assert url in info.value.message
-
-
-@pytest.mark.parametrize("payload, expected", [
-    (None, ("", "")),
-    ([], ("", "")),
-    ({"error": "", "detail": {"error": "x"}}, ("x", "")),
-    ({"error": 42}, ("", "")),
-    ({"error": "e", "error_description": None}, ("e", "")),
-    ("Upstream OIDC error: {not json", ("", "Upstream OIDC error: {not json")),
-    ("Upstream OIDC error: []", ("", "Upstream OIDC error: []")),
-    ('Upstream OIDC error: {"error": "invalid_grant"}', ("invalid_grant", "")),
-    ({"detail": "plain   text\n here"}, ("", "plain text here")),
-])
-def test_oauth_error_parser(payload, expected):
-    assert oac._oauth_error(payload) == expected
-
-
-def test_oauth_error_shortens_long_text():
-    error, description = oac._oauth_error({"detail": "y" * 5000})
-    assert error == ""
-    assert len(description) <= 200
-    assert description.endswith("...")
+def test_oauth_error_shortens_long_text(fake_server, tmp_store):
+    exc = device_route_error(fake_server, tmp_store, 400, {"detail": "y" * 5000})
+    assert exc.error == ""
+    assert "y" * 190 + "..." in exc.message
+    assert "y" * 200 not in exc.message
 
 
 # -- _Session.post_form: retries -----------------------------------------------------
@@ -443,7 +418,6 @@ def test_transient_status_retried_then_gives_up_saying_attempts(fake_server, sta
     attempts = oac._RETRIES + 1
     assert len(fake_server.hits("/t")) == attempts
     exc = info.value
-    assert not exc._retry
     assert f"gave up after {attempts} attempts" in exc.message
     assert exc.status_code == status
     assert url in exc.message

@@ -74,8 +74,10 @@ def api_answer(issued: set[str]):
 
 def seed(url: str, lifetime: int = 3600) -> oac.Token:
     now = int(time.time())
-    token = oac._token(make_jwt(lifetime, now, jti=uuid.uuid4().hex), "Bearer", now + lifetime,
-                       "refresh-1", now + 86400, "openid")
+    access = make_jwt(lifetime, now, jti=uuid.uuid4().hex)
+    token = oac.Token(access_token=access, token_type="Bearer", expires=now + lifetime,
+                      refresh_token="refresh-1", refresh_expires=now + 86400, scope="openid",
+                      headers={"Authorization": f"Bearer {access}"})
     oac.TokenStore(app_name="py-oidc-auth").put(url, token)
     return token
 

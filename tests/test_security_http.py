@@ -52,8 +52,10 @@ def elsewhere():
 def expired_token(store: oac.TokenStore, host: str) -> None:
     """An expired access token with a valid refresh token: the next call refreshes."""
     now = int(time.time())
-    store.put(oac._store_key(host), oac._token("old-access", "Bearer", now - 100, REFRESH,
-                                               now + 86400, "openid"))
+    store.put(oac._store_key(host), oac.Token(
+        access_token="old-access", token_type="Bearer", expires=now - 100, refresh_token=REFRESH,
+        refresh_expires=now + 86400, scope="openid",
+        headers={"Authorization": "Bearer old-access"}))
 
 
 def basic(user: str, password: str) -> str:
@@ -131,11 +133,12 @@ def test_get_without_secrets_still_follows_a_safe_redirect(fake_server, elsewher
 
 
 @pytest.mark.timeout(20)
-def test_redirect_message_is_printable(fake_server):
-    fake_server.reply("POST", "/token", 302, b"",
+def test_redirect_message_is_printable(fake_server, tmp_store):
+    fake_server.reply("POST", "/auth/v2/device", 302, b"",
                       {"Location": "https://x.example/\x1b[31m" + "a" * 500})
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("POST", fake_server.url + "/token", form={}, timeout=2))
+        run(oac.DeviceFlow(fake_server.url, store=tmp_store, timeout=2).get_device_code())
+    assert "redirect" in info.value.message
     assert "\x1b" not in info.value.message and len(info.value.message) < 400
 
 
@@ -156,13 +159,14 @@ def test_dripping_server_cannot_hold_a_request(dripper, mode):
 
 
 @pytest.mark.timeout(60)
-def test_cancelled_request_hangs_up(dripper):
+def test_cancelled_request_hangs_up(dripper, tmp_store):
     """A caller's own timeout (or Ctrl-C) ends the connection too, not only the wait."""
     dripper.mode = "head"
+    flow = oac.DeviceFlow(dripper.url, store=tmp_store, timeout=30)
 
     async def caller() -> None:
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(oac._request("GET", dripper.url + "/jwks", timeout=30), 1)
+            await asyncio.wait_for(flow.get_device_code(), 1)
 
     run(caller())
     end = time.monotonic() + 3

@@ -159,18 +159,28 @@ def test_a_web_verification_uri_still_reaches_the_browser(fake_server, browser):
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/device", "http://[::1]/device",
                                  "http://localhost/device", "HTTPS://idp.example/a?b=c#d"])
-def test_loopback_http_and_https_urls_are_accepted(url):
-    assert oac._web_url(url, "x") == url
+def test_loopback_http_and_https_urls_are_accepted(fake_server, tmp_store, url):
+    assert device_uri(fake_server, tmp_store, url) == url
 
 
-def test_plain_http_to_another_host_only_when_allowed(monkeypatch):
+def device_uri(fake_server, tmp_store, url: str, **options: Any) -> str:
+    """The verification URI a device flow shows for *url* from the server."""
+    oac.DeviceFlow.reset_instances()
+    fake_server.routes.pop(("POST", "/auth/v2/device"), None)  # this answer, not one before
+    fake_server.reply("POST", "/auth/v2/device", 200, device_answer(verification_uri=url))
+    flow = oac.DeviceFlow(fake_server.url, store=tmp_store, **options)
+    return run(flow.get_device_code())["uri"]
+
+
+def test_plain_http_to_another_host_only_when_allowed(fake_server, tmp_store, monkeypatch):
+    url = "http://idp.example/device"
     with pytest.raises(oac.AuthError):
-        oac._web_url("http://idp.example/device", "x")
-    assert oac._web_url("http://idp.example/device", "x", allow_http=True)
+        device_uri(fake_server, tmp_store, url)
+    assert device_uri(fake_server, tmp_store, url, allow_http=True) == url
     monkeypatch.setenv("OIDC_ALLOW_HTTP", "1")
-    assert oac._web_url("http://idp.example/device", "x")
+    assert device_uri(fake_server, tmp_store, url) == url
     with pytest.raises(oac.AuthError):  # the opt-in is for http, not other schemes
-        oac._web_url("file:///etc/passwd", "x", allow_http=True)
+        device_uri(fake_server, tmp_store, "file:///etc/passwd", allow_http=True)
 
 
 def test_an_http_verification_uri_follows_the_flows_allow_http(fake_server, tmp_store):
@@ -718,8 +728,10 @@ def test_an_echoed_refresh_token_at_a_standard_provider_is_redacted(provider, tm
 def test_an_echoed_refresh_token_never_reaches_cli_stderr(fake_server, offset):
     secret = secrets.token_urlsafe(300)
     now = int(time.time())
-    oac.TokenStore(app_name="py-oidc-auth").put(fake_server.url, oac._token(
-        "expired-access", "Bearer", now - 10, secret, now + 86400, "openid"))
+    oac.TokenStore(app_name="py-oidc-auth").put(fake_server.url, oac.Token(
+        access_token="expired-access", token_type="Bearer", expires=now - 10,
+        refresh_token=secret, refresh_expires=now + 86400, scope="openid",
+        headers={"Authorization": "Bearer expired-access"}))
     fake_server.reply("POST", TOKEN, 400, echoing("refresh-token", offset, "string"))
     proc = cli(fake_server.url, "--verbose")
     one_error_line(proc)
