@@ -4273,7 +4273,7 @@ def _cli(args: Any) -> int:
     elif args.json:  # with --show-secrets, exactly what --export writes
         shown = _token_file_object(key, token)
         print(_dumps(shown if args.show_secrets else
-                         {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
+                     {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
         print(f"Logged in to {_server_name(key)}: {_lifetimes(token)}")
     return 0
