@@ -116,9 +116,9 @@ def test_logout_revokes_at_the_endpoint_of_the_oauth_document(fake_server, tmp_s
         {"token": token["access_token"], "token_type_hint": "access_token", "client_id": CLIENT},
     ]
     assert tmp_store.hosts() == []
-    # One answer, kept: asking again costs no request.
-    run(flow._metadata())
-    run(flow._metadata())
+    # One answer, kept: asking again (a logout without a token still reads it) costs nothing.
+    run(flow.logout())
+    run(flow.logout())
     assert len(fake_server.hits(provider.oauth_path)) == 1
     assert len(provider.hits(OPENID)) == 1
 
@@ -170,7 +170,7 @@ def test_endpoints_of_the_oauth_document_are_checked_like_the_others(fake_server
     provider.oauth["revocation_endpoint"] = "javascript:alert(1)"
     flow = oac.DeviceFlow(provider.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
     with pytest.raises(oac.AuthError) as info:
-        run(flow._metadata())
+        run(flow.get_device_code())
     assert "revocation_endpoint" in info.value.message
     assert OAUTH in info.value.message
     assert info.value.status_code == 502
@@ -181,8 +181,11 @@ def test_the_oauth_document_is_asked_for_only_when_needed(fake_server, tmp_store
     full = Provider(fake_server)
     full.openid.update(device_authorization_endpoint=f"{full.issuer}/device",
                        revocation_endpoint=f"{full.issuer}/revoke")
+    fake_server.reply("POST", "/revoke", 200, b"")
+    full.store_token(tmp_store)
     flow = oac.DeviceFlow(full.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
-    assert run(flow._metadata())["revocation_endpoint"] == f"{full.issuer}/revoke"
+    run(flow.logout())
+    assert len(fake_server.hits("/revoke")) == 2
     assert fake_server.hits(OAUTH) == []
 
 
@@ -191,8 +194,7 @@ def test_a_provider_without_an_oauth_document_is_asked_once(fake_server, tmp_sto
     provider = Provider(fake_server, "/realms/x", "nowhere")
     flow = oac.DeviceFlow(provider.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
     for _ in range(3):
-        meta = run(flow._metadata())
-        assert "revocation_endpoint" not in meta
+        run(flow.logout())
     assert len(fake_server.hits(OAUTH + "/realms/x")) == 1
     assert len(fake_server.hits("/realms/x" + OAUTH)) == 1
 

@@ -147,6 +147,11 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def end_session(flow: oac.BaseFlow) -> str | None:
+    """Make *flow* read the provider's metadata: its logout asks for the end session URL."""
+    return run(flow.logout())
+
+
 def basic(client: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{client}:{secret}".encode()).decode()
 
@@ -158,19 +163,18 @@ def basic(client: str, secret: str) -> str:
 
 def test_discovery_is_fetched_once_and_kept_for_its_lifetime(provider, tmp_store, monkeypatch):
     flow = device_flow(provider, tmp_store)
-    meta = run(flow._metadata())
-    assert meta["token_endpoint"] == f"{provider.issuer}/token"
-    run(flow._metadata())
-    run(oac.CodeFlow(provider.issuer, client_id="other", store=tmp_store)._metadata())
+    assert end_session(flow) == f"{provider.issuer}/logout?client_id={CLIENT}"
+    end_session(flow)
+    end_session(oac.CodeFlow(provider.issuer, client_id="other", store=tmp_store))
     assert len(provider.fake.hits(WELL_KNOWN)) == 1  # one document per issuer, in memory
 
     monkeypatch.setattr(oac, "_DOCUMENT_TTL", 0.2)
     oac._FETCHED.clear()
-    run(flow._metadata())
-    run(flow._metadata())
+    end_session(flow)
+    end_session(flow)
     assert len(provider.fake.hits(WELL_KNOWN)) == 2
     time.sleep(0.3)
-    run(flow._metadata())  # expired: fetched again
+    end_session(flow)  # expired: fetched again
     assert len(provider.fake.hits(WELL_KNOWN)) == 3
 
 
@@ -193,8 +197,7 @@ def test_discovery_with_another_issuer_is_refused_and_not_kept(provider, tmp_sto
 
 def test_issuer_equal_up_to_a_trailing_slash_and_case_is_accepted(provider, tmp_store):
     provider.meta["issuer"] = provider.issuer.upper().replace("HTTP://", "http://") + "/"
-    flow = device_flow(provider, tmp_store)
-    assert run(flow._metadata())["issuer"] == provider.meta["issuer"]
+    assert end_session(device_flow(provider, tmp_store)) is not None
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -207,7 +210,7 @@ def test_broken_discovery_documents_are_clear_errors(fake_server, tmp_store, fie
                                                      words):
     provider = Provider(fake_server, **{field: value})
     with pytest.raises(oac.AuthError) as info:
-        run(device_flow(provider, tmp_store)._metadata())
+        run(device_flow(provider, tmp_store).get_device_code())
     assert words in info.value.message
 
 
@@ -225,7 +228,7 @@ def test_no_discovery_document_is_a_clear_error(fake_server, tmp_store, status, 
 def test_discovery_retries_a_dropped_connection(fake_server, tmp_store):
     fake_server.reply("GET", WELL_KNOWN, 200, "__drop__")
     provider = Provider(fake_server)
-    assert run(device_flow(provider, tmp_store)._metadata())["issuer"] == provider.issuer
+    assert end_session(device_flow(provider, tmp_store)) is not None
     assert len(fake_server.hits(WELL_KNOWN)) == 2
 
 
@@ -233,9 +236,9 @@ def test_discovery_url_keeps_the_issuer_path(fake_server, tmp_store):
     realm = fake_server.url + "/realms/science"
     fake_server.reply("GET", "/realms/science" + WELL_KNOWN, 200, {
         "issuer": realm, "authorization_endpoint": realm + "/auth",
-        "token_endpoint": realm + "/token"})
+        "token_endpoint": realm + "/token", "end_session_endpoint": realm + "/logout"})
     flow = oac.DeviceFlow(realm + "/", client_id=CLIENT, store=tmp_store)
-    assert run(flow._metadata())["issuer"] == realm
+    assert end_session(flow) == f"{realm}/logout?client_id={CLIENT}"
 
 
 # ---------------------------------------------------------------------------
@@ -647,10 +650,11 @@ def test_malformed_id_tokens_are_refused(token):
         oac._jws_parts(token)
 
 
-def id_token_check(provider: Provider, store: oac.TokenStore, token: str,
-                   nonce: str | None = None, **kwargs: Any) -> None:
-    flow = device_flow(provider, store, **kwargs)
-    run(flow._check_id_token(token, run(flow._metadata()), nonce))
+def id_token_check(provider: Provider, store: oac.TokenStore, token: str, **kwargs: Any) -> None:
+    """A refresh that the provider answers with *token* as the ID token."""
+    provider.id_token = token
+    provider.tokens()
+    run(device_flow(provider, store, **kwargs).refresh("r-old"))
 
 
 def test_signed_id_token_is_checked_against_the_jwks(provider, tmp_store):
@@ -812,11 +816,14 @@ def test_revoke_is_true_when_the_server_revoked_something(provider, tmp_store, c
 
     provider.fake.reply("POST", "/revoke", 200, revoke)
     with caplog.at_level(logging.INFO, logger="py_oidc_auth_client"):
-        assert run(flow._revoke(token)) is True
+        run(flow.logout())
+        assert "unsupported_token_type" in caplog.text  # said, but no warning
         assert "WARNING" not in [r.levelname for r in caplog.records]
         down.append(True)
-        assert run(flow._revoke(token)) is False
+        token = stored(provider, tmp_store)
+        run(flow.logout())
     assert "WARNING" in [r.levelname for r in caplog.records]
+    assert tmp_store.hosts() == []  # forgotten here in any case
     assert len(provider.fake.hits("/revoke")) == 4  # one attempt each, never a retry loop
     for secret in (token["access_token"], token["refresh_token"]):
         assert secret not in caplog.text
@@ -824,9 +831,8 @@ def test_revoke_is_true_when_the_server_revoked_something(provider, tmp_store, c
 
 def test_without_revocation_endpoint_logout_only_forgets(fake_server, tmp_store):
     provider = Provider(fake_server, revocation_endpoint=None, end_session_endpoint=None)
-    token = stored(provider, tmp_store)
+    stored(provider, tmp_store)
     flow = device_flow(provider, tmp_store)
-    assert run(flow._revoke(token)) is False
     assert run(flow.logout()) is None
     assert tmp_store.hosts() == []
     assert fake_server.hits("/revoke") == []
@@ -836,7 +842,6 @@ def test_py_oidc_auth_mode_revokes_nothing(fake_server, tmp_store, make_token):
     flow = oac.DeviceFlow(fake_server.url, store=tmp_store)
     token = make_token()
     tmp_store.put(fake_server.url, token)
-    assert run(flow._revoke(token)) is False
     assert run(flow.logout()) is None
     assert tmp_store.hosts() == []
     assert fake_server.requests == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -544,6 +545,42 @@ def test_store_waits_for_the_lock_then_writes(tmp_store, make_token, lock_holder
     holder.wait(5)
     assert done.wait(5)
     assert tmp_store.get("https://a.example.com") == token
+
+
+@posix_only
+@pytest.mark.timeout(20)
+def test_a_coroutine_waiting_for_the_lock_lets_its_loop_run(tmp_store, fake_server, lock_holder):
+    # A notebook refreshes while another process holds the store's lock: the refresh
+    # waits, and the notebook's other tasks run on meanwhile.
+    os.makedirs(os.path.dirname(tmp_store.path))
+    holder = lock_holder(tmp_store.path + ".lock")
+    fake_server.reply("POST", "/auth/v2/token", 200, token_answer(refresh="r-2"))
+    flow = oac.DeviceFlow(fake_server.url, store=tmp_store)
+    ticks: list[float] = []
+
+    async def scenario() -> oac.Token:
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.02)
+
+        async def release() -> None:
+            await asyncio.sleep(0.5)
+            holder.stdin.close()
+
+        ticker, releaser = asyncio.create_task(tick()), asyncio.create_task(release())
+        try:
+            return await flow.refresh("r-1")
+        finally:
+            ticker.cancel()
+            await releaser
+
+    start = time.monotonic()
+    token = asyncio.run(scenario())
+    assert time.monotonic() - start >= 0.5  # the refresh did wait for the lock
+    assert len([t for t in ticks if t < start + 0.45]) >= 10  # and the loop ran meanwhile
+    assert token["refresh_token"] == "r-2"
+    assert tmp_store.get(fake_server.url) == token
 
 
 # -- where the store lives -------------------------------------------------------------
