@@ -1254,9 +1254,6 @@ def _refresh_valid(token: Token, now: float | None = None) -> bool:
 
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
 
-_ID_TOKENS: dict[str, str] = {}  # access token -> the ID token that came with it (for logout)
-
-
 # DigestInfo prefixes of EMSA-PKCS1-v1_5 (RFC 8017, 9.2 note 1).
 _RSA_DIGESTS = {
     "RS256": ("sha256", "3031300d060960864801650304020105000420"),
@@ -1332,12 +1329,6 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
     if not meta.get("jwks_uri"):
         return f"it is signed with {alg}, and the provider publishes no jwks_uri"
     return ""
-
-
-def _remember_id_token(access: str, id_token: str) -> None:
-    if len(_ID_TOKENS) > 4096:
-        _ID_TOKENS.clear()
-    _ID_TOKENS[access] = id_token
 
 
 def _rsa_verify(key: dict[str, Any], alg: str, signed: bytes, signature: bytes) -> bool:
@@ -1520,6 +1511,8 @@ class TokenStore:
         self._next_eviction = float("inf")
         self._warned_mode = False
         self._unsaved: dict[str, Token] = {}  # tokens a write failed for: kept, not lost
+        # A standard provider's ID token per access token, saved beside it for logout.
+        self._id_tokens: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"TokenStore({self.path!r})"
@@ -1619,12 +1612,12 @@ class TokenStore:
         if not isinstance(obj, dict):
             return {}, "does not hold a JSON object", data
         if self._single:  # one token, keyed by the server it names ("" if none)
-            token = _as_token(obj)
+            token = self._as_token(obj)
             return ({_server_of(obj): token}, "", b"") if token else (
                 {}, "does not hold a token", data)
         entries: dict[str, Token] = {}
         for key, value in obj.items():
-            token = _as_token(value)
+            token = self._as_token(value)
             if token is not None:
                 entries[key] = token
         if len(entries) == len(obj):
@@ -1736,6 +1729,21 @@ class TokenStore:
     def _lock(self) -> _FileLock:
         return _FileLock(self.path + ".lock")
 
+    def _id_token(self, access: str, id_token: str | None = None) -> str:
+        """The ID token kept for the access token *access*; with *id_token*, keep that."""
+        if id_token is not None:
+            if len(self._id_tokens) > 4096:
+                self._id_tokens.clear()
+            self._id_tokens[access] = id_token
+        return self._id_tokens.get(access, "")
+
+    def _as_token(self, obj: object) -> Token | None:
+        """`_as_token`, keeping the ID token stored with it."""
+        token = _as_token(obj)
+        if token is not None and isinstance(obj, dict) and isinstance(obj.get("id_token"), str):
+            self._id_token(token["access_token"], obj["id_token"])
+        return token
+
     def _current(self, key: str) -> Token | None:
         """Under the lock: *key*'s entry as the file holds it now."""
         return self._update_locked(lambda entries: None).get(key)
@@ -1800,8 +1808,8 @@ class TokenStore:
                        "refresh_expires": t["refresh_expires"], "scope": t["scope"],
                        "lifetime": _lifetime(t)} for k, t in entries.items()}
             for entry in obj.values():
-                if entry["access_token"] in _ID_TOKENS:
-                    entry["id_token"] = _ID_TOKENS[entry["access_token"]]
+                if entry["access_token"] in self._id_tokens:
+                    entry["id_token"] = self._id_tokens[entry["access_token"]]
         _atomic_write(self.path, json.dumps(obj, separators=(",", ":")).encode())
 
     def _check_mode(self, mode: int) -> None:
@@ -1847,8 +1855,6 @@ def _as_token(obj: object) -> Token | None:
     lifetime = obj.get("lifetime")
     if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _LIFETIMES:
         _LIFETIMES[access] = lifetime
-    if isinstance(obj.get("id_token"), str):
-        _remember_id_token(access, obj["id_token"])
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
 
@@ -2585,12 +2591,12 @@ class _Provider:
             raise AuthError("The provider answered the login without an ID token",
                             {"error": "invalid_id_token"}, 502)
         elif previous is not None:
-            id_token = _ID_TOKENS.get(previous["access_token"])
+            id_token = self.flow.store._id_token(previous["access_token"])
         if not isinstance(raw.get("scope"), str):  # RFC 6749, 5.1: as requested
             raw = {**raw, "scope": previous["scope"] if previous else self.scope(meta)}
         token = _make_token(raw, previous)
         if id_token:
-            _remember_id_token(token["access_token"], id_token)
+            self.flow.store._id_token(token["access_token"], id_token)
         return token
 
     async def _check_id_token(self, id_token: str, meta: dict[str, Any],
@@ -2948,7 +2954,7 @@ class BaseFlow:
             without one.
         """
         token = self.store.get(self.host)
-        id_token = _ID_TOKENS.get(token["access_token"], "") if token is not None else ""
+        id_token = self.store._id_token(token["access_token"]) if token is not None else ""
         if token is not None:
             await self._sign_out(token)
             self.store.remove(self.host)
@@ -3019,10 +3025,7 @@ class BaseFlow:
 
         The caller removes it from the store it came from.
         """
-        try:
-            return await self._dialect.revoke(token)
-        finally:
-            _ID_TOKENS.pop(token["access_token"], None)
+        return await self._dialect.revoke(token)
 
 
 def _check_timeout(timeout: object) -> int | None:

@@ -789,17 +789,19 @@ def test_refresh_checks_a_new_id_token(provider, tmp_store):
 
 def test_revoke_sends_both_tokens_and_logout_forgets_them(provider, tmp_store):
     provider.fake.reply("POST", "/revoke", 200, b"")
-    token = stored(provider, tmp_store)
-    oac._remember_id_token(token["access_token"], "the.id.token")
+    stored(provider, tmp_store)
+    provider.id_token = sign(provider.claims_now())
+    provider.tokens()
     flow = device_flow(provider, tmp_store, client_secret=SECRET)
+    token = run(flow.refresh("r-old"))  # comes with an ID token
     url = run(flow.logout())
     first, second = provider.fake.hits("/revoke")
-    assert first.form == {"token": "r-old", "token_type_hint": "refresh_token"}
+    assert first.form == {"token": "r-1", "token_type_hint": "refresh_token"}
     assert second.form == {"token": token["access_token"], "token_type_hint": "access_token"}
     assert first.headers["Authorization"] == basic(CLIENT, SECRET)
     assert tmp_store.hosts() == []
     assert url == f"{provider.issuer}/logout?" + urlencode(
-        {"client_id": CLIENT, "id_token_hint": "the.id.token"})
+        {"client_id": CLIENT, "id_token_hint": provider.id_token})
 
 
 def test_revoke_is_true_when_the_server_revoked_something(provider, tmp_store, caplog):
@@ -848,15 +850,16 @@ def test_py_oidc_auth_mode_revokes_nothing(fake_server, tmp_store, make_token):
 
 
 def test_the_id_token_survives_in_the_store_for_logout(provider, tmp_store):
-    now = int(time.time())
-    token = oac._token(make_jwt(3600, now), "Bearer", now + 3600, "r", now + 7200, "openid")
-    oac._remember_id_token(token["access_token"], "kept.id.token")  # as a login does
-    tmp_store.put(oac._store_key(provider.issuer, CLIENT), token)
-    assert "kept.id.token" in Path(tmp_store.path).read_text()
-    oac._ID_TOKENS.clear()  # a new process
-    fresh = oac.TokenStore(tmp_store.path)
+    stored(provider, tmp_store)
+    provider.id_token = sign(provider.claims_now())
+    provider.tokens()
+    token = run(device_flow(provider, tmp_store).refresh("r-old"))  # as a login does
+    assert provider.id_token in Path(tmp_store.path).read_text()
+    fresh = oac.TokenStore(tmp_store.path)  # as in a new process
+    oac.BaseFlow.reset_instances()
     assert fresh.get(oac._store_key(provider.issuer, CLIENT)) == token
-    assert oac._ID_TOKENS[token["access_token"]] == "kept.id.token"
+    url = run(device_flow(provider, fresh).logout())
+    assert url.endswith(urlencode({"id_token_hint": provider.id_token}))
 
 
 # ---------------------------------------------------------------------------
