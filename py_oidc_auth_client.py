@@ -1526,9 +1526,7 @@ class TokenStore:
             The token while its access or its refresh token is still valid.
         """
         key = _host_key(host)
-        entries = self._read()
-        if time.time() >= self._next_eviction:
-            entries = self._update(lambda entries: None)
+        entries = self._live()
         if self._single and entries and key not in entries:
             raise self._foreign(next(iter(entries)), key)
         return entries.get(key)
@@ -1550,10 +1548,7 @@ class TokenStore:
 
     def hosts(self) -> list[str]:
         """The normalised URLs of the hosts with cached tokens, after pruning expired ones."""
-        entries = self._read()
-        if time.time() >= self._next_eviction:
-            entries = self._update(lambda entries: None)
-        return sorted(entries)
+        return sorted(self._live())
 
     def clear(self) -> None:
         """Remove all cached tokens, and the copies of unreadable store contents kept aside."""
@@ -1562,6 +1557,13 @@ class TokenStore:
             _remove_aside(aside)
 
     # -- Internals --
+
+    def _live(self) -> dict[str, Token]:
+        """The entries; the dead ones are pruned from the file when one has expired."""
+        entries = self._read()
+        if time.time() >= self._next_eviction:
+            entries = self._update(lambda entries: None)
+        return entries
 
     def _read(self) -> dict[str, Token]:
         """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
@@ -2941,17 +2943,14 @@ class BaseFlow:
     async def logout(self) -> str | None:
         """Revoke this host's tokens where the provider offers it, then forget them.
 
-        A standard provider's ``revocation_endpoint`` (RFC 7009) is asked to
-        revoke the refresh and the access token; the local copy is removed in
-        any case.
+        A standard provider's ``revocation_endpoint`` (RFC 7009) revokes the refresh
+        and the access token; the local copy is removed in any case.
 
         Returns
         -------
         str or None
             The provider's ``end_session_endpoint`` URL with ``client_id`` and
-            ``id_token_hint``: open it in a browser to end the provider's
-            browser session too. None for a py-oidc-auth server or a provider
-            without one.
+            ``id_token_hint``, to end its browser session too; None without one.
         """
         token = self.store.get(self.host)
         id_token = self.store._id_token(token["access_token"]) if token is not None else ""
@@ -3076,19 +3075,9 @@ class DeviceFlow(BaseFlow):
         Parameters
         ----------
         force : bool
-            Skip the cache and force a new interactive login.
+            As in `BaseFlow.authenticate`.
         auto_open : bool
             Attempt to open the verification URL in the default browser.
-
-        Returns
-        -------
-        Token
-            The authentication token.
-
-        Raises
-        ------
-        AuthError
-            If the flow fails, times out, or the user denies access.
         """
         self._auto_open = auto_open
         return await super().authenticate(force=force)
@@ -3334,17 +3323,7 @@ class CodeFlow(BaseFlow):
         Parameters
         ----------
         force : bool
-            Skip the cache and force a new interactive login.
-
-        Returns
-        -------
-        Token
-            The authentication token.
-
-        Raises
-        ------
-        AuthError
-            If the login times out or the code exchange fails.
+            As in `BaseFlow.authenticate`.
         """
         return await super().authenticate(force=force)
 
