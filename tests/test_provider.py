@@ -143,6 +143,14 @@ def device_flow(provider: Provider, store: oac.TokenStore, **kwargs: Any) -> oac
     return oac.DeviceFlow(provider.issuer, client_id=CLIENT, store=store, **kwargs)
 
 
+def store_key(issuer: str, client_id: str | None = None, scopes: Any = None) -> str:
+    """Where the flows keep their tokens: their ``host``, issuer#client_id=...&scope=...
+
+    A BaseFlow of its own, so that no DeviceFlow or CodeFlow of a test is configured anew.
+    """
+    return oac.BaseFlow(issuer, client_id=client_id, scopes=scopes).host
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
@@ -325,7 +333,7 @@ def test_authenticate_falls_back_to_the_code_flow(fake_server, tmp_store, termin
         user.finish()
     assert len(fake_server.hits("/token")) == 1
     assert fake_server.hits("/device") == []
-    assert tmp_store.get(oac._store_key(provider.issuer, CLIENT)) == token
+    assert tmp_store.get(store_key(provider.issuer, CLIENT)) == token
 
 
 def test_confidential_client_uses_http_basic(provider, tmp_store):
@@ -457,7 +465,7 @@ def test_code_flow_sends_pkce_state_nonce_and_exchanges_with_the_verifier(
     assert b64u(hashlib.sha256(verifier.encode()).digest()) == query["code_challenge"]
     assert verifier not in user.location
     assert provider.fake.hits("/authorize") == []  # the browser goes there, not the client
-    assert tmp_store.get(oac._store_key(provider.issuer, CLIENT, "openid profile")) == token
+    assert tmp_store.get(store_key(provider.issuer, CLIENT, "openid profile")) == token
     # Nothing secret was logged or shown.
     shown = caplog.text + terminal.getvalue()
     for secret in (verifier, "the-code", token["access_token"], "r-1", query["nonce"]):
@@ -532,7 +540,7 @@ def test_login_without_id_token_is_refused_when_openid_was_asked(provider, tmp_s
         code_login(provider, tmp_store, ProviderUser(terminal, provider))
     # Plain OAuth (no openid scope): no ID token expected.
     code_login(provider, tmp_store, ProviderUser(Terminal(), provider), scopes=["api"])
-    assert tmp_store.hosts() == [oac._store_key(provider.issuer, CLIENT, "api")]
+    assert tmp_store.hosts() == [store_key(provider.issuer, CLIENT, "api")]
 
 
 def test_pkce_pair():
@@ -719,7 +727,7 @@ def stored(provider: Provider, store: oac.TokenStore, lifetime: int = 3600, scop
     now = int(time.time())
     token = oac._token(make_jwt(lifetime, now), "Bearer", now + lifetime, refresh, now + 86400,
                        scope)
-    store.put(oac._store_key(provider.issuer, CLIENT, key.get("scopes")), token)
+    store.put(store_key(provider.issuer, CLIENT, key.get("scopes")), token)
     return token
 
 
@@ -735,7 +743,7 @@ def test_expired_token_is_refreshed_with_the_granted_scope(provider, tmp_store):
     assert token["access_token"] != old["access_token"]
     assert token["refresh_token"] == "r-new"
     assert token["scope"] == "openid profile"  # absent in the answer: unchanged (RFC 6749, 5.1)
-    assert tmp_store.get(oac._store_key(provider.issuer, CLIENT)) == token
+    assert tmp_store.get(store_key(provider.issuer, CLIENT)) == token
 
 
 @pytest.mark.timeout(20)
@@ -857,7 +865,7 @@ def test_the_id_token_survives_in_the_store_for_logout(provider, tmp_store):
     assert provider.id_token in Path(tmp_store.path).read_text()
     fresh = oac.TokenStore(tmp_store.path)  # as in a new process
     oac.BaseFlow.reset_instances()
-    assert fresh.get(oac._store_key(provider.issuer, CLIENT)) == token
+    assert fresh.get(store_key(provider.issuer, CLIENT)) == token
     url = run(device_flow(provider, fresh).logout())
     assert url.endswith(urlencode({"id_token_hint": provider.id_token}))
 
@@ -870,38 +878,39 @@ ISSUER = "https://keycloak.example.org/realms/science"
 
 
 def test_store_keys_name_issuer_client_and_sorted_scopes():
-    assert oac._store_key(ISSUER) == ISSUER
-    assert oac._store_key(ISSUER, "cli") == f"{ISSUER}#client_id=cli&scope=offline_access+openid"
+    assert store_key(ISSUER) == ISSUER
+    assert store_key(ISSUER, "cli") == f"{ISSUER}#client_id=cli&scope=offline_access+openid"
     key = f"{ISSUER}#client_id=cli&scope=openid+profile"
     for scopes in ("openid profile", ["profile", "openid"], ("openid", "profile openid")):
-        assert oac._store_key(ISSUER, "cli", scopes) == key
-    assert oac._store_key("HTTPS://Keycloak.Example.org:443/realms/science/", "cli",
+        assert store_key(ISSUER, "cli", scopes) == key
+    assert store_key("HTTPS://Keycloak.Example.org:443/realms/science/", "cli",
                           "profile openid") == key
-    assert oac._store_key(ISSUER, "other") != oac._store_key(ISSUER, "cli")
-    assert oac._store_key(ISSUER, "cli", []) == f"{ISSUER}#client_id=cli&scope="
+    assert store_key(ISSUER, "other") != store_key(ISSUER, "cli")
+    assert store_key(ISSUER, "cli", []) == f"{ISSUER}#client_id=cli&scope="
 
 
 def test_store_keys_are_hosts_of_their_own():
     key = f"{ISSUER}#client_id=cli&scope=openid+profile"
-    assert oac._host_key(key) == key
-    assert oac._host_key(f"{ISSUER}#scope=profile+openid&client_id=cli") == key
-    assert oac._host_key(f"{ISSUER}#client_id=cli") == oac._store_key(ISSUER, "cli")
-    assert oac._split_key(key) == (ISSUER, "cli", ["openid", "profile"])
-    assert oac._split_key(ISSUER) == (ISSUER, None, None)
+    assert store_key(key) == key
+    assert store_key(f"{ISSUER}#scope=profile+openid&client_id=cli") == key
+    assert store_key(f"{ISSUER}#client_id=cli") == store_key(ISSUER, "cli")
+    config = oac.DeviceFlow(key).config
+    assert (config.host, config.client_id, config.scopes) == (ISSUER, "cli", ["openid", "profile"])
+    assert oac.DeviceFlow(ISSUER).config.client_id is None
     with pytest.raises(oac.AuthError, match="fragment"):
-        oac._host_key(ISSUER + "#other")
+        store_key(ISSUER + "#other")
     with pytest.raises(oac.AuthError, match="without a #client_id"):
-        oac._store_key(key, "cli")
+        store_key(key, "cli")
 
 
 def test_one_store_holds_several_clients_of_one_provider(tmp_store, make_token):
     one, two = make_token(), make_token()
-    tmp_store.put(oac._store_key(ISSUER, "cli"), one)
-    tmp_store.put(oac._store_key(ISSUER, "cli", "openid"), two)
+    tmp_store.put(store_key(ISSUER, "cli"), one)
+    tmp_store.put(store_key(ISSUER, "cli", "openid"), two)
     tmp_store.put(ISSUER, make_token())
     assert len(tmp_store.hosts()) == 3
-    assert tmp_store.get(oac._store_key(ISSUER, "cli")) == one
-    assert tmp_store.get(oac._store_key(ISSUER, "cli", ["openid"])) == two
+    assert tmp_store.get(store_key(ISSUER, "cli")) == one
+    assert tmp_store.get(store_key(ISSUER, "cli", ["openid"])) == two
 
 
 def test_flows_are_per_client_and_accept_a_store_key_as_host():
@@ -909,7 +918,7 @@ def test_flows_are_per_client_and_accept_a_store_key_as_host():
     assert a is oac.DeviceFlow(ISSUER, client_id="cli", scopes=["openid", "offline_access"])
     assert a is not oac.DeviceFlow(ISSUER, client_id="cli2")
     assert a is not oac.DeviceFlow(ISSUER)
-    assert a.host == oac._store_key(ISSUER, "cli")
+    assert a.host == store_key(ISSUER, "cli")
     config = oac.Config(host=ISSUER, client_id="cli")
     assert oac.DeviceFlow(config=config) is a
     b = oac.CodeFlow(f"{ISSUER}#client_id=cli&scope=openid+profile")
@@ -938,7 +947,7 @@ def test_a_cache_hit_imports_nothing_heavy(tmp_path):
     store = tmp_path / "store.json"
     now = int(time.time())
     token = oac._token(make_jwt(3600, now), "Bearer", now + 3600, "r", now + 7200, "openid")
-    oac.TokenStore(store).put(oac._store_key(ISSUER, "cli", "openid profile"), token)
+    oac.TokenStore(store).put(store_key(ISSUER, "cli", "openid profile"), token)
     result = run_child(f"""
         import json, sys
         import py_oidc_auth_client as oac
@@ -968,14 +977,14 @@ def test_cli_lists_keys_quoted_for_the_shell_and_removes_by_client(make_token):
     import shlex
 
     store = oac._default_store("py-oidc-auth")
-    store.put(oac._store_key(ISSUER, "cli", "openid profile"), make_token())
+    store.put(store_key(ISSUER, "cli", "openid profile"), make_token())
     store.put("https://plain.example.com", make_token())
     code, out, _ = run_cli("--list")
     assert code == 0
     lines = sorted(out.splitlines())
     assert lines[0].startswith(f"'{ISSUER}#client_id=cli&scope=openid+profile'\taccess valid for ")
     assert lines[1].startswith("https://plain.example.com\taccess valid for ")  # unchanged
-    assert shlex.split(lines[0].split("\t")[0]) == [oac._store_key(ISSUER, "cli",
+    assert shlex.split(lines[0].split("\t")[0]) == [store_key(ISSUER, "cli",
                                                                    "openid profile")]
     code, _, err = run_cli("--remove", ISSUER, "--client-id", "cli", "--scope", "profile",
                            "--scope", "openid")
@@ -1003,7 +1012,7 @@ def test_cli_reads_the_secret_from_the_environment(provider, monkeypatch):
 
 def test_cli_names_the_issuer_and_client_after_login(provider, make_token):
     store = oac._default_store("py-oidc-auth")
-    store.put(oac._store_key(provider.issuer, CLIENT), make_token())
+    store.put(store_key(provider.issuer, CLIENT), make_token())
     code, out, _ = run_cli(provider.issuer, "--client-id", CLIENT)
     assert code == 0
     assert re.match(rf"Logged in to {re.escape(provider.issuer)} \(client {CLIENT}\): ", out)

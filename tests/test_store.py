@@ -38,6 +38,11 @@ def run_child(code: str, **extra: str) -> str:
     return out.stdout
 
 
+def flow_store(host: str = "https://a.example.com", **options: str) -> oac.TokenStore:
+    """The store a flow uses by default: the token file of OIDC_TOKEN_FILE, else the cache."""
+    return oac.BaseFlow(host, **options).store
+
+
 def raw_entry(lifetime: int = 3600, refresh_lifetime: int = 86400, refresh: str = "r-1",
               access: str = "a-1") -> dict:
     now = int(time.time())
@@ -593,8 +598,9 @@ def test_default_path_honours_xdg_cache_home_and_app_name(tmp_path, monkeypatch)
     assert oac.TokenStore().path == str(cache / "py-oidc-auth" / "token-store.json")
     assert oac.TokenStore(app_name="my-project").path == str(
         cache / "my-project" / "token-store.json")
-    assert oac._default_store("my-project").path == str(cache / "my-project" / "token-store.json")
-    assert oac._default_store("my-project") is oac._default_store("my-project")
+    shared = flow_store(app_name="my-project")
+    assert shared.path == str(cache / "my-project" / "token-store.json")
+    assert shared is flow_store(app_name="my-project")
 
 
 @linux_only
@@ -653,7 +659,7 @@ def token_file(tmp_path, monkeypatch, make_token):
 
 def test_token_file_holds_one_token_for_its_server_only(token_file):
     path, token = token_file
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     assert store.path == str(path)
     assert store.get("https://A.example.com/") == token
     with pytest.raises(oac.AuthError) as caught:
@@ -664,7 +670,7 @@ def test_token_file_holds_one_token_for_its_server_only(token_file):
 
 def test_token_file_put_writes_one_token_object(token_file, make_token):
     path, _ = token_file
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     new = make_token(lifetime=7200)
     store.put("https://a.example.com", new)
     assert json.loads(path.read_text()) == {"server": "https://a.example.com", **new}
@@ -674,8 +680,8 @@ def test_token_file_put_writes_one_token_object(token_file, make_token):
 
 def test_token_file_store_is_separate_from_the_cache(token_file):
     path, _ = token_file
-    file_store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
-    cache_store = oac._default_store("py-oidc-auth")
+    file_store = flow_store()
+    cache_store = oac.TokenStore()
     assert file_store is not cache_store
     assert cache_store.path != str(path)
     assert cache_store.get("https://a.example.com") is None
@@ -683,14 +689,14 @@ def test_token_file_store_is_separate_from_the_cache(token_file):
 
 def test_unset_token_file_means_the_cache(monkeypatch):
     monkeypatch.delenv("OIDC_TOKEN_FILE", raising=False)
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
-    assert store is oac._default_store("py-oidc-auth")
+    store = flow_store()
+    assert store is flow_store("https://b.example.com")  # one shared store
     assert store.path.endswith(os.path.join("py-oidc-auth", "token-store.json"))
 
 
 def test_missing_token_file_gives_none(tmp_path, monkeypatch):
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(tmp_path / "nope.json"))
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     assert store.get("https://a.example.com") is None
 
 
@@ -699,7 +705,7 @@ def test_garbage_token_file_is_kept_aside(tmp_path, monkeypatch, caplog):
     path = tmp_path / "token.json"
     path.write_text('{"not": "a token"}')
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     assert store.get("https://a.example.com") is None
     (aside,) = sorted(tmp_path.glob("token.json.corrupt-*"))
     assert aside.read_text() == '{"not": "a token"}'
