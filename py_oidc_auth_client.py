@@ -1758,11 +1758,8 @@ class TokenStore:
         return new
 
     def _hold(self, key: str, token: Token | None, exc: OSError | AuthError) -> Token:
-        """A new *token* the file could not take: keep it in this process, and warn.
-
-        It must not be lost: the server may have rotated the refresh token, and the
-        old one is dead. Without a new token, *exc* is raised.
-        """
+        """Keep a new *token* the file could not take, and warn; without one, raise *exc*."""
+        # It must not be lost: the server may have rotated the refresh token.
         if token is None:
             raise _store_error(self.path, exc) if isinstance(exc, OSError) else exc
         self._unsaved[key] = token
@@ -2500,9 +2497,8 @@ def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: st
 class _Provider:
     """A standard OpenID provider, talked to directly (a ``client_id`` is given).
 
-    Its endpoints come from discovery; the client authenticates in the form or with
-    HTTP Basic; its ID tokens are checked and kept for logout; tokens are revoked.
-    ``_Server`` (in Flows) is the py-oidc-auth twin with the same methods.
+    Endpoints from discovery, client authentication, ID tokens, revocation; `_Server`
+    (in Flows) is its py-oidc-auth twin, with the same methods.
     """
 
     def __init__(self, flow: BaseFlow) -> None:
