@@ -409,7 +409,6 @@ def read_request(conn: socket.socket) -> bytes:
 def no_cached_documents():
     """Discovery documents and key sets are kept in memory by URL, and ports are reused."""
     oac._FETCHED.clear()
-    oac._ID_TOKENS.clear()
     yield
     oac._FETCHED.clear()
 

@@ -1158,8 +1158,6 @@ def _refresh_valid(token: Token, now: float | None = None) -> bool:
 
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
 
-_ID_TOKENS: dict[str, str] = {}  # access token -> the ID token that came with it (for logout)
-
 # DigestInfo prefixes of EMSA-PKCS1-v1_5 (RFC 8017, 9.2 note 1).
 _RSA_DIGESTS = {
     "RS256": ("sha256", "3031300d060960864801650304020105000420"),
@@ -1229,12 +1227,6 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
     if not meta.get("jwks_uri"):
         return f"it is signed with {alg}, and the provider publishes no jwks_uri"
     return ""
-
-
-def _remember_id_token(access: str, id_token: str) -> None:
-    if len(_ID_TOKENS) > 4096:
-        _ID_TOKENS.clear()
-    _ID_TOKENS[access] = id_token
 
 
 def _rsa_verify(key: dict[str, Any], alg: str, signed: bytes, signature: bytes) -> bool:
@@ -1384,20 +1376,18 @@ def _server_name(key: str) -> str:
 class TokenStore:
     """Per host token cache with automatic TTL eviction.
 
-    Each host gets its own entry in one JSON file. Entries whose access and
-    refresh tokens have both expired are pruned on read. Every change is made
-    under a lock file beside the store and written atomically, so processes
-    sharing the file never lose each other's tokens. The file is created
-    readable by its owner only.
+    One JSON file, readable by its owner only, holds an entry per host; entries
+    whose access and refresh tokens have both expired are pruned on read. Every
+    change is made under a lock file beside it and written atomically, so
+    processes sharing the file never lose each other's tokens.
 
     Parameters
     ----------
     path : str or Path or None
-        Path to the JSON cache file. Defaults to the platform cache directory
-        (``~/.cache/py-oidc-auth/token-store.json`` on Linux).
+        The JSON file; by default ``token-store.json`` in the platform cache
+        folder of *app_name* (``~/.cache/py-oidc-auth/`` on Linux).
     app_name : str
-        Application name for the cache directory. Only used when ``path`` is
-        ``None``.
+        The cache folder's name, used only when *path* is None.
 
     Examples
     --------
@@ -1419,81 +1409,44 @@ class TokenStore:
         self._next_eviction = float("inf")
         self._warned_mode = False
         self._unsaved: dict[str, Token] = {}  # tokens a write failed for: kept, not lost
+        # A standard provider's ID token per access token, saved beside it for logout.
+        self._id_tokens: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"TokenStore({self.path!r})"
 
     def get(self, host: str) -> Token | None:
-        """Look up a cached token for *host*.
-
-        Triggers a cleanup pass that removes all expired entries from the
-        store file.
-
-        Parameters
-        ----------
-        host : str
-            The server URL to look up.
+        """The token cached for the server URL *host*, or None; prunes expired entries.
 
         Returns
         -------
         Token or None
-            The cached token if its access or refresh token is still valid,
-            otherwise ``None``.
+            The token while its access or its refresh token is still valid.
         """
         key = _host_key(host)
-        entries = self._read()
-        if time.time() >= self._next_eviction:
-            entries = self._update(lambda entries: None)
+        entries = self._live()
         if self._single and entries and key not in entries:
             raise self._foreign(next(iter(entries)), key)
         return entries.get(key)
 
     def put(self, host: str, token: Token) -> None:
-        """Store a token for *host*, overwriting any previous entry.
-
-        Parameters
-        ----------
-        host : str
-            The server URL the token belongs to.
-        token : Token
-            The token to cache.
-        """
+        """Store *token* for the server URL *host*, replacing any previous entry."""
         key = _host_key(host)
         checked = _as_token(token)
         if checked is None:
             raise ValueError("token must be a Token dict with access_token and expires")
-        self._update(lambda entries: _set(entries, key, checked, self._single))
+        self._renew(key, checked, keep=False)
 
     def remove(self, host: str) -> bool:
-        """Remove the cached token for *host*.
-
-        Parameters
-        ----------
-        host : str
-            The server URL to remove.
-
-        Returns
-        -------
-        bool
-            ``True`` if an entry was removed, ``False`` if not found.
-        """
+        """Remove the token cached for *host*; True if there was one."""
         key = _host_key(host)
         found: list[bool] = []
         self._update(lambda entries: found.append(entries.pop(key, None) is not None))
         return found[0]
 
     def hosts(self) -> list[str]:
-        """Return the hosts that have cached tokens, after pruning expired ones.
-
-        Returns
-        -------
-        list of str
-            Normalised host URLs.
-        """
-        entries = self._read()
-        if time.time() >= self._next_eviction:
-            entries = self._update(lambda entries: None)
-        return sorted(entries)
+        """The normalised URLs of the hosts with cached tokens, after pruning expired ones."""
+        return sorted(self._live())
 
     def clear(self) -> None:
         """Remove all cached tokens, and the copies of unreadable store contents kept aside."""
@@ -1502,6 +1455,13 @@ class TokenStore:
             _remove_aside(aside)
 
     # -- Internals --
+
+    def _live(self) -> dict[str, Token]:
+        """The entries; the dead ones are pruned from the file when one has expired."""
+        entries = self._read()
+        if time.time() >= self._next_eviction:
+            entries = self._update(lambda entries: None)
+        return entries
 
     def _read(self) -> dict[str, Token]:
         """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
@@ -1516,7 +1476,7 @@ class TokenStore:
         if signature != self._signature:
             entries, bad, _ = self._parse()
             if bad:
-                with _FileLock(self.path + ".lock"):
+                with self._lock():
                     entries = self._repair()
                 return entries
             self._remember(signature, entries)
@@ -1552,12 +1512,12 @@ class TokenStore:
         if not isinstance(obj, dict):
             return {}, "does not hold a JSON object", data
         if self._single:  # one token, keyed by the server it names ("" if none)
-            token = _as_token(obj)
+            token = self._as_token(obj)
             return ({_server_of(obj): token}, "", b"") if token else (
                 {}, "does not hold a token", data)
         entries: dict[str, Token] = {}
         for key, value in obj.items():
-            token = _as_token(value)
+            token = self._as_token(value)
             if token is not None:
                 entries[key] = token
         if len(entries) == len(obj):
@@ -1604,7 +1564,7 @@ class TokenStore:
     def _update(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
         """Read, change and write the entries under the lock; prune dead ones."""
         try:
-            with _FileLock(self.path + ".lock"):
+            with self._lock():
                 return self._update_locked(change)
         except OSError as exc:
             raise _store_error(self.path, exc) from None
@@ -1632,27 +1592,92 @@ class TokenStore:
         self._unsaved.clear()  # written now, or older than what the file holds
         return self._read_locked(entries)
 
-    def _keep(self, host: str, token: Token, *, locked: bool = False) -> None:
-        """``put``; when the write fails, keep *token* in this process and warn.
+    # -- For the flows and the command line: read, let one caller refresh, write --
 
-        A refreshed token must not be lost: the server may have rotated the refresh
-        token, and the old one is dead. The next write that works saves it.
+    def _renew(self, host: str, change: Token | Callable[[Token | None], Token | None], *,
+               keep: bool = True) -> Token | None:
+        """Under the lock: hand *host*'s entry to *change*, store what it returns.
+
+        *change* returns the entry to keep: the same one (nothing is written), a new
+        one, or None (the entry is forgotten; a token file is left as it is). A Token
+        instead of a function replaces the entry. A new token that cannot be written
+        is kept in this process with a warning (unless not *keep*: then the error is
+        raised), and saved by the next write that works.
         """
-        key = _host_key(host)
+        key, new = _host_key(host), change if isinstance(change, dict) else None
         try:
-            if locked:
-                self._update_locked(lambda entries: _set(entries, key, token, self._single))
-            else:
-                self._update(lambda entries: _set(entries, key, token, self._single))
+            with self._lock():
+                current = self._current(key) if callable(change) else None
+                new = change(current) if callable(change) else new
+                return self._settle(key, current, new)
         except (OSError, AuthError) as exc:
-            self._unsaved[key] = token
-            self._signature = None  # read again, with the kept token on top
-            reason = exc.message if isinstance(exc, AuthError) else (
-                f"Cannot write {self.path}: {exc.strerror or exc}")
-            _logger().warning("The new token for %s could not be saved to %s (%s). This process "
-                              "keeps using it and saves it with the next write that works; fix "
-                              "the file or its folder, or the token is gone when it ends.",
-                              key, self.path, reason)
+            return self._hold(key, new if keep else None, exc)
+
+    async def _renew_async(
+        self, host: str, change: Token | Callable[[Token | None], Coroutine[Any, Any, Token | None]]
+    ) -> Token | None:
+        """`_renew` for coroutines: the lock is awaited in asyncio sleeps, no thread blocks."""
+        key, new = _host_key(host), change if isinstance(change, dict) else None
+        try:
+            async with self._lock():
+                current = self._current(key) if callable(change) else None
+                new = await change(current) if callable(change) else new
+                return self._settle(key, current, new)
+        except (OSError, AuthError) as exc:
+            return self._hold(key, new, exc)
+
+    def _lock(self) -> _FileLock:
+        return _FileLock(self.path + ".lock")
+
+    def _id_token(self, access: str, id_token: str | None = None) -> str:
+        """The ID token kept for the access token *access*; with *id_token*, keep that."""
+        if id_token is not None:
+            if len(self._id_tokens) > 4096:
+                self._id_tokens.clear()
+            self._id_tokens[access] = id_token
+        return self._id_tokens.get(access, "")
+
+    def _as_token(self, obj: object) -> Token | None:
+        """`_as_token`, keeping the ID token stored with it."""
+        token = _as_token(obj)
+        if token is not None and isinstance(obj, dict) and isinstance(obj.get("id_token"), str):
+            self._id_token(token["access_token"], obj["id_token"])
+        return token
+
+    def _current(self, key: str) -> Token | None:
+        """Under the lock: *key*'s entry as the file holds it now."""
+        return self._update_locked(lambda entries: None).get(key)
+
+    def _settle(self, key: str, current: Token | None, new: Token | None) -> Token | None:
+        if new is None and current is not None and not self._single:
+            self._update_locked(lambda entries: entries.pop(key, None))
+        elif new is not None and new is not current:
+            self._update_locked(lambda entries: _set(entries, key, new, self._single))
+        return new
+
+    def _hold(self, key: str, token: Token | None, exc: OSError | AuthError) -> Token:
+        """Keep a new *token* the file could not take, and warn; without one, raise *exc*."""
+        # It must not be lost: the server may have rotated the refresh token.
+        if token is None:
+            raise _store_error(self.path, exc) if isinstance(exc, OSError) else exc
+        self._unsaved[key] = token
+        self._signature = None  # read again, with the kept token on top
+        reason = exc.message if isinstance(exc, AuthError) else (
+            f"Cannot write {self.path}: {exc.strerror or exc}")
+        _logger().warning("The new token for %s could not be saved to %s (%s). This process "
+                          "keeps using it and saves it with the next write that works; fix "
+                          "the file or its folder, or the token is gone when it ends.",
+                          key, self.path, reason)
+        return token
+
+    def _inspect(self, host: str = "") -> tuple[str | None, Token | None, str]:
+        # Read only, no lock: (the server a token file names, None for the cache; the
+        # token of *host*, or the token file's own; what is wrong with the file, or "").
+        entries, bad, _ = self._parse()
+        if not self._single:
+            return None, entries.get(_host_key(host)), bad
+        server = next(iter(entries), "")
+        return server, entries.get(server), bad
 
     def _with_unsaved(self, entries: dict[str, Token]) -> None:
         for key, token in list(self._unsaved.items()):
@@ -1680,8 +1705,8 @@ class TokenStore:
                        "refresh_expires": t["refresh_expires"], "scope": t["scope"],
                        "lifetime": _lifetime(t)} for k, t in entries.items()}
             for entry in obj.values():
-                if entry["access_token"] in _ID_TOKENS:
-                    entry["id_token"] = _ID_TOKENS[entry["access_token"]]
+                if entry["access_token"] in self._id_tokens:
+                    entry["id_token"] = self._id_tokens[entry["access_token"]]
         _atomic_write(self.path, _dumps(obj, separators=(",", ":")).encode())
 
     def _check_mode(self, mode: int) -> None:
@@ -1727,8 +1752,6 @@ def _as_token(obj: object) -> Token | None:
     lifetime = obj.get("lifetime")
     if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _LIFETIMES:
         _LIFETIMES[access] = lifetime
-    if isinstance(obj.get("id_token"), str):
-        _remember_id_token(access, obj["id_token"])
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
 
@@ -1882,31 +1905,44 @@ def _remove_aside(path: str) -> None:
 
 
 class _FileLock:
-    """An exclusive lock on *path*, shared by every process, bounded wait."""
+    """An exclusive lock on *path*, shared by every process, bounded wait.
+
+    ``with`` waits in ``time.sleep``; ``async with`` in asyncio sleeps, so that the
+    event loop runs on while another process holds the lock.
+    """
 
     def __init__(self, path: str, timeout: float = _LOCK_TIMEOUT) -> None:
         self.path, self.timeout, self.fd = path, timeout, -1
 
     def __enter__(self) -> _FileLock:
-        fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
-        while not self._try(fd, deadline):
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
-        self.fd = fd
+        attempts = self._attempts()
+        try:
+            for pause in attempts:
+                time.sleep(pause)
+        finally:
+            attempts.close()  # interrupted while waiting: the file is closed
         return self
 
-    async def acquire_async(self) -> _FileLock:
-        """``__enter__`` for coroutines: waits in asyncio sleeps, holding no thread."""
-        fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
-        while not self._try(fd, deadline):
-            try:
+    async def __aenter__(self) -> _FileLock:
+        attempts = self._attempts()
+        try:
+            for pause in attempts:
                 await _sleep(pause)
-            except BaseException:  # cancelled while waiting
-                os.close(fd)
-                raise
-            pause = min(pause * 2, 0.05)
-        self.fd = fd
+        finally:
+            attempts.close()  # cancelled while waiting: the file is closed
         return self
+
+    def _attempts(self) -> Generator[float, None, None]:
+        """Try to lock; between tries, yield how long to pause. Sets ``fd`` when locked."""
+        fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
+        try:
+            while not self._try(fd, deadline):
+                yield pause
+                pause = min(pause * 2, 0.05)
+        except GeneratorExit:
+            os.close(fd)
+            raise
+        self.fd = fd
 
     def _open(self) -> int:
         try:
@@ -1935,6 +1971,10 @@ class _FileLock:
             _unlock(self.fd)
         finally:
             os.close(self.fd)
+            self.fd = -1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
 
 
 if sys.platform == "win32":  # msvcrt locks a byte range; one byte is enough
@@ -2375,49 +2415,312 @@ def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: st
                         {"error": "invalid_id_token"}, 502)
 
 
+class _Provider:
+    """A standard OpenID provider, talked to directly (a ``client_id`` is given).
+
+    Endpoints from discovery, client authentication, ID tokens, revocation; `_Server`
+    (in Flows) is its py-oidc-auth twin, with the same methods.
+    """
+
+    def __init__(self, flow: BaseFlow) -> None:
+        self.flow, self.config = flow, flow.config
+        self.name = flow.config.host  # the issuer, as messages name it
+
+    async def meta(self) -> dict[str, Any]:
+        return await _discover(self.config.host, self.flow.session)
+
+    def scope(self, meta: dict[str, Any]) -> str:
+        scopes = _scopes(self.config.scopes)
+        supported = meta.get("scopes_supported")
+        if self.config.scopes is None and isinstance(supported, list) and (
+            "offline_access" not in supported
+        ):  # the default asks for offline_access only where the provider knows it
+            scopes.remove("offline_access")
+        return " ".join(scopes)
+
+    def _authed(self, meta: dict[str, Any], form: dict[str, str]
+                ) -> tuple[dict[str, str], tuple[str, str] | None]:
+        """*form* with the client's id (and secret), or HTTP Basic credentials."""
+        client_id, secret = str(self.config.client_id), self.config.client_secret
+        methods = meta.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if secret and ("client_secret_basic" in methods or "client_secret_post" not in methods):
+            return form, (client_id, secret)
+        return {**form, "client_id": client_id,
+                **({"client_secret": secret} if secret else {})}, None
+
+    async def _token_call(self, form: dict[str, str]) -> _Call:
+        meta = await self.meta()
+        return (meta["token_endpoint"], *self._authed(meta, form))
+
+    async def refresh_call(self, refresh_token: str, previous: Token | None) -> _Call:
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        if previous is not None and previous["scope"]:  # RFC 6749, 6: as granted before
+            form["scope"] = previous["scope"]
+        return await self._token_call(form)
+
+    async def device_call(self) -> _Call:
+        meta = await self.meta()
+        url = meta.get("device_authorization_endpoint") or ""
+        if not url:
+            raise _NoDeviceFlow(f"{self.name} does not offer the device flow "
+                                "(no device_authorization_endpoint)", status_code=404)
+        scope = self.scope(meta)
+        return (url, *self._authed(meta, {"scope": scope} if scope else {}))
+
+    def device_refusal(self, exc: AuthError) -> str:
+        """What the device endpoint's error *exc* says of this client, if it refuses it."""
+        if exc.error == "unauthorized_client":
+            return f"refused the device flow to client {self.config.client_id}"
+        return ""
+
+    async def device_grant(self, device_code: str) -> _Call:  # RFC 8628, 3.4
+        return await self._token_call({"grant_type": "urn:ietf:params:oauth:grant-type:"
+                                       "device_code", "device_code": device_code})
+
+    async def login(self, receiver: _LoopbackReceiver) -> tuple[str, str, str | None]:
+        """Set *receiver* up for a login; the redirect URI, the PKCE verifier, the nonce."""
+        # RFC 8252, 7.3: the loopback IP literal, which is where the receiver listens.
+        redirect_uri = f"http://127.0.0.1:{receiver.port}/callback"
+        meta = await self.meta()
+        verifier, challenge = _pkce_pair()
+        state, nonce = _random_string(), _random_string()
+        query = {"response_type": "code", "client_id": str(self.config.client_id),
+                 "redirect_uri": redirect_uri, "scope": self.scope(meta), "state": state,
+                 "nonce": nonce, "code_challenge": challenge, "code_challenge_method": "S256"}
+        location = _with_query(meta["authorization_endpoint"],
+                               {k: v for k, v in query.items() if v})
+        # RFC 9207: the callback names its issuer; a wrong one means a mix-up attack.
+        receiver.expect(state, location, iss=str(meta["issuer"]), iss_required=meta.get(
+            "authorization_response_iss_parameter_supported") is True)
+        return redirect_uri, verifier, nonce
+
+    async def code_grant(self, code: str, redirect_uri: str, verifier: str) -> _Call:
+        return await self._token_call({"code": code, "redirect_uri": redirect_uri,
+                                       "grant_type": "authorization_code",
+                                       "code_verifier": verifier})
+
+    async def accept(self, raw: dict[str, Any], previous: Token | None = None,
+                     nonce: str | None = None) -> Token:
+        """A token answer made a Token, its ID token checked first and kept for logout."""
+        meta = await self.meta()
+        id_token = raw.get("id_token") if isinstance(raw.get("id_token"), str) else ""
+        if id_token:
+            await self._check_id_token(id_token, meta, nonce)
+        elif nonce is not None and "openid" in self.scope(meta).split():
+            raise AuthError("The provider answered the login without an ID token",
+                            {"error": "invalid_id_token"}, 502)
+        elif previous is not None:
+            id_token = self.flow.store._id_token(previous["access_token"])
+        if not isinstance(raw.get("scope"), str):  # RFC 6749, 5.1: as requested
+            raw = {**raw, "scope": previous["scope"] if previous else self.scope(meta)}
+        token = _make_token(raw, previous)
+        if id_token:
+            self.flow.store._id_token(token["access_token"], id_token)
+        return token
+
+    async def _check_id_token(self, id_token: str, meta: dict[str, Any],
+                              nonce: str | None) -> None:
+        """Verify the signature where this module can, then the claims."""
+        import hashlib
+        import hmac
+
+        header, claims, signed, signature = _jws_parts(id_token)
+        secret = self.config.client_secret
+        problem = _alg_problem(header.get("alg"), meta, secret)
+        alg = str(header.get("alg"))
+        if not problem and (alg in _RSA_DIGESTS or alg in _PSS_DIGESTS):
+            keys = await self._signing_keys(meta, header, "RSA")
+            if not any(_rsa_verify(k, alg, signed, signature) for k in keys):
+                problem = f"its {alg} signature does not verify"
+        elif not problem and alg in _HMAC_DIGESTS and secret:  # OIDC Core, 10.1
+            mac = hmac.new(secret.encode(), signed, getattr(hashlib, _HMAC_DIGESTS[alg])).digest()
+            if not hmac.compare_digest(mac, signature):
+                problem = f"its {alg} signature does not verify"
+        elif not problem:
+            if not await self._signing_keys(meta, header, _UNVERIFIED_ALGS[alg]):
+                problem = (f"its {alg} signature does not verify: no key in the provider's "
+                           "key set can have made it")
+            else:
+                _logger().debug("ID token signed with %s: signature not verified", alg)
+        if problem:
+            raise AuthError(f"The provider's ID token was refused: {problem}",
+                            {"error": "invalid_id_token"}, 502)
+        _check_claims(claims, str(meta["issuer"]), str(self.config.client_id), nonce)
+
+    async def _signing_keys(self, meta: dict[str, Any], header: dict[str, Any],
+                            kty: str) -> list[dict[str, Any]]:
+        """The keys of the provider's JWKS that can have signed a token with *header*."""
+        alg, kid = header.get("alg"), header.get("kid")
+        keys: list[dict[str, Any]] = []
+        for fresh in (False, True):  # an unknown kid: the provider has rotated its keys
+            found = (await _fetch_json(meta["jwks_uri"], self.flow.session,
+                                       fresh=fresh)).get("keys")
+            keys = [k for k in (found if isinstance(found, list) else [])
+                    if isinstance(k, dict) and k.get("kty") == kty
+                    and k.get("use", "sig") == "sig" and k.get("alg", alg) == alg
+                    and (kid is None or k.get("kid") == kid)]
+            if keys or fresh:
+                break
+        return keys
+
+    async def revoke(self, token: Token) -> bool:
+        """Revoke the refresh and access token (RFC 7009); True if the server revoked one."""
+        try:
+            meta = await self.meta()
+        except AuthError as exc:
+            _logger().warning("cannot revoke the tokens of %s: %s",
+                              _server_name(self.flow.host), exc.message)
+            return False
+        url, revoked = meta.get("revocation_endpoint"), False
+        if not url:
+            _logger().info("%s offers no token revocation", self.name)
+            return False
+        for value, hint in ((token["refresh_token"], "refresh_token"),
+                            (token["access_token"], "access_token")):
+            if value:
+                revoked = await self._revoke_one(meta, url, value, hint) or revoked
+        return revoked
+
+    async def _revoke_one(self, meta: dict[str, Any], url: str, value: str, hint: str) -> bool:
+        form, auth = self._authed(meta, {"token": value, "token_type_hint": hint})
+        secrets = [value, *(auth or ())]
+        try:
+            resp = await self.flow.session.request("POST", url, form=form, auth=auth)
+        except AuthError as exc:
+            _logger().warning("revoking the %s failed: %s", hint, _redact(exc, secrets).message)
+            return False
+        if resp.status == 200:
+            return True
+        refused = _http_error(resp, resp.json(), secrets)
+        # A provider may not revoke self-contained (JWT) access tokens: no warning then.
+        log = _logger().info if refused.error == "unsupported_token_type" else _logger().warning
+        log("revoking the %s failed: %s", hint, refused.message)
+        return False
+
+    async def end_session(self, id_token: str) -> str | None:
+        """The ``end_session_endpoint`` URL that ends the provider's browser session."""
+        try:
+            end = (await self.meta()).get("end_session_endpoint")
+        except AuthError as exc:
+            _logger().warning("no browser logout URL: %s", exc.message)
+            return None
+        if not end:
+            return None
+        return _with_query(end, {"client_id": str(self.config.client_id),
+                                 **({"id_token_hint": id_token} if id_token else {})})
+
+
+if TYPE_CHECKING:
+    # A request to a token endpoint: the URL, the form, HTTP Basic credentials or None.
+    _Call = tuple[str, dict[str, str], "tuple[str, str] | None"]
+
+
 # ---------------------------------------------------------------------------
 # Flows: BaseFlow, DeviceFlow (RFC 8628), CodeFlow (RFC 7636)
 # ---------------------------------------------------------------------------
 
+class _Server:
+    """A py-oidc-auth server: its routes on the host, its own form fields, no revocation.
+
+    The twin of `_Provider`, with the same methods.
+    """
+
+    def __init__(self, flow: BaseFlow) -> None:
+        self.flow, self.config = flow, flow.config
+        self.name = flow.host
+
+    def _url(self, route: str) -> str:
+        if route.startswith(("http://", "https://")):
+            return route
+        return self.flow.host + "/" + route.lstrip("/")
+
+    # py-oidc-auth reads hyphenated fields ("refresh-token", "device-code").
+    async def refresh_call(self, refresh_token: str, previous: Token | None) -> _Call:
+        form = {"refresh-token": refresh_token, "grant_type": "refresh-token"}
+        return self._url(self.config.token_route), form, None
+
+    async def device_call(self) -> _Call:
+        return self._url(self.config.device_route), {}, None
+
+    def device_refusal(self, exc: AuthError) -> str:
+        return ""
+
+    async def device_grant(self, device_code: str) -> _Call:
+        form = {"device-code": device_code, "grant_type": "device-code"}
+        return self._url(self.config.token_route), form, None
+
+    async def login(self, receiver: _LoopbackReceiver) -> tuple[str, str, str | None]:
+        redirect_uri = f"http://localhost:{receiver.port}/callback"
+        location, state = await self._login_location(redirect_uri)
+        receiver.expect(state, location)
+        # py-oidc-auth's state is "random|redirect_uri|code_verifier".
+        parts = state.split("|", 2)
+        return redirect_uri, parts[2] if len(parts) == 3 else "", None
+
+    async def code_grant(self, code: str, redirect_uri: str, verifier: str) -> _Call:
+        form = {"code": code, "redirect_uri": redirect_uri, "grant_type": "authorization_code"}
+        if verifier:
+            form["code_verifier"] = verifier
+        return self._url(self.config.token_route), form, None
+
+    async def accept(self, raw: dict[str, Any], previous: Token | None = None,
+                     nonce: str | None = None) -> Token:
+        return _make_token(raw, previous)
+
+    async def revoke(self, token: Token) -> bool:
+        return False
+
+    async def end_session(self, id_token: str) -> str | None:
+        return None
+
+    async def _login_location(self, redirect_uri: str) -> tuple[str, str]:
+        """The provider URL and state that the login route redirects to."""
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
+        query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
+                           "prompt": "consent"})
+        login_url = f"{self._url(self.config.login_route)}?{query}"
+        # Learn the provider URL and its state without following the redirect.
+        resp = await self.flow.session.request("GET", login_url, follow=False)
+        location = resp.headers.get("Location") or resp.headers.get("location") or ""
+        if not 300 <= resp.status < 400 or not location:
+            error = _http_error(resp, resp.json())
+            raise AuthError(f"The login route did not redirect to a login page: "
+                            f"{error.message}", error.detail, error.status_code)
+        location = _web_url(location, f"the login redirect (from {login_url})",
+                            self.config.allow_http)
+        state = parse_qs(urlsplit(location).query).get("state", [""])[0]
+        if not state:
+            raise AuthError(f"{login_url} redirected to a login page without a state",
+                            status_code=502)
+        return location, state
+
+
 class BaseFlow:
     """Shared token lifecycle, caching, and persistence.
 
-    Use `DeviceFlow` or `CodeFlow`, or the convenience function
-    `authenticate`. Instances are per host and per subclass:
-    ``DeviceFlow(h) is DeviceFlow(h)``. Each construction applies its
-    arguments, so a later call with another ``store`` or ``timeout`` is
-    honoured. Tokens live in a `TokenStore` shared by all flows of a host.
+    Use `DeviceFlow` or `CodeFlow`, or the convenience function `authenticate`.
+    There is one instance per class and host (``DeviceFlow(h) is DeviceFlow(h)``);
+    each construction applies its arguments anew. Tokens live in a `TokenStore`
+    shared by all flows of a host.
 
     Parameters
     ----------
     host : str
-        Base URL of the application server.
+        Base URL of the application server; with *client_id*, the provider's issuer URL.
     config : Config or None
-        Full configuration object. When provided, ``host`` and the routing
-        keyword arguments are ignored.
+        All settings at once; *host* and the other settings of `Config` are then ignored.
     store : TokenStore or None
-        Custom token store instance. A shared default store is used when None.
-    login_route : str
-        Server path for the authorization code login endpoint.
-    token_route : str
-        Server path for the token exchange endpoint.
-    device_route : str
-        Server path for the device authorization endpoint.
-    redirect_ports : list of int or None
-        Ports to try for the local callback server (code flow only).
+        The token store; a shared default when None.
     timeout : int or None
-        HTTP and polling timeout in seconds.
-    client_id : str or None
-        Talk to a standard OpenID provider directly: ``host`` is its issuer
-        URL. Each client id and scope set has its own instance and tokens.
-    client_secret : str or None
-        The client's secret, for a confidential client.
-    scopes : str or list of str or None
-        Scopes to ask for; ``openid offline_access`` when None.
-    ca_bundle : str or None
-        CA certificates to trust for the server (see `Config`).
-    allow_http : bool
-        Allow plain ``http://`` to a host that is not this machine (see `Config`).
+        Seconds the whole call may take, waiting for the user's login included
+        (30 by default); None waits as long as the login can last.
+    interactive : bool or None
+        `DeviceFlow` only: show a countdown and open a browser (None: detect).
+    login_route, token_route, device_route, redirect_ports, app_name, token_env_var
+        As in `Config`.
+    client_id, client_secret, scopes, ca_bundle, allow_http
+        As in `Config`. Each client id and scope set has its own instance and tokens.
     """
 
     _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
@@ -2464,6 +2767,8 @@ class BaseFlow:
         self.timeout: int | None = timeout
         self._store: TokenStore | None = kwargs.get("store")
         self._session: _Session | None = None
+        # The one place the two dialects part: every difference is a method of these.
+        self._dialect = _Provider(self) if config.client_id else _Server(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.host!r})"
@@ -2475,7 +2780,7 @@ class BaseFlow:
 
     @property
     def store(self) -> TokenStore:
-        """The token store in use: the ``OIDC_TOKEN_FILE`` file when set."""
+        """The token store in use: the file named by ``Config.token_env_var`` when set."""
         if os.environ.get(self.config.token_env_var):
             return _default_store(self.config.app_name, self.config.token_env_var)
         return self._store or _default_store(self.config.app_name)
@@ -2494,17 +2799,11 @@ class BaseFlow:
 
     @property
     def token(self) -> Token | None:
-        """The cached token for this host, or None (expired entries are pruned).
-
-        Returns
-        -------
-        Token or None
-            The cached token, or ``None`` if no usable entry exists.
-        """
+        """The cached token for this host, or None (expired entries are pruned)."""
         return self.store.get(self.host)
 
     async def refresh(self, refresh_token: str) -> Token:
-        """Obtain a new access token using a refresh token.
+        """Obtain and store a new access token using a refresh token.
 
         Parameters
         ----------
@@ -2524,9 +2823,7 @@ class BaseFlow:
         previous = self.store.get(self.host)
         if previous is not None and previous["refresh_token"] != refresh_token:
             previous = None
-        token = await self._refresh_request(refresh_token, previous)
-        self.store._keep(self.host, token)
-        return token
+        return await self._save(await self._refresh_request(refresh_token, previous))
 
     async def authenticate(self, *, force: bool = False) -> Token:
         """Return a cached or refreshed token, else log in interactively.
@@ -2540,6 +2837,11 @@ class BaseFlow:
         -------
         Token
             The authentication token.
+
+        Raises
+        ------
+        AuthError
+            If the login fails, is refused, or takes longer than ``timeout``.
         """
         with _TimeLimit(self.timeout):
             if not force:
@@ -2551,38 +2853,23 @@ class BaseFlow:
     async def logout(self) -> str | None:
         """Revoke this host's tokens where the provider offers it, then forget them.
 
-        A standard provider's ``revocation_endpoint`` (RFC 7009) is asked to
-        revoke the refresh and the access token; the local copy is removed in
-        any case.
+        A standard provider's ``revocation_endpoint`` (RFC 7009) revokes the refresh
+        and the access token; the local copy is removed in any case.
 
         Returns
         -------
         str or None
             The provider's ``end_session_endpoint`` URL with ``client_id`` and
-            ``id_token_hint``: open it in a browser to end the provider's
-            browser session too. None for a py-oidc-auth server or a provider
-            without one.
+            ``id_token_hint``, to end its browser session too; None without one.
         """
         token = self.store.get(self.host)
-        id_token = _ID_TOKENS.get(token["access_token"], "") if token is not None else ""
+        id_token = self.store._id_token(token["access_token"]) if token is not None else ""
         if token is not None:
-            await self._revoke(token)
+            await self._sign_out(token)
             self.store.remove(self.host)
-            _ID_TOKENS.pop(token["access_token"], None)
-        if not self.config.client_id:
-            return None
-        try:
-            end = (await self._metadata()).get("end_session_endpoint")
-        except AuthError as exc:
-            _logger().warning("no browser logout URL: %s", exc.message)
-            return None
-        if not end:
-            return None
-        query = {"client_id": self.config.client_id, **({"id_token_hint": id_token}
-                                                          if id_token else {})}
-        return _with_query(end, query)
+        return await self._dialect.end_session(id_token)
 
-    # -- Internals --
+    # -- Internals, also for authenticate() and the command line --
 
     @classmethod
     def _detached(cls: type[_F], config: Config, **kwargs: Any) -> _F:
@@ -2590,11 +2877,6 @@ class BaseFlow:
         flow = object.__new__(cls)
         flow.__init__(config=config, **kwargs)  # type: ignore[misc]
         return flow
-
-    def _url(self, route: str) -> str:
-        if route.startswith(("http://", "https://")):
-            return route
-        return self.host + "/" + route.lstrip("/")
 
     async def _interactive_login(self) -> Token:
         raise NotImplementedError
@@ -2604,23 +2886,18 @@ class BaseFlow:
     ) -> Token | None:
         """The cached token if *enough*, else a refreshed one; None when a login is needed."""
         token = self.store.get(self.host)
-        if token is None:
-            return None
-        if enough(token):
+        if token is None or enough(token):
             return token
-        if not _refresh_valid(token):
-            return None
-        store = self.store
-        key = self.host
-        # Wait without a thread: a pool full of waiters would starve the refresh itself.
-        lock = await _FileLock(store.path + ".lock").acquire_async()
-        try:
+        return await self._refreshed(enough) if _refresh_valid(token) else None
+
+    async def _refreshed(self, enough: Callable[[Token], bool] = _access_valid) -> Token | None:
+        """The stored token refreshed under the store's lock; None when a login is needed."""
+        fresh: list[Token] = []
+
+        async def renew(current: Token | None) -> Token | None:
             # Another process may have refreshed while we waited for the lock.
-            current = store._update_locked(lambda entries: None).get(key)
-            if current is None or enough(current):
+            if current is None or enough(current) or not _refresh_valid(current):
                 return current
-            if not _refresh_valid(current):
-                return None
             try:
                 token = await self._refresh_request(current["refresh_token"], current)
             except AuthError as exc:
@@ -2632,165 +2909,32 @@ class BaseFlow:
                 ):
                     _logger().info("the refresh token for %s was refused (%s); a new login is "
                                    "needed", self.host, exc.error or exc.status_code)
-                    if not store._single:  # a token file is the user's: leave it be
-                        store._update_locked(lambda entries: entries.pop(key, None))
-                    return None
+                    return None  # the store forgets it
                 raise
-            store._keep(key, token, locked=True)
+            fresh.append(token)
             return token
-        finally:
-            lock.__exit__()
+
+        token = await self.store._renew_async(self.host, renew)
+        return token if token is not None and (fresh or enough(token)) else None
 
     async def _refresh_request(self, refresh_token: str, previous: Token | None) -> Token:
-        auth = None
-        if self.config.client_id:  # RFC 6749, 6: the scope granted before, unchanged
-            meta = await self._metadata()
-            form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
-            if previous is not None and previous["scope"]:
-                form["scope"] = previous["scope"]
-            url, (form, auth) = meta["token_endpoint"], self._client_auth(meta, form)
-        else:
-            # py-oidc-auth reads the refresh token from the hyphenated field "refresh-token".
-            url = self._url(self.config.token_route)
-            form = {"refresh-token": refresh_token, "grant_type": "refresh-token"}
+        url, form, auth = await self._dialect.refresh_call(refresh_token, previous)
         raw = await self.session.post_form(
             url, form, auth=auth, deadline=time.monotonic() + (self.timeout or _HTTP_TIMEOUT) * 2,
         )
         _logger().debug("refreshed the token for %s", self.host)
-        return await self._accept(raw, previous)
+        return await self._dialect.accept(raw, previous)
 
-    def _save(self, token: Token) -> Token:
-        self.store._keep(self.host, token)
+    async def _save(self, token: Token) -> Token:
+        await self.store._renew_async(self.host, token)
         return token
 
-    # -- Internals: standard providers --
+    async def _sign_out(self, token: Token) -> bool:
+        """Revoke *token* where the server offers it; True if it was revoked.
 
-    async def _metadata(self) -> dict[str, Any]:
-        return await _discover(self.config.host, self.session)
-
-    def _scope(self, meta: dict[str, Any]) -> str:
-        scopes = _scopes(self.config.scopes)
-        supported = meta.get("scopes_supported")
-        if self.config.scopes is None and isinstance(supported, list) and (
-            "offline_access" not in supported
-        ):  # the default asks for offline_access only where the provider knows it
-            scopes.remove("offline_access")
-        return " ".join(scopes)
-
-    def _client_auth(
-        self, meta: dict[str, Any], form: dict[str, str]
-    ) -> tuple[dict[str, str], tuple[str, str] | None]:
-        """*form* with the client's id (and secret), or HTTP Basic credentials."""
-        client_id, secret = str(self.config.client_id), self.config.client_secret
-        methods = meta.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
-        if secret and ("client_secret_basic" in methods or "client_secret_post" not in methods):
-            return form, (client_id, secret)
-        return {**form, "client_id": client_id,
-                **({"client_secret": secret} if secret else {})}, None
-
-    async def _accept(self, raw: dict[str, Any], previous: Token | None = None,
-                      nonce: str | None = None) -> Token:
-        """A token answer made a Token; a standard provider's ID token checked first."""
-        if not self.config.client_id:
-            return _make_token(raw, previous)
-        meta = await self._metadata()
-        id_token = raw.get("id_token") if isinstance(raw.get("id_token"), str) else ""
-        if id_token:
-            await self._check_id_token(id_token, meta, nonce)
-        elif nonce is not None and "openid" in self._scope(meta).split():
-            raise AuthError("The provider answered the login without an ID token",
-                            {"error": "invalid_id_token"}, 502)
-        elif previous is not None:
-            id_token = _ID_TOKENS.get(previous["access_token"])
-        if not isinstance(raw.get("scope"), str):  # RFC 6749, 5.1: as requested
-            raw = {**raw, "scope": previous["scope"] if previous else self._scope(meta)}
-        token = _make_token(raw, previous)
-        if id_token:
-            _remember_id_token(token["access_token"], id_token)
-        return token
-
-    async def _check_id_token(self, id_token: str, meta: dict[str, Any],
-                              nonce: str | None) -> None:
-        """Verify the signature where this module can, then the claims."""
-        import hashlib
-        import hmac
-
-        header, claims, signed, signature = _jws_parts(id_token)
-        secret = self.config.client_secret
-        problem = _alg_problem(header.get("alg"), meta, secret)
-        alg = str(header.get("alg"))
-        if not problem and (alg in _RSA_DIGESTS or alg in _PSS_DIGESTS):
-            keys = await self._signing_keys(meta, header, "RSA")
-            if not any(_rsa_verify(k, alg, signed, signature) for k in keys):
-                problem = f"its {alg} signature does not verify"
-        elif not problem and alg in _HMAC_DIGESTS and secret:  # OIDC Core, 10.1
-            mac = hmac.new(secret.encode(), signed, getattr(hashlib, _HMAC_DIGESTS[alg])).digest()
-            if not hmac.compare_digest(mac, signature):
-                problem = f"its {alg} signature does not verify"
-        elif not problem:
-            if not await self._signing_keys(meta, header, _UNVERIFIED_ALGS[alg]):
-                problem = (f"its {alg} signature does not verify: no key in the provider's "
-                           "key set can have made it")
-            else:
-                _logger().debug("ID token signed with %s: signature not verified", alg)
-        if problem:
-            raise AuthError(f"The provider's ID token was refused: {problem}",
-                            {"error": "invalid_id_token"}, 502)
-        _check_claims(claims, str(meta["issuer"]), str(self.config.client_id), nonce)
-
-    async def _signing_keys(self, meta: dict[str, Any], header: dict[str, Any],
-                            kty: str) -> list[dict[str, Any]]:
-        """The keys of the provider's JWKS that can have signed a token with *header*."""
-        alg, kid = header.get("alg"), header.get("kid")
-        keys: list[dict[str, Any]] = []
-        for fresh in (False, True):  # an unknown kid: the provider has rotated its keys
-            found = (await _fetch_json(meta["jwks_uri"], self.session, fresh=fresh)).get("keys")
-            keys = [k for k in (found if isinstance(found, list) else [])
-                    if isinstance(k, dict) and k.get("kty") == kty
-                    and k.get("use", "sig") == "sig" and k.get("alg", alg) == alg
-                    and (kid is None or k.get("kid") == kid)]
-            if keys or fresh:
-                break
-        return keys
-
-    async def _revoke(self, token: Token) -> bool:
-        """Revoke the refresh and access token (RFC 7009); True if the server revoked one."""
-        if not self.config.client_id:
-            return False
-        try:
-            meta = await self._metadata()
-        except AuthError as exc:
-            _logger().warning("cannot revoke the tokens of %s: %s", _server_name(self.host),
-                              exc.message)
-            return False
-        url, revoked = meta.get("revocation_endpoint"), False
-        if not url:
-            _logger().info("%s offers no token revocation", self.config.host)
-            return False
-        for value, hint in ((token["refresh_token"], "refresh_token"),
-                            (token["access_token"], "access_token")):
-            if not value:
-                continue
-            form, auth = self._client_auth(meta, {"token": value, "token_type_hint": hint})
-            try:
-                resp = await self.session.request("POST", url, form=form, auth=auth)
-            except AuthError as exc:
-                _logger().warning("revoking the %s failed: %s", hint,
-                                  _redact(exc, [value, *(auth or ())]).message)
-                continue
-            if resp.status == 200:
-                revoked = True
-                continue
-            try:
-                payload = resp.json()
-            except ValueError:
-                payload = None
-            refused = _http_error(resp, payload, [value, *(auth or ())])
-            # A provider may not revoke self-contained (JWT) access tokens: no warning then.
-            log = (_logger().info if refused.error == "unsupported_token_type"
-                   else _logger().warning)
-            log("revoking the %s failed: %s", hint, refused.message)
-        return revoked
+        The caller removes it from the store it came from.
+        """
+        return await self._dialect.revoke(token)
 
 
 def _check_timeout(timeout: object) -> int | None:
@@ -2814,24 +2958,7 @@ class DeviceFlow(BaseFlow):
 
     Best suited for CLI tools, headless servers and batch environments: the
     user opens a URL on any device, confirms a short code, and the client
-    polls until approval.
-
-    Parameters
-    ----------
-    host : str
-        Base URL of the application server.
-    config : Config or None
-        Full configuration object. Overrides host and keyword arguments.
-    store : TokenStore or None
-        Custom token store. Shared default when None.
-    timeout : int or None
-        Maximum seconds to wait for user approval during polling.
-    interactive : bool or None
-        Whether to show a countdown and attempt to open the browser. None
-        auto detects based on the terminal environment.
-    client_id, client_secret, scopes : optional
-        A standard OpenID provider directly: ``host`` is its issuer URL (see
-        `BaseFlow`).
+    polls until approval. Parameters as for `BaseFlow`.
 
     Examples
     --------
@@ -2853,27 +2980,14 @@ class DeviceFlow(BaseFlow):
             self._device_deadlines: dict[str, float] = {}
 
     async def authenticate(self, *, force: bool = False, auto_open: bool = True) -> Token:
-        """Run the full device flow and return a token.
-
-        A valid cached access token is returned at once, an expired one is
-        refreshed, and only then is a device login started.
+        """Return a cached or refreshed token, else run the device flow.
 
         Parameters
         ----------
         force : bool
-            Skip the cache and force a new interactive login.
+            As in `BaseFlow.authenticate`.
         auto_open : bool
             Attempt to open the verification URL in the default browser.
-
-        Returns
-        -------
-        Token
-            The authentication token.
-
-        Raises
-        ------
-        AuthError
-            If the flow fails, times out, or the user denies access.
         """
         self._auto_open = auto_open
         return await super().authenticate(force=force)
@@ -2892,33 +3006,16 @@ class DeviceFlow(BaseFlow):
             If the device authorization endpoint is unavailable or returns an
             invalid response.
         """
-        url, auth = self._url(self.config.device_route), None
-        form: dict[str, str] = {}
-        if self.config.client_id:
-            meta = await self._metadata()
-            url = meta.get("device_authorization_endpoint") or ""
-            if not url:
-                raise _NoDeviceFlow(f"{self.config.host} does not offer the device flow "
-                                    "(no device_authorization_endpoint)", status_code=404)
-            scope = self._scope(meta)
-            form, auth = self._client_auth(meta, {"scope": scope} if scope else {})
-        try:  # one attempt: a 503 here means "no device flow", not "try again"
-            raw = await _post_form(url, form, timeout=self.session.timeout, auth=auth,
-                                   ca_bundle=self.session.ca_bundle,
-                                   allow_http=self.session.allow_http)
-        except AuthError as exc:
-            if exc._unanswered:  # refused, unreachable, timed out: says nothing of the route
-                raise
-            said = exc.message.split(" answered ", 1)[-1]  # the server's words, not the URL
-            if exc.status_code in _NO_DEVICE_STATUS or (
-                exc.status_code == 502 and "device_authorization" in said
-            ) or (self.config.client_id and exc.error == "unauthorized_client"):
-                what = (f"refused the device flow to client {self.config.client_id}"
-                        if exc.error == "unauthorized_client" else "does not offer the device flow")
-                where = self.config.host if self.config.client_id else self.host
-                raise _NoDeviceFlow(f"{where} {what} ({exc.message})",
-                                    exc.detail, exc.status_code) from None
-            raise
+        url, form, auth = await self._dialect.device_call()
+        # One attempt: a 503 here means "no device flow", not "try again".
+        resp = await self.session.request("POST", url, form=form, auth=auth)
+        raw = resp.json()
+        if resp.status >= 400:
+            raise self._device_error(resp, raw, [*form.values(), *(auth or ())])
+        if not isinstance(raw, dict):
+            raise AuthError(f"POST {url} answered {resp.status} with "
+                            f"{'HTML' if resp.body.lstrip()[:1] == b'<' else 'not a JSON object'}"
+                            "; is this the right host and route?", status_code=502)
         try:
             uris = [raw[name] for name in ("verification_uri_complete", "verification_uri")
                     if raw.get(name)] or [raw["verification_uri"]]
@@ -2971,14 +3068,7 @@ class DeviceFlow(BaseFlow):
             deadline = min(deadline, start + left)
         interval = max(1, int(interval))
         show = self._show_countdown()
-        server = _server_name(self.host)
-        url, auth = self._url(self.config.token_route), None
-        form = {"device-code": device_code, "grant_type": "device-code"}
-        if self.config.client_id:  # RFC 8628, 3.4
-            meta = await self._metadata()
-            url, (form, auth) = meta["token_endpoint"], self._client_auth(meta, {
-                "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
-                "device_code": device_code})
+        url, form, auth = await self._dialect.device_grant(device_code)
         try:
             while True:
                 # The last poll is made at the deadline itself, however soon after the one
@@ -2991,34 +3081,48 @@ class DeviceFlow(BaseFlow):
                 except AuthError as exc:
                     if exc.error in ("authorization_pending", "slow_down") and last:
                         raise self._gave_up(start, deadline < expires) from None
-                    if exc.error == "authorization_pending":
-                        continue
                     if exc.error == "slow_down":  # RFC 8628, 3.5
                         interval += 5
                         _logger().debug("slow_down: polling every %d s now", interval)
-                        continue
-                    if exc.error == "access_denied":
-                        raise AuthError(f"The login to {server} was denied",
-                                        exc.detail, exc.status_code) from None
-                    if exc.error == "expired_token":
-                        raise AuthError(
-                            f"The device code for {server} expired before the login was "
-                            "approved; start the login again", exc.detail,
-                            exc.status_code) from None
-                    if exc.error in ("unauthorized_client", "unsupported_grant_type"):
-                        # A provider that hands out device codes to a client that may
-                        # not redeem them: authenticate() then uses the code flow.
-                        raise _NoDeviceFlow(
-                            f"{server} refused the device login at its token endpoint "
-                            f"({exc.message}): this client may not use the device flow",
-                            exc.detail, exc.status_code) from None
-                    raise
-                return self._save(await self._accept(raw))
+                    elif exc.error != "authorization_pending":
+                        raise self._poll_error(exc) from None
+                    continue
+                return await self._save(await self._dialect.accept(raw))
         finally:
             if show:
                 show.close()
 
     # -- Internals --
+
+    def _device_error(self, resp: _Response, payload: Any, secrets: list[str]) -> AuthError:
+        """The device endpoint's error answer; `_NoDeviceFlow` when it means no device flow."""
+        exc = _http_error(resp, payload, secrets)
+        what = self._dialect.device_refusal(exc)
+        if not what and (exc.status_code in _NO_DEVICE_STATUS or (
+            # py-oidc-auth's 502 when its provider has no device endpoint
+            exc.status_code == 502 and b"device_authorization" in resp.body
+        )):
+            what = "does not offer the device flow"
+        if not what:
+            return exc
+        return _NoDeviceFlow(f"{self._dialect.name} {what} ({exc.message})", exc.detail,
+                             exc.status_code)
+
+    def _poll_error(self, exc: AuthError) -> AuthError:
+        """What a poll's final error *exc* means, in words a user can act on."""
+        server = _server_name(self.host)
+        if exc.error == "access_denied":
+            return AuthError(f"The login to {server} was denied", exc.detail, exc.status_code)
+        if exc.error == "expired_token":
+            return AuthError(f"The device code for {server} expired before the login was "
+                             "approved; start the login again", exc.detail, exc.status_code)
+        if exc.error in ("unauthorized_client", "unsupported_grant_type"):
+            # A provider that hands out device codes to a client that may not redeem
+            # them: authenticate() then uses the code flow.
+            return _NoDeviceFlow(f"{server} refused the device login at its token endpoint "
+                                 f"({exc.message}): this client may not use the device flow",
+                                 exc.detail, exc.status_code)
+        return exc
 
     def _gave_up(self, start: float, ours: bool) -> AuthError:
         """The end of a wait: our own time limit (*ours*), or the device code's lifetime."""
@@ -3109,21 +3213,8 @@ class CodeFlow(BaseFlow):
     Opens the provider's login page in a local browser, receives the
     callback on a loopback HTTP server (RFC 8252) and exchanges the code for
     tokens.  Best suited for desktops; on a remote machine it prints the
-    ``ssh -L`` command that forwards the callback port.
-
-    Parameters
-    ----------
-    host : str
-        Base URL of the application server.
-    config : Config or None
-        Full configuration object. Overrides host and keyword arguments.
-    store : TokenStore or None
-        Custom token store. Shared default when None.
-    timeout : int or None
-        Maximum seconds to wait for the user to complete the browser login.
-    client_id, client_secret, scopes : optional
-        A standard OpenID provider directly: ``host`` is its issuer URL (see
-        `BaseFlow`).
+    ``ssh -L`` command that forwards the callback port. Parameters as for
+    `BaseFlow`.
 
     Examples
     --------
@@ -3137,25 +3228,12 @@ class CodeFlow(BaseFlow):
             self.timeout = _CODE_FLOW_WAIT.get()
 
     async def authenticate(self, *, force: bool = False) -> Token:
-        """Run the authorization code flow and return a token.
-
-        Checks cached tokens first. Falls back to a browser based login when
-        no valid tokens are available.
+        """Return a cached or refreshed token, else log in in a browser.
 
         Parameters
         ----------
         force : bool
-            Skip the cache and force a new interactive login.
-
-        Returns
-        -------
-        Token
-            The authentication token.
-
-        Raises
-        ------
-        AuthError
-            If the login times out or the code exchange fails.
+            As in `BaseFlow.authenticate`.
         """
         return await super().authenticate(force=force)
 
@@ -3165,32 +3243,12 @@ class CodeFlow(BaseFlow):
         loop = asyncio.get_running_loop()
         result: asyncio.Future[dict[str, str]] = loop.create_future()
         receiver = _LoopbackReceiver(self.config.redirect_ports, loop, result)
-        meta: dict[str, Any] = {}
-        verifier = nonce = ""  # in memory only: never in a URL, a log or a message
         try:
-            port = receiver.port
-            if self.config.client_id:
-                # RFC 8252, 7.3: the loopback IP literal, which is where the server listens.
-                redirect_uri = f"http://127.0.0.1:{port}/callback"
-                meta = await self._metadata()
-                verifier, challenge = _pkce_pair()
-                state, nonce = _random_string(), _random_string()
-                query = {"response_type": "code", "client_id": str(self.config.client_id),
-                         "redirect_uri": redirect_uri, "scope": self._scope(meta),
-                         "state": state, "nonce": nonce, "code_challenge": challenge,
-                         "code_challenge_method": "S256"}
-                location = _with_query(meta["authorization_endpoint"],
-                                       {k: v for k, v in query.items() if v})
-                # RFC 9207: the callback names its issuer; a wrong one means a mix-up attack.
-                receiver.expect(state, location, iss=str(meta["issuer"]), iss_required=meta.get(
-                    "authorization_response_iss_parameter_supported") is True)
-            else:
-                redirect_uri = f"http://localhost:{port}/callback"
-                location, state = await self._login_location(redirect_uri)
-                receiver.expect(state, location)
+            # The verifier and nonce stay in memory: never in a URL, a log or a message.
+            redirect_uri, verifier, nonce = await self._dialect.login(receiver)
             # The provider URL carries the state (py-oidc-auth's holds the PKCE verifier):
             # show and open the receiver's one-time entry page that redirects to it instead.
-            self._tell_user(receiver.entry_url, port)
+            self._tell_user(receiver.entry_url, receiver.port)
             if _can_open_browser():
                 _open_browser(receiver.entry_url)
             try:
@@ -3207,46 +3265,9 @@ class CodeFlow(BaseFlow):
                 f"The login to {_server_name(self.host)} failed: {params['error']}"
                 + (f": {description}" if description else ""),
                 {"error": params["error"], "error_description": description}, 400)
-        form = {"code": params["code"], "redirect_uri": redirect_uri,
-                "grant_type": "authorization_code"}
-        if meta:
-            form["code_verifier"] = verifier
-            form, auth = self._client_auth(meta, form)
-            raw = await self.session.post_form(meta["token_endpoint"], form, auth=auth)
-            return self._save(await self._accept(raw, nonce=nonce))
-        # py-oidc-auth's state is "random|redirect_uri|code_verifier".
-        parts = state.split("|", 2)
-        if len(parts) == 3:
-            form["code_verifier"] = parts[2]
-        raw = await self.session.post_form(self._url(self.config.token_route), form)
-        return self._save(_make_token(raw))
-
-    async def _login_location(self, redirect_uri: str) -> tuple[str, str]:
-        """The provider URL and state that py-oidc-auth's login route redirects to."""
-        from urllib.parse import parse_qs, urlencode, urlsplit
-
-        query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
-                           "prompt": "consent"})
-        login_url = f"{self._url(self.config.login_route)}?{query}"
-        # Learn the provider URL and its state without following the redirect.
-        resp = await self.session.request("GET", login_url, follow=False)
-        location = resp.headers.get("Location") or resp.headers.get("location") or ""
-        if not 300 <= resp.status < 400 or not location:
-            payload: Any = None
-            try:
-                payload = resp.json()
-            except ValueError:
-                pass
-            error = _http_error(resp, payload)
-            raise AuthError(f"The login route did not redirect to a login page: "
-                            f"{error.message}", error.detail, error.status_code)
-        location = _web_url(location, f"the login redirect (from {login_url})",
-                            self.config.allow_http)
-        state = parse_qs(urlsplit(location).query).get("state", [""])[0]
-        if not state:
-            raise AuthError(f"{login_url} redirected to a login page without a state",
-                            status_code=502)
-        return location, state
+        url, form, auth = await self._dialect.code_grant(params["code"], redirect_uri, verifier)
+        raw = await self.session.post_form(url, form, auth=auth)
+        return await self._save(await self._dialect.accept(raw, nonce=nonce))
 
     def _tell_user(self, url: str, port: int) -> None:
         url = _web_url(url, "the login URL")
@@ -4355,7 +4376,7 @@ def _min_valid(args: Any, token: Token) -> Token | None:
     refreshed, key = False, _store_key(args.host, args.client_id, args.scope)
     if until(token) < want and _refresh_valid(token):
         flow = _cli_flow(args, key)
-        token = _run_sync(flow._cached_or_refreshed(lambda t: until(t) >= want)) or token
+        token = _run_sync(flow._refreshed(lambda t: until(t) >= want)) or token
         refreshed = True
     if until(token) >= want:
         return token
@@ -4402,7 +4423,7 @@ def _logout(args: Any, store: TokenStore) -> None:
     flow = _cli_flow(args, key, store)
     outcome = ""
     try:
-        if not _run_sync(flow._revoke(token)):
+        if not _run_sync(flow._sign_out(token)):
             outcome = "the server offers no revocation"
     except AuthError as exc:
         outcome = f"revoking it at the server failed ({exc.message})"
@@ -4586,14 +4607,12 @@ def _describe_file(path: str) -> str:
 def _describe_token(store: TokenStore, host: str = "") -> str:
     """How long the token of *host* (or of a token file) lasts; read only, no secret."""
     try:
-        entries, bad, _ = store._parse()
+        server, token, bad = store._inspect(host)
     except AuthError as exc:  # a symbolic link: say so, as the store would
         return exc.message
-    server = next(iter(entries), "") if store._single else _host_key(host)
-    token = entries.get(server)
     if token is None:
         return bad or "no token"
-    whose = "" if not store._single else (
+    whose = "" if server is None else (
         f"for {_printable(_short(server, 200))}: " if server else
         'names no server (add "server": HOST, or export it anew): ')
     return whose + _lifetimes(token)

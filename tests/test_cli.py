@@ -484,20 +484,20 @@ def test_logout_without_revocation_removes_locally_and_says_so(fake_server, make
     (False, "the server offers no revocation"),
     ("error", "revoking it at the server failed (revocation endpoint answered 500)"),
 ])
-def test_logout_uses_the_flows_revoke_when_there_is_one(fake_server, make_token, monkeypatch,
+def test_logout_says_what_the_flows_sign_out_did(fake_server, make_token, monkeypatch,
                                                         capsys, outcome, says):
     token = make_token()
     store = default_store()
     store.put(fake_server.url, token)
     seen: list[Any] = []
 
-    async def _revoke(self: Any, revoked: Any) -> bool:
+    async def _sign_out(self: Any, revoked: Any) -> bool:
         seen.append((self.host, self.config.token_route, revoked))
         if outcome == "error":
             raise oac.AuthError("revocation endpoint answered 500")
         return bool(outcome)
 
-    monkeypatch.setattr(oac.BaseFlow, "_revoke", _revoke, raising=False)
+    monkeypatch.setattr(oac.BaseFlow, "_sign_out", _sign_out)
     assert oac.main(["--logout", fake_server.url + "/", "-t", "/custom/token"]) == 0
     assert seen == [(fake_server.url, "/custom/token", token)]
     err = capsys.readouterr().err

@@ -143,8 +143,21 @@ def device_flow(provider: Provider, store: oac.TokenStore, **kwargs: Any) -> oac
     return oac.DeviceFlow(provider.issuer, client_id=CLIENT, store=store, **kwargs)
 
 
+def store_key(issuer: str, client_id: str | None = None, scopes: Any = None) -> str:
+    """Where the flows keep their tokens: their ``host``, issuer#client_id=...&scope=...
+
+    A BaseFlow of its own, so that no DeviceFlow or CodeFlow of a test is configured anew.
+    """
+    return oac.BaseFlow(issuer, client_id=client_id, scopes=scopes).host
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def end_session(flow: oac.BaseFlow) -> str | None:
+    """Make *flow* read the provider's metadata: its logout asks for the end session URL."""
+    return run(flow.logout())
 
 
 def basic(client: str, secret: str) -> str:
@@ -158,19 +171,18 @@ def basic(client: str, secret: str) -> str:
 
 def test_discovery_is_fetched_once_and_kept_for_its_lifetime(provider, tmp_store, monkeypatch):
     flow = device_flow(provider, tmp_store)
-    meta = run(flow._metadata())
-    assert meta["token_endpoint"] == f"{provider.issuer}/token"
-    run(flow._metadata())
-    run(oac.CodeFlow(provider.issuer, client_id="other", store=tmp_store)._metadata())
+    assert end_session(flow) == f"{provider.issuer}/logout?client_id={CLIENT}"
+    end_session(flow)
+    end_session(oac.CodeFlow(provider.issuer, client_id="other", store=tmp_store))
     assert len(provider.fake.hits(WELL_KNOWN)) == 1  # one document per issuer, in memory
 
     monkeypatch.setattr(oac, "_DOCUMENT_TTL", 0.2)
     oac._FETCHED.clear()
-    run(flow._metadata())
-    run(flow._metadata())
+    end_session(flow)
+    end_session(flow)
     assert len(provider.fake.hits(WELL_KNOWN)) == 2
     time.sleep(0.3)
-    run(flow._metadata())  # expired: fetched again
+    end_session(flow)  # expired: fetched again
     assert len(provider.fake.hits(WELL_KNOWN)) == 3
 
 
@@ -193,8 +205,7 @@ def test_discovery_with_another_issuer_is_refused_and_not_kept(provider, tmp_sto
 
 def test_issuer_equal_up_to_a_trailing_slash_and_case_is_accepted(provider, tmp_store):
     provider.meta["issuer"] = provider.issuer.upper().replace("HTTP://", "http://") + "/"
-    flow = device_flow(provider, tmp_store)
-    assert run(flow._metadata())["issuer"] == provider.meta["issuer"]
+    assert end_session(device_flow(provider, tmp_store)) is not None
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -207,7 +218,7 @@ def test_broken_discovery_documents_are_clear_errors(fake_server, tmp_store, fie
                                                      words):
     provider = Provider(fake_server, **{field: value})
     with pytest.raises(oac.AuthError) as info:
-        run(device_flow(provider, tmp_store)._metadata())
+        run(device_flow(provider, tmp_store).get_device_code())
     assert words in info.value.message
 
 
@@ -225,7 +236,7 @@ def test_no_discovery_document_is_a_clear_error(fake_server, tmp_store, status, 
 def test_discovery_retries_a_dropped_connection(fake_server, tmp_store):
     fake_server.reply("GET", WELL_KNOWN, 200, "__drop__")
     provider = Provider(fake_server)
-    assert run(device_flow(provider, tmp_store)._metadata())["issuer"] == provider.issuer
+    assert end_session(device_flow(provider, tmp_store)) is not None
     assert len(fake_server.hits(WELL_KNOWN)) == 2
 
 
@@ -233,9 +244,9 @@ def test_discovery_url_keeps_the_issuer_path(fake_server, tmp_store):
     realm = fake_server.url + "/realms/science"
     fake_server.reply("GET", "/realms/science" + WELL_KNOWN, 200, {
         "issuer": realm, "authorization_endpoint": realm + "/auth",
-        "token_endpoint": realm + "/token"})
+        "token_endpoint": realm + "/token", "end_session_endpoint": realm + "/logout"})
     flow = oac.DeviceFlow(realm + "/", client_id=CLIENT, store=tmp_store)
-    assert run(flow._metadata())["issuer"] == realm
+    assert end_session(flow) == f"{realm}/logout?client_id={CLIENT}"
 
 
 # ---------------------------------------------------------------------------
@@ -322,7 +333,7 @@ def test_authenticate_falls_back_to_the_code_flow(fake_server, tmp_store, termin
         user.finish()
     assert len(fake_server.hits("/token")) == 1
     assert fake_server.hits("/device") == []
-    assert tmp_store.get(oac._store_key(provider.issuer, CLIENT)) == token
+    assert tmp_store.get(store_key(provider.issuer, CLIENT)) == token
 
 
 def test_confidential_client_uses_http_basic(provider, tmp_store):
@@ -454,7 +465,7 @@ def test_code_flow_sends_pkce_state_nonce_and_exchanges_with_the_verifier(
     assert b64u(hashlib.sha256(verifier.encode()).digest()) == query["code_challenge"]
     assert verifier not in user.location
     assert provider.fake.hits("/authorize") == []  # the browser goes there, not the client
-    assert tmp_store.get(oac._store_key(provider.issuer, CLIENT, "openid profile")) == token
+    assert tmp_store.get(store_key(provider.issuer, CLIENT, "openid profile")) == token
     # Nothing secret was logged or shown.
     shown = caplog.text + terminal.getvalue()
     for secret in (verifier, "the-code", token["access_token"], "r-1", query["nonce"]):
@@ -529,7 +540,7 @@ def test_login_without_id_token_is_refused_when_openid_was_asked(provider, tmp_s
         code_login(provider, tmp_store, ProviderUser(terminal, provider))
     # Plain OAuth (no openid scope): no ID token expected.
     code_login(provider, tmp_store, ProviderUser(Terminal(), provider), scopes=["api"])
-    assert tmp_store.hosts() == [oac._store_key(provider.issuer, CLIENT, "api")]
+    assert tmp_store.hosts() == [store_key(provider.issuer, CLIENT, "api")]
 
 
 def test_pkce_pair():
@@ -647,10 +658,11 @@ def test_malformed_id_tokens_are_refused(token):
         oac._jws_parts(token)
 
 
-def id_token_check(provider: Provider, store: oac.TokenStore, token: str,
-                   nonce: str | None = None, **kwargs: Any) -> None:
-    flow = device_flow(provider, store, **kwargs)
-    run(flow._check_id_token(token, run(flow._metadata()), nonce))
+def id_token_check(provider: Provider, store: oac.TokenStore, token: str, **kwargs: Any) -> None:
+    """A refresh that the provider answers with *token* as the ID token."""
+    provider.id_token = token
+    provider.tokens()
+    run(device_flow(provider, store, **kwargs).refresh("r-old"))
 
 
 def test_signed_id_token_is_checked_against_the_jwks(provider, tmp_store):
@@ -715,7 +727,7 @@ def stored(provider: Provider, store: oac.TokenStore, lifetime: int = 3600, scop
     now = int(time.time())
     token = oac._token(make_jwt(lifetime, now), "Bearer", now + lifetime, refresh, now + 86400,
                        scope)
-    store.put(oac._store_key(provider.issuer, CLIENT, key.get("scopes")), token)
+    store.put(store_key(provider.issuer, CLIENT, key.get("scopes")), token)
     return token
 
 
@@ -731,7 +743,7 @@ def test_expired_token_is_refreshed_with_the_granted_scope(provider, tmp_store):
     assert token["access_token"] != old["access_token"]
     assert token["refresh_token"] == "r-new"
     assert token["scope"] == "openid profile"  # absent in the answer: unchanged (RFC 6749, 5.1)
-    assert tmp_store.get(oac._store_key(provider.issuer, CLIENT)) == token
+    assert tmp_store.get(store_key(provider.issuer, CLIENT)) == token
 
 
 @pytest.mark.timeout(20)
@@ -785,17 +797,19 @@ def test_refresh_checks_a_new_id_token(provider, tmp_store):
 
 def test_revoke_sends_both_tokens_and_logout_forgets_them(provider, tmp_store):
     provider.fake.reply("POST", "/revoke", 200, b"")
-    token = stored(provider, tmp_store)
-    oac._remember_id_token(token["access_token"], "the.id.token")
+    stored(provider, tmp_store)
+    provider.id_token = sign(provider.claims_now())
+    provider.tokens()
     flow = device_flow(provider, tmp_store, client_secret=SECRET)
+    token = run(flow.refresh("r-old"))  # comes with an ID token
     url = run(flow.logout())
     first, second = provider.fake.hits("/revoke")
-    assert first.form == {"token": "r-old", "token_type_hint": "refresh_token"}
+    assert first.form == {"token": "r-1", "token_type_hint": "refresh_token"}
     assert second.form == {"token": token["access_token"], "token_type_hint": "access_token"}
     assert first.headers["Authorization"] == basic(CLIENT, SECRET)
     assert tmp_store.hosts() == []
     assert url == f"{provider.issuer}/logout?" + urlencode(
-        {"client_id": CLIENT, "id_token_hint": "the.id.token"})
+        {"client_id": CLIENT, "id_token_hint": provider.id_token})
 
 
 def test_revoke_is_true_when_the_server_revoked_something(provider, tmp_store, caplog):
@@ -812,11 +826,14 @@ def test_revoke_is_true_when_the_server_revoked_something(provider, tmp_store, c
 
     provider.fake.reply("POST", "/revoke", 200, revoke)
     with caplog.at_level(logging.INFO, logger="py_oidc_auth_client"):
-        assert run(flow._revoke(token)) is True
+        run(flow.logout())
+        assert "unsupported_token_type" in caplog.text  # said, but no warning
         assert "WARNING" not in [r.levelname for r in caplog.records]
         down.append(True)
-        assert run(flow._revoke(token)) is False
+        token = stored(provider, tmp_store)
+        run(flow.logout())
     assert "WARNING" in [r.levelname for r in caplog.records]
+    assert tmp_store.hosts() == []  # forgotten here in any case
     assert len(provider.fake.hits("/revoke")) == 4  # one attempt each, never a retry loop
     for secret in (token["access_token"], token["refresh_token"]):
         assert secret not in caplog.text
@@ -824,9 +841,8 @@ def test_revoke_is_true_when_the_server_revoked_something(provider, tmp_store, c
 
 def test_without_revocation_endpoint_logout_only_forgets(fake_server, tmp_store):
     provider = Provider(fake_server, revocation_endpoint=None, end_session_endpoint=None)
-    token = stored(provider, tmp_store)
+    stored(provider, tmp_store)
     flow = device_flow(provider, tmp_store)
-    assert run(flow._revoke(token)) is False
     assert run(flow.logout()) is None
     assert tmp_store.hosts() == []
     assert fake_server.hits("/revoke") == []
@@ -836,22 +852,22 @@ def test_py_oidc_auth_mode_revokes_nothing(fake_server, tmp_store, make_token):
     flow = oac.DeviceFlow(fake_server.url, store=tmp_store)
     token = make_token()
     tmp_store.put(fake_server.url, token)
-    assert run(flow._revoke(token)) is False
     assert run(flow.logout()) is None
     assert tmp_store.hosts() == []
     assert fake_server.requests == []
 
 
 def test_the_id_token_survives_in_the_store_for_logout(provider, tmp_store):
-    now = int(time.time())
-    token = oac._token(make_jwt(3600, now), "Bearer", now + 3600, "r", now + 7200, "openid")
-    oac._remember_id_token(token["access_token"], "kept.id.token")  # as a login does
-    tmp_store.put(oac._store_key(provider.issuer, CLIENT), token)
-    assert "kept.id.token" in Path(tmp_store.path).read_text()
-    oac._ID_TOKENS.clear()  # a new process
-    fresh = oac.TokenStore(tmp_store.path)
-    assert fresh.get(oac._store_key(provider.issuer, CLIENT)) == token
-    assert oac._ID_TOKENS[token["access_token"]] == "kept.id.token"
+    stored(provider, tmp_store)
+    provider.id_token = sign(provider.claims_now())
+    provider.tokens()
+    token = run(device_flow(provider, tmp_store).refresh("r-old"))  # as a login does
+    assert provider.id_token in Path(tmp_store.path).read_text()
+    fresh = oac.TokenStore(tmp_store.path)  # as in a new process
+    oac.BaseFlow.reset_instances()
+    assert fresh.get(store_key(provider.issuer, CLIENT)) == token
+    url = run(device_flow(provider, fresh).logout())
+    assert url.endswith(urlencode({"id_token_hint": provider.id_token}))
 
 
 # ---------------------------------------------------------------------------
@@ -862,38 +878,39 @@ ISSUER = "https://keycloak.example.org/realms/science"
 
 
 def test_store_keys_name_issuer_client_and_sorted_scopes():
-    assert oac._store_key(ISSUER) == ISSUER
-    assert oac._store_key(ISSUER, "cli") == f"{ISSUER}#client_id=cli&scope=offline_access+openid"
+    assert store_key(ISSUER) == ISSUER
+    assert store_key(ISSUER, "cli") == f"{ISSUER}#client_id=cli&scope=offline_access+openid"
     key = f"{ISSUER}#client_id=cli&scope=openid+profile"
     for scopes in ("openid profile", ["profile", "openid"], ("openid", "profile openid")):
-        assert oac._store_key(ISSUER, "cli", scopes) == key
-    assert oac._store_key("HTTPS://Keycloak.Example.org:443/realms/science/", "cli",
+        assert store_key(ISSUER, "cli", scopes) == key
+    assert store_key("HTTPS://Keycloak.Example.org:443/realms/science/", "cli",
                           "profile openid") == key
-    assert oac._store_key(ISSUER, "other") != oac._store_key(ISSUER, "cli")
-    assert oac._store_key(ISSUER, "cli", []) == f"{ISSUER}#client_id=cli&scope="
+    assert store_key(ISSUER, "other") != store_key(ISSUER, "cli")
+    assert store_key(ISSUER, "cli", []) == f"{ISSUER}#client_id=cli&scope="
 
 
 def test_store_keys_are_hosts_of_their_own():
     key = f"{ISSUER}#client_id=cli&scope=openid+profile"
-    assert oac._host_key(key) == key
-    assert oac._host_key(f"{ISSUER}#scope=profile+openid&client_id=cli") == key
-    assert oac._host_key(f"{ISSUER}#client_id=cli") == oac._store_key(ISSUER, "cli")
-    assert oac._split_key(key) == (ISSUER, "cli", ["openid", "profile"])
-    assert oac._split_key(ISSUER) == (ISSUER, None, None)
+    assert store_key(key) == key
+    assert store_key(f"{ISSUER}#scope=profile+openid&client_id=cli") == key
+    assert store_key(f"{ISSUER}#client_id=cli") == store_key(ISSUER, "cli")
+    config = oac.DeviceFlow(key).config
+    assert (config.host, config.client_id, config.scopes) == (ISSUER, "cli", ["openid", "profile"])
+    assert oac.DeviceFlow(ISSUER).config.client_id is None
     with pytest.raises(oac.AuthError, match="fragment"):
-        oac._host_key(ISSUER + "#other")
+        store_key(ISSUER + "#other")
     with pytest.raises(oac.AuthError, match="without a #client_id"):
-        oac._store_key(key, "cli")
+        store_key(key, "cli")
 
 
 def test_one_store_holds_several_clients_of_one_provider(tmp_store, make_token):
     one, two = make_token(), make_token()
-    tmp_store.put(oac._store_key(ISSUER, "cli"), one)
-    tmp_store.put(oac._store_key(ISSUER, "cli", "openid"), two)
+    tmp_store.put(store_key(ISSUER, "cli"), one)
+    tmp_store.put(store_key(ISSUER, "cli", "openid"), two)
     tmp_store.put(ISSUER, make_token())
     assert len(tmp_store.hosts()) == 3
-    assert tmp_store.get(oac._store_key(ISSUER, "cli")) == one
-    assert tmp_store.get(oac._store_key(ISSUER, "cli", ["openid"])) == two
+    assert tmp_store.get(store_key(ISSUER, "cli")) == one
+    assert tmp_store.get(store_key(ISSUER, "cli", ["openid"])) == two
 
 
 def test_flows_are_per_client_and_accept_a_store_key_as_host():
@@ -901,7 +918,7 @@ def test_flows_are_per_client_and_accept_a_store_key_as_host():
     assert a is oac.DeviceFlow(ISSUER, client_id="cli", scopes=["openid", "offline_access"])
     assert a is not oac.DeviceFlow(ISSUER, client_id="cli2")
     assert a is not oac.DeviceFlow(ISSUER)
-    assert a.host == oac._store_key(ISSUER, "cli")
+    assert a.host == store_key(ISSUER, "cli")
     config = oac.Config(host=ISSUER, client_id="cli")
     assert oac.DeviceFlow(config=config) is a
     b = oac.CodeFlow(f"{ISSUER}#client_id=cli&scope=openid+profile")
@@ -930,7 +947,7 @@ def test_a_cache_hit_imports_nothing_heavy(tmp_path):
     store = tmp_path / "store.json"
     now = int(time.time())
     token = oac._token(make_jwt(3600, now), "Bearer", now + 3600, "r", now + 7200, "openid")
-    oac.TokenStore(store).put(oac._store_key(ISSUER, "cli", "openid profile"), token)
+    oac.TokenStore(store).put(store_key(ISSUER, "cli", "openid profile"), token)
     result = run_child(f"""
         import json, sys
         import py_oidc_auth_client as oac
@@ -960,14 +977,14 @@ def test_cli_lists_keys_quoted_for_the_shell_and_removes_by_client(make_token):
     import shlex
 
     store = oac._default_store("py-oidc-auth")
-    store.put(oac._store_key(ISSUER, "cli", "openid profile"), make_token())
+    store.put(store_key(ISSUER, "cli", "openid profile"), make_token())
     store.put("https://plain.example.com", make_token())
     code, out, _ = run_cli("--list")
     assert code == 0
     lines = sorted(out.splitlines())
     assert lines[0].startswith(f"'{ISSUER}#client_id=cli&scope=openid+profile'\taccess valid for ")
     assert lines[1].startswith("https://plain.example.com\taccess valid for ")  # unchanged
-    assert shlex.split(lines[0].split("\t")[0]) == [oac._store_key(ISSUER, "cli",
+    assert shlex.split(lines[0].split("\t")[0]) == [store_key(ISSUER, "cli",
                                                                    "openid profile")]
     code, _, err = run_cli("--remove", ISSUER, "--client-id", "cli", "--scope", "profile",
                            "--scope", "openid")
@@ -995,7 +1012,7 @@ def test_cli_reads_the_secret_from_the_environment(provider, monkeypatch):
 
 def test_cli_names_the_issuer_and_client_after_login(provider, make_token):
     store = oac._default_store("py-oidc-auth")
-    store.put(oac._store_key(provider.issuer, CLIENT), make_token())
+    store.put(store_key(provider.issuer, CLIENT), make_token())
     code, out, _ = run_cli(provider.issuer, "--client-id", CLIENT)
     assert code == 0
     assert re.match(rf"Logged in to {re.escape(provider.issuer)} \(client {CLIENT}\): ", out)

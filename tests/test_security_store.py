@@ -7,6 +7,7 @@ and attack the files.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -506,7 +507,9 @@ def test_a_kept_token_is_saved_by_the_next_write_that_works(fake_server, shared_
     folder.mkdir()
     folder.chmod(0o777)
     store = oac.TokenStore(folder / "tokens.json")
-    store._keep(fake_server.url, token(refresh="refresh-kept"))
+    fake_server.reply("POST", TOKEN, 200, token_answer(refresh="refresh-kept"))
+    flow = oac.DeviceFlow(fake_server.url, store=store)
+    assert asyncio.run(flow.refresh("refresh-1"))["refresh_token"] == "refresh-kept"
     assert "could not be saved" in caplog.text
     assert not (folder / "tokens.json").exists()
     folder.chmod(0o700)  # the user fixes the folder

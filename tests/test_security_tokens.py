@@ -248,9 +248,9 @@ def test_hostile_login_redirect_is_refused(fake_server, tmp_store, location):
 def test_hostile_authorization_endpoint_from_discovery_is_refused(fake_server, tmp_store,
                                                                    endpoint):
     provider = Provider(fake_server, authorization_endpoint=endpoint)
-    flow = oac.CodeFlow(provider.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
+    flow = oac.DeviceFlow(provider.issuer, client_id=CLIENT, store=tmp_store, timeout=5)
     with pytest.raises(oac.AuthError, match="authorization_endpoint") as info:
-        run(flow._metadata())
+        run(flow.get_device_code())
     assert control_chars(info.value.message) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -35,6 +36,11 @@ def run_child(code: str, **extra: str) -> str:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=child_env(**extra),
                          capture_output=True, text=True, timeout=20, check=True)
     return out.stdout
+
+
+def flow_store(host: str = "https://a.example.com", **options: str) -> oac.TokenStore:
+    """The store a flow uses by default: the token file of OIDC_TOKEN_FILE, else the cache."""
+    return oac.BaseFlow(host, **options).store
 
 
 def raw_entry(lifetime: int = 3600, refresh_lifetime: int = 86400, refresh: str = "r-1",
@@ -546,6 +552,42 @@ def test_store_waits_for_the_lock_then_writes(tmp_store, make_token, lock_holder
     assert tmp_store.get("https://a.example.com") == token
 
 
+@posix_only
+@pytest.mark.timeout(20)
+def test_a_coroutine_waiting_for_the_lock_lets_its_loop_run(tmp_store, fake_server, lock_holder):
+    # A notebook refreshes while another process holds the store's lock: the refresh
+    # waits, and the notebook's other tasks run on meanwhile.
+    os.makedirs(os.path.dirname(tmp_store.path))
+    holder = lock_holder(tmp_store.path + ".lock")
+    fake_server.reply("POST", "/auth/v2/token", 200, token_answer(refresh="r-2"))
+    flow = oac.DeviceFlow(fake_server.url, store=tmp_store)
+    ticks: list[float] = []
+
+    async def scenario() -> oac.Token:
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.02)
+
+        async def release() -> None:
+            await asyncio.sleep(0.5)
+            holder.stdin.close()
+
+        ticker, releaser = asyncio.create_task(tick()), asyncio.create_task(release())
+        try:
+            return await flow.refresh("r-1")
+        finally:
+            ticker.cancel()
+            await releaser
+
+    start = time.monotonic()
+    token = asyncio.run(scenario())
+    assert time.monotonic() - start >= 0.5  # the refresh did wait for the lock
+    assert len([t for t in ticks if t < start + 0.45]) >= 10  # and the loop ran meanwhile
+    assert token["refresh_token"] == "r-2"
+    assert tmp_store.get(fake_server.url) == token
+
+
 # -- where the store lives -------------------------------------------------------------
 
 
@@ -556,8 +598,9 @@ def test_default_path_honours_xdg_cache_home_and_app_name(tmp_path, monkeypatch)
     assert oac.TokenStore().path == str(cache / "py-oidc-auth" / "token-store.json")
     assert oac.TokenStore(app_name="my-project").path == str(
         cache / "my-project" / "token-store.json")
-    assert oac._default_store("my-project").path == str(cache / "my-project" / "token-store.json")
-    assert oac._default_store("my-project") is oac._default_store("my-project")
+    shared = flow_store(app_name="my-project")
+    assert shared.path == str(cache / "my-project" / "token-store.json")
+    assert shared is flow_store(app_name="my-project")
 
 
 @linux_only
@@ -616,7 +659,7 @@ def token_file(tmp_path, monkeypatch, make_token):
 
 def test_token_file_holds_one_token_for_its_server_only(token_file):
     path, token = token_file
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     assert store.path == str(path)
     assert store.get("https://A.example.com/") == token
     with pytest.raises(oac.AuthError) as caught:
@@ -627,7 +670,7 @@ def test_token_file_holds_one_token_for_its_server_only(token_file):
 
 def test_token_file_put_writes_one_token_object(token_file, make_token):
     path, _ = token_file
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     new = make_token(lifetime=7200)
     store.put("https://a.example.com", new)
     assert json.loads(path.read_text()) == {"server": "https://a.example.com", **new}
@@ -637,8 +680,8 @@ def test_token_file_put_writes_one_token_object(token_file, make_token):
 
 def test_token_file_store_is_separate_from_the_cache(token_file):
     path, _ = token_file
-    file_store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
-    cache_store = oac._default_store("py-oidc-auth")
+    file_store = flow_store()
+    cache_store = oac.TokenStore()
     assert file_store is not cache_store
     assert cache_store.path != str(path)
     assert cache_store.get("https://a.example.com") is None
@@ -646,14 +689,14 @@ def test_token_file_store_is_separate_from_the_cache(token_file):
 
 def test_unset_token_file_means_the_cache(monkeypatch):
     monkeypatch.delenv("OIDC_TOKEN_FILE", raising=False)
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
-    assert store is oac._default_store("py-oidc-auth")
+    store = flow_store()
+    assert store is flow_store("https://b.example.com")  # one shared store
     assert store.path.endswith(os.path.join("py-oidc-auth", "token-store.json"))
 
 
 def test_missing_token_file_gives_none(tmp_path, monkeypatch):
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(tmp_path / "nope.json"))
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     assert store.get("https://a.example.com") is None
 
 
@@ -662,7 +705,7 @@ def test_garbage_token_file_is_kept_aside(tmp_path, monkeypatch, caplog):
     path = tmp_path / "token.json"
     path.write_text('{"not": "a token"}')
     monkeypatch.setenv("OIDC_TOKEN_FILE", str(path))
-    store = oac._default_store("py-oidc-auth", "OIDC_TOKEN_FILE")
+    store = flow_store()
     assert store.get("https://a.example.com") is None
     (aside,) = sorted(tmp_path.glob("token.json.corrupt-*"))
     assert aside.read_text() == '{"not": "a token"}'

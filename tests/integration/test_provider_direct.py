@@ -299,10 +299,10 @@ def test_revoke_reports_what_the_server_revoked(client_module, stack, store, bro
     token = client_module.authenticate(stack.issuer, client_id=PUBLIC_CLIENT_ID, store=store,
                                        timeout=30)
     flow = client_module.DeviceFlow(stack.issuer, client_id=PUBLIC_CLIENT_ID, store=store)
-    assert asyncio.run(flow._revoke(token)) is True
+    assert asyncio.run(flow._sign_out(token)) is True
     assert refresh_at_provider(stack, token["refresh_token"])[0] == 400
     # py-oidc-auth mode revokes nothing.
-    assert asyncio.run(client_module.DeviceFlow(stack.host, store=store)._revoke(token)) is False
+    assert asyncio.run(client_module.DeviceFlow(stack.host, store=store)._sign_out(token)) is False
 
 
 # -- confidential client, several clients, CLI ------------------------------------------
@@ -323,7 +323,7 @@ def test_confidential_client_with_secret_device_refresh_and_revoke(
     refreshed = asyncio.run(flow.refresh(token["refresh_token"]))
     assert stack.protected(refreshed)[0] == 200
     assert {g["client"] for g in grants(stack)} == {CLIENT_ID}  # via HTTP Basic
-    assert asyncio.run(flow._revoke(refreshed)) is True
+    asyncio.run(flow.logout())  # revokes the refreshed token, stored by the refresh
     assert refresh_at_provider(stack, refreshed["refresh_token"], confidential=True)[0] == 400
 
     # Without the secret the provider refuses the client.
