@@ -16,15 +16,12 @@ import re
 import stat
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from conftest import token_answer
-from tests.test_cli import DEVICE, TOKEN, default_store, oauth_error
+from conftest import DEVICE, REPO, TOKEN, default_store, oauth_error, token_answer
 
-REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 HOST = "https://myapp.example.com"
 SECTIONS = ("Command line", "Batch jobs and clusters", "Notebooks", "Troubleshooting")
