@@ -14,6 +14,7 @@ import http.client
 import io
 import json
 import os
+import random
 import re
 import shlex
 import socket
@@ -532,16 +533,27 @@ def port_is_free(port: int) -> bool:
     return bindable("127.0.0.1", port) and (not has_ipv6_loopback() or bindable("::1", port))
 
 
+@functools.cache
+def _ephemeral_ports() -> range:
+    """The ports the system hands out for bind(("", 0)) and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = map(int, fh.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
     """A port nothing listens on, on 127.0.0.1 and (where it exists) ::1.
 
-    The system picks it, so tests running side by side get different ports.
+    Picked outside the system's ephemeral range: while the test holds it unbound, no
+    outgoing connection or ``bind(0)`` of a test running beside it can take it.
     """
+    ephemeral = _ephemeral_ports()
     while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if not has_ipv6_loopback() or bindable("::1", port):
+        port = random.randrange(20000, 65536)
+        if port not in ephemeral and port_is_free(port):
             return port
 
 

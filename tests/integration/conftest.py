@@ -59,12 +59,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.hasplugin("timeout"):
         # Without pytest-timeout the marks stay inert; every wait has its own deadline.
         config.addinivalue_line("markers", "timeout(seconds): per-test time limit")
+    if not config.pluginmanager.hasplugin("xdist"):
+        config.addinivalue_line("markers", "xdist_group(name): run together under xdist")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
+        path = Path(str(item.fspath)).resolve()
+        if HERE in path.parents:
             item.add_marker(pytest.mark.integration)
+            # Under pytest-xdist's --dist loadgroup, one worker runs a whole file: each
+            # worker starts its own servers, and a file mostly reuses one or two variants.
+            item.add_marker(pytest.mark.xdist_group(path.stem))
 
 
 @pytest.hookimpl(hookwrapper=True)
