@@ -458,6 +458,7 @@ class Dripper:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.mode = "body"
         self.accepted = self.hung_up = 0
+        self.first_accept = 0.0  # time.monotonic() of the first connection
         self.stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -468,6 +469,7 @@ class Dripper:
             except OSError:
                 continue
             self.accepted += 1
+            self.first_accept = self.first_accept or time.monotonic()
             threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
 
     def _drip(self, conn: socket.socket) -> None:
