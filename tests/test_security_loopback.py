@@ -186,6 +186,12 @@ def _nobody_python() -> str:
 _NOBODY = {"user": 65534, "group": 65534, "extra_groups": [], "env": {"PATH": "/usr/bin:/bin"}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def nobody_python_found_first() -> None:
+    """Finding it starts Python up to three times: not inside a login's time limit."""
+    _nobody_python()
+
+
 def other_user(script: str, *args: str, wait: bool = True) -> Any:
     """Run a Python *script* as ``nobody``: another user of this machine."""
     python = _nobody_python()
