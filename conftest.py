@@ -1,25 +1,47 @@
-"""Shared fixtures: a scripted local HTTP server, a temporary store, an isolated home."""
+"""Shared fixtures and helpers: a scripted local HTTP server, a temporary store, an isolated
+home, free ports, child processes, the CLI, a scripted user and browser.
+
+Test files import the plain helpers with ``from conftest import ...``; no test file
+imports another.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
+import http.client
 import io
 import json
+import os
+import random
 import re
+import shlex
 import socket
+import subprocess
 import sys
+import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
+import webbrowser
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
+from pathlib import Path
 from typing import Any, Callable, Union
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
 import py_oidc_auth_client as oac
+
+REPO = Path(__file__).resolve().parent
+LOGIN, DEVICE, TOKEN = "/auth/v2/login", "/auth/v2/device", "/auth/v2/token"
+# A login may start: webbrowser runs `true URL`, which does nothing.
+LOGIN_ALLOWED = {"BROWSER": "true"}
 
 Body = Union[dict, list, str, bytes, None]
 Reply = tuple  # (status, headers, body)
@@ -179,12 +201,19 @@ def token_answer(lifetime: int = 3600, refresh: str | None = "refresh-1",
     return body
 
 
-def device_answer(interval: int = 1, expires_in: int = 600) -> dict[str, Any]:
-    """A py-oidc-auth device answer."""
-    return {"device_code": "dev-123", "user_code": "ABCD-EFGH",
-            "verification_uri": "https://idp.example/device",
-            "verification_uri_complete": "https://idp.example/device?user_code=ABCD-EFGH",
-            "expires_in": expires_in, "interval": interval}
+def device_answer(interval: int = 1, expires_in: int = 600, **changes: Any) -> dict[str, Any]:
+    """A py-oidc-auth device answer with *changes*; a key changed to None is left out."""
+    body: dict[str, Any] = {
+        "device_code": "dev-123", "user_code": "ABCD-EFGH",
+        "verification_uri": "https://idp.example/device",
+        "verification_uri_complete": "https://idp.example/device?user_code=ABCD-EFGH",
+        "expires_in": expires_in, "interval": interval, **changes,
+    }
+    return {k: v for k, v in body.items() if v is not None}
+
+
+# Without verification_uri_complete: the user is shown the page and types the code.
+bare_device_answer = functools.partial(device_answer, verification_uri_complete=None)
 
 
 def oauth_error(error: str) -> dict[str, Any]:
@@ -428,6 +457,7 @@ class Dripper:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.mode = "body"
         self.accepted = self.hung_up = 0
+        self.first_accept = 0.0  # time.monotonic() of the first connection
         self.stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -438,6 +468,7 @@ class Dripper:
             except OSError:
                 continue
             self.accepted += 1
+            self.first_accept = self.first_accept or time.monotonic()
             threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
 
     def _drip(self, conn: socket.socket) -> None:
@@ -469,3 +500,243 @@ def dripper():
     server = Dripper()
     yield server
     server.close()
+
+
+# -- ports --------------------------------------------------------------------------------
+
+
+@functools.cache
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def bindable(host: str, port: int) -> bool:
+    """True when a listening socket can take host:port now (as the callback server binds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError:
+            return False
+    return True
+
+
+def port_is_free(port: int) -> bool:
+    return bindable("127.0.0.1", port) and (not has_ipv6_loopback() or bindable("::1", port))
+
+
+@functools.cache
+def _ephemeral_ports() -> range:
+    """The ports the system hands out for bind(("", 0)) and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = map(int, fh.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def free_port() -> int:
+    """A port nothing listens on, on 127.0.0.1 and (where it exists) ::1.
+
+    Picked outside the system's ephemeral range: while the test holds it unbound, no
+    outgoing connection or ``bind(0)`` of a test running beside it can take it.
+    """
+    ephemeral = _ephemeral_ports()
+    while True:
+        port = random.randrange(20000, 65536)
+        if port not in ephemeral and port_is_free(port):
+            return port
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on."""
+    return free_port()
+
+
+# -- child processes and the command line -------------------------------------------------
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The test's environment (private HOME and cache), this checkout first on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_child(code: str, *args: str, **env: str) -> str:
+    """What ``python -c CODE ARGS`` printed, run from / with child_env(**env); it must succeed."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd="/",
+                          env=child_env(**env), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def cli(*args: str, env: dict[str, str] | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with the test's environment (private HOME and cache) plus *env*."""
+    full = dict(os.environ)
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "py_oidc_auth_client", *args], cwd=REPO,
+                          env=full, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def default_store(app_name: str = "py-oidc-auth") -> oac.TokenStore:
+    """The store the CLI uses (HOME and XDG_CACHE_HOME are private to the test)."""
+    return oac.TokenStore(app_name=app_name)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("oidc-auth: error:")]
+
+
+# -- the user of a code flow, and a scripted browser ---------------------------------------
+
+PROMPT = r"open this URL in a browser:\s+(\S+)"
+
+
+@pytest.fixture
+def terminal() -> Terminal:
+    return Terminal()
+
+
+@dataclass
+class Page:
+    status: int
+    content_type: str
+    body: str
+
+
+def fetch(url: str) -> Page:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return Page(resp.status, resp.headers.get("Content-Type", ""), resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return Page(exc.code, exc.headers.get("Content-Type", ""), exc.read().decode())
+
+
+def login_location(start: str) -> str:
+    """The provider URL behind the client's local start address (one redirect, not followed)."""
+    # The entry page is a one-time, unguessable path on 127.0.0.1.
+    assert urlsplit(start).hostname == "127.0.0.1" and len(urlsplit(start).path) > 40, start
+    conn = http.client.HTTPConnection(urlsplit(start).netloc, timeout=5)
+    try:
+        conn.request("GET", urlsplit(start).path)
+        resp = conn.getresponse()
+        assert resp.status == 302, resp.status
+        return resp.getheader("Location") or ""
+    finally:
+        conn.close()
+
+
+Visit = Callable[[str, str], str]  # (callback URL, state) -> URL to open
+
+
+class User(threading.Thread):
+    """Reads the login URL from the terminal, then opens each visit in turn."""
+
+    def __init__(self, terminal: Terminal, visits: tuple[Visit, ...], delay: float = 0.0):
+        super().__init__(daemon=True)
+        self.terminal, self.visits, self.delay = terminal, visits, delay
+        self.pages: list[Page] = []
+        self.location = ""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            start = self.terminal.wait_for(PROMPT).group(1)
+            self.location = login_location(start)
+            query = parse_qs(urlsplit(self.location).query)
+            state = query["state"][0]
+            # The client binds 127.0.0.1; the redirect URI says localhost.
+            base = query["redirect_uri"][0].replace("//localhost:", "//127.0.0.1:")
+            time.sleep(self.delay)
+            for visit in self.visits:
+                self.pages.append(fetch(visit(base, state)))
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.join(10)
+        assert not self.is_alive()
+        if self.error is not None:
+            raise self.error
+
+
+def login(flow: oac.CodeFlow, user: User, **kwargs: Any) -> oac.Token:
+    """Run the code flow's login with *user* at the terminal."""
+    user.start()
+    try:
+        with user.terminal:
+            return asyncio.run(flow.authenticate(**kwargs))
+    finally:
+        user.finish()
+
+
+# A scripted web browser for BROWSER: it logs what it is asked to open; given the
+# provider's login page it "approves" and sends the browser back to the client's
+# callback, like a provider that remembers the user.  Always exits 0, or
+# webbrowser would go on to try the next browser it knows.
+BROWSER_SCRIPT = """
+import http.client, os, sys, urllib.request
+from urllib.parse import parse_qs, urlencode, urlsplit
+def resolve(url):
+    # The client opens a one-time local entry page that redirects to the provider.
+    parts = urlsplit(url)
+    if parts.hostname != "127.0.0.1" or parts.path in ("", "/", "/callback"):
+        return url
+    conn = http.client.HTTPConnection(parts.netloc, timeout=10)
+    conn.request("GET", parts.path)
+    return conn.getresponse().getheader("Location") or url
+url = resolve(sys.argv[1])
+with open(os.environ["FAKE_BROWSER_LOG"], "a") as log:
+    log.write(url + "\\n")
+query = parse_qs(urlsplit(url).query)
+if "state" in query:
+    callback = query["redirect_uri"][0].replace("//localhost:", "//127.0.0.1:")
+    params = urlencode({"code": "abc", "state": query["state"][0]})
+    try:
+        urllib.request.urlopen(callback + "?" + params, timeout=10).read()
+    except Exception as exc:
+        with open(os.environ["FAKE_BROWSER_LOG"], "a") as log:
+            log.write("error: %r\\n" % (exc,))
+"""
+
+
+class Browser:
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def opened(self, timeout: float = 5) -> list[str]:
+        """The URLs opened so far (waits a little: the browser runs in a thread)."""
+        deadline = time.monotonic() + timeout
+        while not self.log.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Browser:
+    """BROWSER set to the scripted browser: an interactive login is allowed."""
+    script = tmp_path / "browser.py"
+    script.write_text(BROWSER_SCRIPT)
+    log = tmp_path / "browser.log"
+    monkeypatch.setenv("BROWSER", f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} %s")
+    monkeypatch.setenv("FAKE_BROWSER_LOG", str(log))
+    # webbrowser reads BROWSER once per process and caches what it found.
+    monkeypatch.setattr(webbrowser, "_tryorder", None, raising=False)
+    return Browser(log)

@@ -6,19 +6,14 @@ import ast
 import asyncio
 import inspect
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 import typing
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO, run_child
 from tests import oac
 
-REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "py_oidc_auth_client.py"
 EMPTY = inspect.Parameter.empty
 POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -33,13 +28,6 @@ def params(func, skip_self: bool = True) -> list[tuple[str, object, object]]:
     if skip_self and found and found[0].name in ("self", "cls"):
         found = found[1:]
     return [(p.name, p.kind, p.default) for p in found]
-
-
-def run_child(code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd="/",
-                          capture_output=True, text=True, timeout=20)
 
 
 # -- __all__ -------------------------------------------------------------------------------
@@ -308,14 +296,13 @@ def test_typed_dict_annotations():
 ])
 def test_documented_import_paths_in_a_fresh_process(statement, names):
     checks = "\n".join(f"assert {n} is py_oidc_auth_client.{n}, {n!r}" for n in names)
-    result = run_child(f"{statement}\nimport py_oidc_auth_client\n{checks}\nprint('ok')")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    out = run_child(f"{statement}\nimport py_oidc_auth_client\n{checks}\nprint('ok')")
+    assert out.strip() == "ok"
 
 
 @pytest.mark.timeout(20)
 def test_submodule_aliases_as_modules():
-    result = run_child("""
+    out = run_child("""
         import importlib
         import py_oidc_auth_client.flows
         from py_oidc_auth_client import token_store, schema
@@ -330,8 +317,7 @@ def test_submodule_aliases_as_modules():
         except AttributeError:
             print("ok")
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert out.strip() == "ok"
 
 
 # -- per host singletons ------------------------------------------------------------------
@@ -436,7 +422,7 @@ def test_session_is_the_modules_own_stdlib_session():
 
 @pytest.mark.timeout(20)
 def test_session_needs_no_third_party_package():
-    result = run_child("""
+    out = run_child("""
         import sys
         import py_oidc_auth_client as oac
         flow = oac.DeviceFlow("https://myapp.example.com")
@@ -444,8 +430,7 @@ def test_session_needs_no_third_party_package():
         print(sorted(m for m in ("httpx", "requests", "aiohttp", "platformdirs")
                      if m in sys.modules))
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert out.strip() == "[]"
 
 
 # -- argument checking ----------------------------------------------------------------------

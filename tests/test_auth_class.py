@@ -8,29 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pickle
-import subprocess
-import sys
-import textwrap
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from conftest import make_jwt
+from conftest import TOKEN, make_jwt, run_child
 from tests import extra, oac
 
 requests = extra("requests")
 httpx = extra("httpx")
 
 pytestmark = pytest.mark.timeout(30)
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "/auth/v2/token"
 API = "/api/data"
 
 
@@ -405,17 +398,9 @@ def test_a_bad_host_fails_at_construction():
         oac.BearerAuth("myapp.example.com")
 
 
-def run_child(code: str, *args: str) -> Any:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=20, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def test_the_cached_path_loads_no_heavy_module(fake_server, issuer, tmp_store):
     token = issuer.seed(tmp_store)
-    found = run_child("""
+    found = json.loads(run_child("""
         import json, sys
         import py_oidc_auth_client as oac
 
@@ -433,7 +418,7 @@ def test_the_cached_path_loads_no_heavy_module(fake_server, issuer, tmp_store):
         print(json.dumps({"loaded": [m for m in heavy if m in sys.modules],
                           "headers": [called.headers, flowed.headers],
                           "hooks": len(called.hooks)}))
-    """, fake_server.url, tmp_store.path)
+    """, fake_server.url, tmp_store.path))
     assert found == {"loaded": [], "headers": [token["headers"]] * 2, "hooks": 1}
     assert fake_server.requests == []
 
@@ -441,7 +426,7 @@ def test_the_cached_path_loads_no_heavy_module(fake_server, issuer, tmp_store):
 def test_made_before_httpx_was_imported_it_still_adds_the_header(fake_server, issuer, tmp_store):
     token = issuer.seed(tmp_store)
     issuer.refuse_all = True
-    found = run_child("""
+    found = json.loads(run_child("""
         import json, sys
         import py_oidc_auth_client as oac
 
@@ -451,7 +436,7 @@ def test_made_before_httpx_was_imported_it_still_adds_the_header(fake_server, is
         with httpx.Client(auth=auth) as client:
             status = client.get(sys.argv[1] + "/api/data").status_code
         print(json.dumps({"status": status}))
-    """, fake_server.url, tmp_store.path)
+    """, fake_server.url, tmp_store.path))
     assert found == {"status": 401}
     assert [number for number, _, _ in issuer.seen] == [issuer.number(token)]
     assert issuer.refreshes == 0

@@ -5,82 +5,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shlex
-import socket
 import stat
 import subprocess
 import sys
 import time
-import webbrowser
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from conftest import device_answer, make_jwt, oauth_error, redirect_to_provider, token_answer
+from conftest import (
+    DEVICE,
+    LOGIN,
+    REPO,
+    TOKEN,
+    device_answer,
+    free_port,
+    make_jwt,
+    oauth_error,
+    redirect_to_provider,
+    token_answer,
+)
 from tests import oac
 
-REPO = Path(__file__).resolve().parents[1]
-LOGIN, DEVICE, TOKEN = "/auth/v2/login", "/auth/v2/device", "/auth/v2/token"
 PRELUDE = f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport py_oidc_auth_client as oac\n"
-
-# A scripted web browser for BROWSER: it logs what it is asked to open; given the
-# provider's login page it "approves" and sends the browser back to the client's
-# callback, like a provider that remembers the user.  Always exits 0, or
-# webbrowser would go on to try the next browser it knows.
-BROWSER_SCRIPT = """
-import http.client, os, sys, urllib.request
-from urllib.parse import parse_qs, urlencode, urlsplit
-def resolve(url):
-    # The client opens a one-time local entry page that redirects to the provider.
-    parts = urlsplit(url)
-    if parts.hostname != "127.0.0.1" or parts.path in ("", "/", "/callback"):
-        return url
-    conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-    conn.request("GET", parts.path)
-    return conn.getresponse().getheader("Location") or url
-url = resolve(sys.argv[1])
-with open(os.environ["FAKE_BROWSER_LOG"], "a") as log:
-    log.write(url + "\\n")
-query = parse_qs(urlsplit(url).query)
-if "state" in query:
-    callback = query["redirect_uri"][0].replace("//localhost:", "//127.0.0.1:")
-    params = urlencode({"code": "abc", "state": query["state"][0]})
-    try:
-        urllib.request.urlopen(callback + "?" + params, timeout=10).read()
-    except Exception as exc:
-        with open(os.environ["FAKE_BROWSER_LOG"], "a") as log:
-            log.write("error: %r\\n" % (exc,))
-"""
-
-
-class Browser:
-    def __init__(self, log: Path) -> None:
-        self.log = log
-
-    def opened(self, timeout: float = 5) -> list[str]:
-        """The URLs opened so far (waits a little: the browser runs in a thread)."""
-        deadline = time.monotonic() + timeout
-        while not self.log.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.log.read_text().splitlines() if self.log.exists() else []
-
-
-@pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Browser:
-    """BROWSER set to the scripted browser: an interactive login is allowed."""
-    script = tmp_path / "browser.py"
-    script.write_text(BROWSER_SCRIPT)
-    log = tmp_path / "browser.log"
-    monkeypatch.setenv("BROWSER", f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} %s")
-    monkeypatch.setenv("FAKE_BROWSER_LOG", str(log))
-    # webbrowser reads BROWSER once per process and caches what it found.
-    monkeypatch.setattr(webbrowser, "_tryorder", None, raising=False)
-    return Browser(log)
-
-
-
 
 def fresh_tokens() -> Callable[..., Any]:
     """A token route body that hands out a new token on every call."""
@@ -90,12 +39,6 @@ def fresh_tokens() -> Callable[..., Any]:
         return 200, {}, token_answer(refresh=f"refresh-{next(numbers) + 1}")
 
     return answer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def expired(make_token: Any) -> oac.Token:

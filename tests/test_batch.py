@@ -19,11 +19,18 @@ from typing import Any
 
 import pytest
 
-from conftest import make_jwt, token_answer
+from conftest import (
+    LOGIN_ALLOWED,
+    REPO,
+    TOKEN,
+    cli,
+    default_store,
+    error_lines,
+    make_jwt,
+    token_answer,
+)
+from conftest import bare_device_answer as device_answer
 from tests import oac
-from tests.test_cli import LOGIN_ALLOWED, TOKEN, cli, default_store, device_answer, error_lines
-
-REPO = Path(__file__).resolve().parents[1]
 
 # What a batch job does: get a token through the library, print a fingerprint of it.
 JOB = """

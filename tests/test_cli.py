@@ -17,11 +17,22 @@ from typing import Any
 
 import pytest
 
-from conftest import make_jwt, oauth_error, redirect_to_provider, token_answer
+from conftest import (
+    DEVICE,
+    LOGIN_ALLOWED,
+    REPO,
+    TOKEN,
+    cli,
+    default_store,
+    error_lines,
+    free_port,
+    make_jwt,
+    oauth_error,
+    redirect_to_provider,
+    token_answer,
+)
+from conftest import bare_device_answer as device_answer
 from tests import oac
-
-REPO = Path(__file__).resolve().parents[1]
-LOGIN, DEVICE, TOKEN = "/auth/v2/login", "/auth/v2/device", "/auth/v2/token"
 
 # A scripted browser: given the provider's login page (a URL with a state), it
 # sends the browser back to the client's callback with a code.  Exits 0 always.
@@ -47,50 +58,12 @@ if "state" in query:
 """
 
 
-def device_answer(interval: int = 1) -> dict[str, Any]:
-    """A device answer without verification_uri_complete."""
-    return {"device_code": "dev-123", "user_code": "ABCD-EFGH",
-            "verification_uri": "https://idp.example/device", "expires_in": 600,
-            "interval": interval}
-
-
-def cli(*args: str, env: dict[str, str] | None = None,
-        timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run the CLI with the test's environment (private HOME and cache) plus *env*."""
-    full = dict(os.environ)
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "py_oidc_auth_client", *args], cwd=REPO,
-                          env=full, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def default_store(app_name: str = "py-oidc-auth") -> oac.TokenStore:
-    """The store the CLI uses (HOME and XDG_CACHE_HOME are private to the test)."""
-    return oac.TokenStore(app_name=app_name)
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("oidc-auth: error:")]
-
-
 def assert_one_clean_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
     assert proc.stdout == ""
     return line
-
-
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# A login may start: webbrowser runs `true URL`, which does nothing.
-LOGIN_ALLOWED = {"BROWSER": "true"}
 
 
 # ---------------------------------------------------------------------------

@@ -21,13 +21,20 @@ from typing import Any
 
 import pytest
 
-from conftest import device_answer, oauth_error, redirect_to_provider, token_answer
+from conftest import (
+    DEVICE,
+    LOGIN,
+    LOGIN_ALLOWED,
+    REPO,
+    TOKEN,
+    device_answer,
+    oauth_error,
+    redirect_to_provider,
+    token_answer,
+)
 from tests import demo, oac
 
-REPO = Path(__file__).resolve().parents[1]
-LOGIN, DEVICE, TOKEN = "/auth/v2/login", "/auth/v2/device", "/auth/v2/token"
 CLIENT = "cli-client"
-LOGIN_ALLOWED = {"BROWSER": "true"}  # webbrowser runs `true URL`, which does nothing
 
 
 def run(argv: list[str], env: dict[str, str] | None = None,

@@ -8,57 +8,25 @@ the time it prints that URL, so no test races the flow.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import socket
-import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from itertools import count
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 
 import pytest
 
-from conftest import Terminal, token_answer
+from conftest import (
+    LOGIN,
+    TOKEN,
+    User,
+    Visit,
+    free_port,
+    login,
+    port_is_free,
+    token_answer,
+)
 from tests import oac
-
-LOGIN, TOKEN = "/auth/v2/login", "/auth/v2/token"
-PROMPT = r"open this URL in a browser:\s+(\S+)"
-
-
-@dataclass
-class Page:
-    status: int
-    content_type: str
-    body: str
-
-
-def fetch(url: str) -> Page:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return Page(resp.status, resp.headers.get("Content-Type", ""), resp.read().decode())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return Page(exc.code, exc.headers.get("Content-Type", ""), exc.read().decode())
-
-
-def login_location(start: str) -> str:
-    """The provider URL behind the client's local start address (one redirect, not followed)."""
-    # The entry page is a one-time, unguessable path on 127.0.0.1.
-    assert urlsplit(start).hostname == "127.0.0.1" and len(urlsplit(start).path) > 40, start
-    conn = http.client.HTTPConnection(urlsplit(start).netloc, timeout=5)
-    try:
-        conn.request("GET", urlsplit(start).path)
-        resp = conn.getresponse()
-        assert resp.status == 302, resp.status
-        return resp.getheader("Location") or ""
-    finally:
-        conn.close()
-
-
-Visit = Callable[[str, str], str]  # (callback URL, state) -> URL to open
 
 
 def callback(code: str = "abc", **params: str) -> Visit:
@@ -79,37 +47,6 @@ def provider_error(error: str = "access_denied") -> Visit:
     return lambda base, state: f"{base}?{urlencode({**params, 'state': state})}"
 
 
-class User(threading.Thread):
-    """Reads the login URL from the terminal, then opens each visit in turn."""
-
-    def __init__(self, terminal: Terminal, visits: tuple[Visit, ...], delay: float = 0.0):
-        super().__init__(daemon=True)
-        self.terminal, self.visits, self.delay = terminal, visits, delay
-        self.pages: list[Page] = []
-        self.location = ""
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            start = self.terminal.wait_for(PROMPT).group(1)
-            self.location = login_location(start)
-            query = parse_qs(urlsplit(self.location).query)
-            state = query["state"][0]
-            # The client binds 127.0.0.1; the redirect URI says localhost.
-            base = query["redirect_uri"][0].replace("//localhost:", "//127.0.0.1:")
-            time.sleep(self.delay)
-            for visit in self.visits:
-                self.pages.append(fetch(visit(base, state)))
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self) -> None:
-        self.join(10)
-        assert not self.is_alive()
-        if self.error is not None:
-            raise self.error
-
-
 _STATES = count()
 
 
@@ -127,34 +64,11 @@ def redirect_to_provider(fake: Any, verifier: str = "verifier123") -> Callable[.
     return answer
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_is_free(port: int) -> bool:
-    """True when nothing listens on 127.0.0.1:port (as the callback server binds it)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen()
-        except OSError:
-            return False
-    return True
-
-
 def busy_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
     return sock
-
-
-@pytest.fixture
-def terminal() -> Terminal:
-    return Terminal()
 
 
 @pytest.fixture
@@ -168,15 +82,6 @@ def code_flow(fake: Any, store: oac.TokenStore, port: int = 0, **kwargs: Any) ->
     kwargs.setdefault("timeout", 10)
     kwargs.setdefault("redirect_ports", [port])
     return oac.CodeFlow(fake.url, store=store, **kwargs)
-
-
-def login(flow: oac.CodeFlow, user: User, **kwargs: Any) -> oac.Token:
-    user.start()
-    try:
-        with user.terminal:
-            return asyncio.run(flow.authenticate(**kwargs))
-    finally:
-        user.finish()
 
 
 # ---------------------------------------------------------------------------

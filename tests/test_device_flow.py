@@ -9,31 +9,16 @@ import pty
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import make_jwt, token_answer
+from conftest import DEVICE, REPO, TOKEN, device_answer, make_jwt, token_answer
 from tests import oac
 
-REPO = Path(__file__).resolve().parents[1]
-DEVICE, TOKEN = "/auth/v2/device", "/auth/v2/token"
 # Asyncio may wake a hair before the requested time; request timestamps are
 # taken on arrival, after the client sent them, so this is only clock noise.
 SLACK = 0.02
-
-
-def device_answer(interval: int = 1, expires_in: int = 600, **extra: Any) -> dict[str, Any]:
-    """A py-oidc-auth device answer; a key set to None is left out."""
-    body: dict[str, Any] = {
-        "device_code": "dev-123", "user_code": "ABCD-EFGH",
-        "verification_uri": "https://idp.example/device",
-        "verification_uri_complete": "https://idp.example/device?user_code=ABCD-EFGH",
-        "expires_in": expires_in, "interval": interval,
-    }
-    body.update(extra)
-    return {k: v for k, v in body.items() if v is not None}
 
 
 def oauth_error(error: str, wrapped: bool = True) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from conftest import token_answer
+from conftest import REPO, token_answer
+from conftest import free_port as closed_port
 from tests import oac
 
-REPO = Path(__file__).resolve().parent.parent
 OPENID = "/.well-known/openid-configuration"
 OAUTH = "/.well-known/oauth-authorization-server"
 CLIENT = "cli"
@@ -232,12 +231,6 @@ def hook(kind, exc, tb):
 sys.excepthook = hook
 asyncio.run(authenticate_async(sys.argv[1], timeout=2))
 """
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

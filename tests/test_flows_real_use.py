@@ -14,11 +14,17 @@ from typing import Any
 
 import pytest
 
-from conftest import device_answer, oauth_error, redirect_to_provider, token_answer
+from conftest import (
+    DEVICE,
+    LOGIN,
+    TOKEN,
+    device_answer,
+    oauth_error,
+    redirect_to_provider,
+    token_answer,
+)
 from tests import oac
-from tests.test_authenticate import Browser, browser  # noqa: F401  (a fixture)
 
-LOGIN, DEVICE, TOKEN = "/auth/v2/login", "/auth/v2/device", "/auth/v2/token"
 WELL_KNOWN = "/.well-known/openid-configuration"
 
 
@@ -171,7 +177,7 @@ def refusing_provider(fake: Any, error: str, wrapped: bool) -> None:
                                                 ("unauthorized_client", False),
                                                 ("unsupported_grant_type", False)])
 def test_a_device_grant_refused_when_polled_falls_back_to_the_code_flow(
-    fake_server, tmp_store, browser, capsys, error, wrapped  # noqa: F811
+    fake_server, tmp_store, browser, capsys, error, wrapped
 ):
     refusing_provider(fake_server, error, wrapped)
     token = oac.authenticate(fake_server.url, store=tmp_store, timeout=10)

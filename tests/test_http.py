@@ -43,16 +43,6 @@ def assert_no_secret(exc: BaseException, log_text: str = "") -> None:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nobody listens on."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-@pytest.fixture
 def raw_server():
     """A raw TCP server: answers each connection with the next scripted bytes, then closes.
 

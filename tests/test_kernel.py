@@ -15,16 +15,14 @@ from typing import Any
 
 import pytest
 
-from conftest import device_answer, oauth_error, token_answer
+from conftest import DEVICE, REPO, TOKEN, device_answer, oauth_error, token_answer
 from tests import extra
-from tests.test_cli import DEVICE, TOKEN
 
 nbformat = extra("nbformat")
 nbclient = extra("nbclient")
 if importlib.util.find_spec("ipykernel") is None:  # never imported here: see kernel_env
     extra("ipykernel")  # skips, or fails where the test extra is required
 
-REPO = Path(__file__).resolve().parents[1]
 USER_CODE = device_answer()["user_code"]
 
 
@@ -72,12 +70,15 @@ def stderr(outputs: list[Any]) -> str:
 
 
 def approve_after(seconds: float) -> Any:
-    """A token route that answers authorization_pending until *seconds* have passed."""
-    start = time.monotonic()
+    """A token route that answers authorization_pending for *seconds* after the first poll."""
+    # Timed from the first poll, not from now: a loaded machine may take longer than
+    # *seconds* to start the kernel, and the test must still see the login wait.
+    first: list[float] = []
     answer = token_answer()
 
     def reply(req: Any) -> tuple[int, dict[str, str], Any]:
-        if time.monotonic() - start < seconds:
+        first[:] = first or [req.time]
+        if req.time - first[0] < seconds:
             return 400, {}, oauth_error("authorization_pending")
         return 200, {}, answer
 

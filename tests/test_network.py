@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import token_answer
+from conftest import DEVICE, REPO, TOKEN, token_answer
+from conftest import free_port as closed_port
 from tests import extra, oac
 
 extra("trustme")
 
 pytestmark = pytest.mark.timeout(30)
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "/auth/v2/token"
-DEVICE = "/auth/v2/device"
 
 
 @pytest.fixture
@@ -37,14 +33,6 @@ def refresh(url: str, store: oac.TokenStore, stale: oac.Token, **kwargs) -> oac.
     """One real request: authenticate() refreshing a stale token."""
     store.put(url, stale)
     return oac.authenticate(url, store=store, **kwargs)
-
-
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 # -- proxies -------------------------------------------------------------------------------

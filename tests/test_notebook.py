@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from conftest import token_answer
+from conftest import DEVICE, TOKEN, oauth_error, token_answer
 from tests import oac
-from tests.test_cli import DEVICE, TOKEN, oauth_error
 
 CELL: contextvars.ContextVar[str] = contextvars.ContextVar("cell", default="no cell")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -22,9 +23,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from conftest import make_jwt
+from conftest import Terminal, User, bare_device_answer, free_port, login, make_jwt, run_child
 from tests import oac
-from tests.test_code_flow import Terminal, User, free_port, login
 
 crypto = pytest.importorskip("cryptography")
 from cryptography.hazmat.primitives import hashes  # noqa: E402
@@ -254,10 +254,8 @@ def test_discovery_url_keeps_the_issuer_path(fake_server, tmp_store):
 # ---------------------------------------------------------------------------
 
 
-def device_answer(**extra: Any) -> dict[str, Any]:
-    return {"device_code": "dev-code-123", "user_code": "ABCD-EFGH",
-            "verification_uri": "https://p.example/device", "expires_in": 60, "interval": 1,
-            **extra}
+device_answer = functools.partial(bare_device_answer, device_code="dev-code-123",
+                                  verification_uri="https://p.example/device", expires_in=60)
 
 
 @pytest.mark.timeout(20)
@@ -393,11 +391,6 @@ def test_no_scopes_means_no_scope_parameter(provider, tmp_store):
 # ---------------------------------------------------------------------------
 # Code flow: PKCE, state, iss, nonce
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def terminal() -> Terminal:
-    return Terminal()
 
 
 class ProviderUser(User):
@@ -942,13 +935,11 @@ def test_cached_token_needs_no_network(provider, tmp_store):
 
 @pytest.mark.timeout(30)
 def test_a_cache_hit_imports_nothing_heavy(tmp_path):
-    from tests.test_api import run_child
-
     store = tmp_path / "store.json"
     now = int(time.time())
     token = oac._token(make_jwt(3600, now), "Bearer", now + 3600, "r", now + 7200, "openid")
     oac.TokenStore(store).put(store_key(ISSUER, "cli", "openid profile"), token)
-    result = run_child(f"""
+    out = run_child(f"""
         import json, sys
         import py_oidc_auth_client as oac
         token = oac.authenticate({ISSUER!r}, client_id="cli", scopes=["profile", "openid"],
@@ -956,8 +947,7 @@ def test_a_cache_hit_imports_nothing_heavy(tmp_path):
         heavy = ("asyncio", "urllib.request", "http.server", "webbrowser", "ssl")
         print(json.dumps([m for m in heavy if m in sys.modules]), bool(token))
     """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["[]", "True"]
+    assert out.split() == ["[]", "True"]
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

@@ -16,18 +16,15 @@ import re
 import stat
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from conftest import oauth_error, token_answer
+from conftest import DEVICE, REPO, TOKEN, oauth_error, token_answer
 from tests import oac
 
-REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 HOST = "https://myapp.example.com"
-DEVICE, TOKEN = "/auth/v2/device", "/auth/v2/token"
 SECTIONS = ("Command line", "Batch jobs and clusters", "Notebooks", "Troubleshooting")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="runs POSIX shell snippets")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_jwt
+from conftest import TOKEN, make_jwt
 from tests import extra, oac
 
 extra("requests")
@@ -28,7 +28,6 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 HOST = "https://myapp.example.com"
 PROXY = "http://proxy.example.com:3128"
 CA_FILE = "/etc/pki/my-company-ca.pem"
-TOKEN = "/auth/v2/token"
 
 
 def blocks(heading: str) -> list[tuple[str, str]]:

@@ -249,12 +249,12 @@ def test_cli_exits_within_its_timeout(dripper, route):
         expired_token(oac._default_store("py-oidc-auth"), dripper.url)
     else:  # a configured browser makes a login possible without a terminal
         env["BROWSER"] = "true"
-    start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "py_oidc_auth_client", dripper.url,
                            "--timeout", "2"], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, env=env, timeout=50, check=False)
-    elapsed = time.monotonic() - start
     assert dripper.accepted >= 1  # the dripping route was reached
+    # Timed from its first connection: a loaded machine may take seconds to start Python.
+    elapsed = time.monotonic() - dripper.first_accept
     assert elapsed < 2 + 1.5, f"ran for {elapsed:.1f} s: {proc.stderr}"
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

@@ -28,11 +28,19 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from conftest import Terminal, token_answer
+from conftest import (
+    LOGIN,
+    PROMPT,
+    TOKEN,
+    Terminal,
+    bindable,
+    free_port,
+    has_ipv6_loopback,
+    port_is_free,
+    token_answer,
+)
 from tests import oac
 
-LOGIN, TOKEN = "/auth/v2/login", "/auth/v2/token"
-PROMPT = r"open this URL in a browser:\s+(\S+)"
 VERIFIER = "verifier123"
 
 
@@ -154,55 +162,12 @@ def server(fake_server):
     return fake_server
 
 
-@pytest.fixture
-def terminal() -> Terminal:
-    return Terminal()
-
-
 def code_flow(fake: Any, store: oac.TokenStore, *ports: int, timeout: int = 10) -> oac.CodeFlow:
     return oac.CodeFlow(fake.url, store=store, timeout=timeout,
                         redirect_ports=list(ports or (free_port(),)))
 
 
-@functools.cache
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no ::1")
-
-
-def bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen()
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 and (where it exists) ::1."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if not has_ipv6_loopback() or bindable("::1", port):
-            return port
-
-
-def port_is_free(port: int) -> bool:
-    return bindable("127.0.0.1", port) and (not has_ipv6_loopback() or bindable("::1", port))
 
 
 @functools.cache
@@ -220,6 +185,12 @@ def _nobody_python() -> str:
 
 
 _NOBODY = {"user": 65534, "group": 65534, "extra_groups": [], "env": {"PATH": "/usr/bin:/bin"}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def nobody_python_found_first() -> None:
+    """Finding it starts Python up to three times: not inside a login's time limit."""
+    _nobody_python()
 
 
 def other_user(script: str, *args: str, wait: bool = True) -> Any:

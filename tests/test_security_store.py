@@ -22,11 +22,9 @@ from typing import Any
 
 import pytest
 
-from conftest import FakeServer, _handler, make_jwt, token_answer
+from conftest import REPO, TOKEN, FakeServer, _handler, make_jwt, token_answer
 from tests import oac
 
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "/auth/v2/token"
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX files and users")
 
 

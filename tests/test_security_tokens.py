@@ -22,13 +22,14 @@ from typing import Any
 
 import pytest
 
+from conftest import DEVICE, LOGIN, TOKEN
+from conftest import bare_device_answer as device_answer
 from tests import oac
 
 crypto = pytest.importorskip("cryptography")
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 
-LOGIN, DEVICE, TOKEN = "/auth/v2/login", "/auth/v2/device", "/auth/v2/token"
 WELL_KNOWN = "/.well-known/openid-configuration"
 CLIENT = "cli"
 MODULE_DIR = str(Path(oac.__file__).resolve().parent)
@@ -86,14 +87,6 @@ def browser(tmp_path):
 def argv_seen(browser: Any) -> list[list[str]]:
     log = browser.log
     return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
-
-
-def device_answer(**changes: Any) -> dict[str, Any]:
-    answer = {"device_code": "dev-123", "user_code": "ABCD-EFGH",
-              "verification_uri": "https://idp.example/device", "expires_in": 600,
-              "interval": 1}
-    answer.update(changes)
-    return {k: v for k, v in answer.items() if v is not None}
 
 
 def token_answer(**changes: Any) -> dict[str, Any]:

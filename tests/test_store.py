@@ -17,25 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_jwt, token_answer
+from conftest import child_env, make_jwt, run_child, token_answer
 from tests import oac
 
-REPO = Path(__file__).resolve().parents[1]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes and flock")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="XDG layout")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def run_child(code: str, **extra: str) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=child_env(**extra),
-                         capture_output=True, text=True, timeout=20, check=True)
-    return out.stdout
 
 
 def flow_store(host: str = "https://a.example.com", **options: str) -> oac.TokenStore:

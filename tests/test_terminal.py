@@ -11,17 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import token_answer
+from conftest import DEVICE, REPO, TOKEN, oauth_error, token_answer
+from conftest import bare_device_answer as device_answer
 from tests import oac
-from tests.test_cli import DEVICE, TOKEN, device_answer, oauth_error
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo terminal")
 
-REPO = Path(__file__).resolve().parents[1]
 ESC = b"\x1b"
 
 

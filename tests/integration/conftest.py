@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,8 +34,9 @@ from typing import Any, Callable
 
 import pytest
 
+from conftest import REPO, child_env, free_port
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 STACK_DIR = REPO / "tests" / "stack"
 PROVIDER = STACK_DIR / "provider.mjs"
 APP = STACK_DIR / "app.py"
@@ -59,12 +59,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.hasplugin("timeout"):
         # Without pytest-timeout the marks stay inert; every wait has its own deadline.
         config.addinivalue_line("markers", "timeout(seconds): per-test time limit")
+    if not config.pluginmanager.hasplugin("xdist"):
+        config.addinivalue_line("markers", "xdist_group(name): run together under xdist")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
+        path = Path(str(item.fspath)).resolve()
+        if HERE in path.parents:
             item.add_marker(pytest.mark.integration)
+            # Under pytest-xdist's --dist loadgroup, one worker runs a whole file: each
+            # worker starts its own servers, and a file mostly reuses one or two variants.
+            item.add_marker(pytest.mark.xdist_group(path.stem))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -194,7 +200,7 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _call(method: str, url: str, form: dict[str, str] | None = None,
+def call(method: str, url: str, form: dict[str, str] | None = None,
           headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = urllib.parse.urlencode(form).encode() if form is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
@@ -207,6 +213,23 @@ def _call(method: str, url: str, form: dict[str, str] | None = None,
         return status, json.loads(body or b"null")
     except ValueError:
         return status, body.decode("utf-8", "replace")
+
+
+def client_auth(form: dict[str, str], public: bool) -> dict[str, str]:
+    """Authenticate as the app's client: its id in *form* if public, else Basic headers."""
+    if public:
+        form["client_id"] = PUBLIC_CLIENT_ID
+        return {}
+    basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
+    return {"Authorization": f"Basic {basic}"}
+
+
+def refresh_at_provider(stack: Stack, refresh_token: str, confidential: bool = False
+                        ) -> tuple[int, Any]:
+    """Use a refresh token at the provider's token endpoint, as any client would."""
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    headers = client_auth(form, public=not confidential)
+    return call("POST", f"{stack.issuer}/token", form, headers)
 
 
 class Stack:
@@ -260,20 +283,20 @@ class Stack:
 
     def protected(self, token: dict[str, Any]) -> tuple[int, Any]:
         """GET the protected route with the token's own headers."""
-        return _call("GET", f"{self.host}/protected", headers=dict(token["headers"]))
+        return call("GET", f"{self.host}/protected", headers=dict(token["headers"]))
 
     def requests(self) -> list[dict[str, Any]]:
         """Every request the app saw since the last reset (test routes excluded)."""
-        status, body = _call("GET", f"{self.host}/__test/requests")
+        status, body = call("GET", f"{self.host}/__test/requests")
         assert status == 200, body
         return list(body)
 
     def reset_requests(self) -> None:
-        _call("DELETE", f"{self.host}/__test/requests")
+        call("DELETE", f"{self.host}/__test/requests")
 
     def polls(self, device_code: str | None = None) -> list[dict[str, Any]]:
         """Device-code polls seen by the provider (optionally of one device code)."""
-        status, body = _call("GET", f"{self.issuer}/__test/polls")
+        status, body = call("GET", f"{self.issuer}/__test/polls")
         assert status == 200, body
         if device_code is None:
             return list(body)
@@ -283,13 +306,8 @@ class Stack:
     def revoke(self, token: str, hint: str = "refresh_token") -> None:
         """Revoke a token at the provider's own revocation endpoint."""
         form = {"token": token, "token_type_hint": hint}
-        headers = {}
-        if self.config.public:
-            form["client_id"] = PUBLIC_CLIENT_ID
-        else:
-            basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-            headers["Authorization"] = f"Basic {basic}"
-        status, body = _call("POST", f"{self.issuer}/token/revocation", form, headers)
+        headers = client_auth(form, public=self.config.public)
+        status, body = call("POST", f"{self.issuer}/token/revocation", form, headers)
         assert status == 200, (status, body)
 
     def exchange_code(self, code: str, state: str) -> tuple[int, Any]:
@@ -297,7 +315,7 @@ class Stack:
         _, redirect_uri, verifier = state.split("|", 2)
         form = {"code": code, "redirect_uri": redirect_uri, "code_verifier": verifier,
                 "grant_type": "authorization_code"}
-        return _call("POST", f"{self.host}/auth/v2/token", form)
+        return call("POST", f"{self.host}/auth/v2/token", form)
 
     def stop(self) -> None:
         self.app.stop()
@@ -442,12 +460,6 @@ def browser(
     return Browser(log, monkeypatch)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def redirect_port() -> int:
     return free_port()
@@ -458,8 +470,7 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     """``run_cli(*args)``: ``python -m py_oidc_auth_client ARGS`` in this test's environment."""
 
     def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        env = dict(os.environ)  # HOME, XDG_CACHE_HOME, BROWSER... as the fixtures set them
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env = child_env()  # HOME, XDG_CACHE_HOME, BROWSER... as the fixtures set them
         return subprocess.run(
             [sys.executable, "-m", "py_oidc_auth_client", *args],
             cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from tests.integration.conftest import PUBLIC_CLIENT_ID, REPO
-from tests.integration.test_provider_direct import refresh_at_provider
+from conftest import REPO
+from tests.integration.conftest import PUBLIC_CLIENT_ID, refresh_at_provider
 
 pytestmark = pytest.mark.integration
 

@@ -22,27 +22,17 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import CLIENT_ID, CLIENT_SECRET, PUBLIC_CLIENT_ID
+from tests.integration.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    PUBLIC_CLIENT_ID,
+    call,
+    refresh_at_provider,
+)
 
 pytestmark = pytest.mark.integration
 
 SHORT = 4  # seconds: the access token lifetime of the refresh stack
-
-
-def call(method: str, url: str, form: dict[str, str] | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = urllib.parse.urlencode(form).encode() if form is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(req, timeout=15) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        status, body = err.code, err.read()
-    try:
-        return status, json.loads(body or b"null")
-    except ValueError:
-        return status, body.decode("utf-8", "replace")
 
 
 def grants(stack: Any) -> list[dict[str, Any]]:
@@ -58,19 +48,6 @@ def reset_grants(stack: Any) -> None:
 
 def code_hash(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()[:12]
-
-
-def refresh_at_provider(stack: Any, refresh_token: str, confidential: bool = False
-                        ) -> tuple[int, Any]:
-    """Use a refresh token at the provider's token endpoint, as any client would."""
-    form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
-    headers = {}
-    if confidential:
-        basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-        headers["Authorization"] = f"Basic {basic}"
-    else:
-        form["client_id"] = PUBLIC_CLIENT_ID
-    return call("POST", f"{stack.issuer}/token", form, headers)
 
 
 def claims_of(jwt: str) -> dict[str, Any]:
