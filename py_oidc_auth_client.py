@@ -413,51 +413,86 @@ def _json_object(data: bytes | str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-async def _request(
-    method: str, url: str, *, form: dict[str, str] | None = None,
-    timeout: float = _HTTP_TIMEOUT, follow_redirects: bool = True,
-    auth: tuple[str, str] | None = None, ca_bundle: str | None = None, allow_http: bool = False,
-) -> _Response:
-    """Send one request; it ends by *timeout* and the login's time limit, come what may."""
-    import asyncio
+class _Session:
+    """The module's own small HTTP session over ``urllib`` (no httpx)."""
 
-    refusal = _insecure(url, allow_http)
-    if refusal:
-        raise AuthError(refusal, {"error": "insecure_transport"}, 400)
-    now = time.monotonic()
-    deadline, limit = now + timeout, _TIME_LIMIT.get()
-    if limit is not None:
-        # A request made just in time (a last poll, the code exchange after a login
-        # done in time) may finish a little after the limit: an answer in time counts.
-        deadline = min(deadline, limit[0] + _LATE_GRACE)
-        if deadline <= now:
-            raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
-                            "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
-    # Only a GET without credentials follows redirects: urllib would carry secrets (client
-    # secret, code, verifier, refresh or device code), Authorization header and all,
-    # elsewhere. Any other redirect is an AuthError, unless follow_redirects is False (the
-    # caller reads the 3xx itself).
-    follow = follow_redirects and method == "GET" and form is None and auth is None
-    sockets: list[Any] = []
-    done = _in_daemon_thread(_request_blocking, method, url, form, deadline, follow, auth,
-                             ca_bundle, allow_http, sockets)
-    try:
-        # The worker stops itself at the deadline; this is for a server that drips
-        # its headers, which urllib reads line by line with no deadline of its own.
-        resp = await asyncio.wait_for(done, deadline - time.monotonic() + 0.25)
-    except asyncio.TimeoutError:
-        _abort(sockets)
-        raise _transient(f"{method} {url} timed out after "
-                         f"{min(timeout, deadline - now):.3g} s", 504) from None
-    except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
-        _abort(sockets)
-        raise
-    location = resp.headers.get("Location") or resp.headers.get("location")
-    if follow_redirects and not follow and resp.status in _REDIRECTS and location:
-        raise _redirect_refused(method, url, resp.status, location, "a request that carries "
-                                "credentials never follows a redirect: configure the "
-                                "endpoint's final URL")
-    return resp
+    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None,
+                 allow_http: bool = False) -> None:
+        self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
+        self.ca_bundle = ca_bundle
+        self.allow_http = allow_http
+
+    async def request(
+        self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True,
+        auth: tuple[str, str] | None = None, timeout: float | None = None,
+    ) -> _Response:
+        """Send one request, status unchecked; it ends in time (*timeout*), come what may."""
+        import asyncio
+
+        refusal = _insecure(url, self.allow_http)
+        if refusal:
+            raise AuthError(refusal, {"error": "insecure_transport"}, 400)
+        now = time.monotonic()
+        timeout = self.timeout if timeout is None else timeout
+        deadline, limit = now + timeout, _TIME_LIMIT.get()
+        if limit is not None:
+            # A request made just in time (a last poll, the code exchange after a login
+            # done in time) may finish a little after the limit: an answer in time counts.
+            deadline = min(deadline, limit[0] + _LATE_GRACE)
+            if deadline <= now:
+                raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
+                                "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
+        # Only a GET without credentials follows redirects: urllib would carry secrets (client
+        # secret, code, verifier, refresh or device code), Authorization header and all,
+        # elsewhere. Any other redirect is an AuthError, unless follow is False (the caller
+        # reads the 3xx itself).
+        safe = follow and method == "GET" and form is None and auth is None
+        sockets: list[Any] = []
+        done = _in_daemon_thread(_request_blocking, method, url, form, deadline, safe, auth,
+                                 self.ca_bundle, self.allow_http, sockets)
+        try:
+            # The worker stops itself at the deadline; this is for a server that drips
+            # its headers, which urllib reads line by line with no deadline of its own.
+            resp = await asyncio.wait_for(done, deadline - time.monotonic() + 0.25)
+        except asyncio.TimeoutError:
+            _abort(sockets)
+            raise _transient(f"{method} {url} timed out after "
+                             f"{min(timeout, deadline - now):.3g} s", 504) from None
+        except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
+            _abort(sockets)
+            raise
+        location = resp.headers.get("Location") or resp.headers.get("location")
+        if follow and not safe and resp.status in _REDIRECTS and location:
+            raise _redirect_refused(method, url, resp.status, location, "a request that "
+                                    "carries credentials never follows a redirect: configure "
+                                    "the endpoint's final URL")
+        return resp
+
+    async def post_form(
+        self, url: str, form: dict[str, str], *, deadline: float | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """POST a form, retrying transient faults with backoff until *deadline*.
+
+        Returns the JSON object it answers; errors become AuthError.
+        """
+        async def send(end: float | None) -> dict[str, Any]:
+            timeout = self.timeout
+            if end is not None:
+                # A request made at the deadline (a last poll) gets the grace that
+                # request() allows it, not less: a far server needs that long.
+                timeout = max(_LATE_GRACE, min(timeout, end - time.monotonic()))
+            resp = await self.request("POST", url, form=form, auth=auth, timeout=timeout)
+            payload = resp.json()
+            if resp.status >= 400:
+                raise _http_error(resp, payload, [*form.values(), *(auth or ())])
+            if payload is None:
+                kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
+                raise AuthError(f"POST {url} answered {resp.status} with {kind}; is this the "
+                                "right host and route?", status_code=502)
+            return payload
+
+        return await _retrying(send, deadline)
 
 
 def _redirect_refused(method: str, url: str, status: int, location: str, why: str) -> AuthError:
@@ -666,7 +701,7 @@ def _transport_classes() -> list[Any]:
     class _Redirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
                              newurl: str) -> Any:
-            if not req.follow:  # _request reads the 3xx itself
+            if not req.follow:  # _Session.request reads the 3xx itself
                 return None
             # To https, or to an allowed http URL; never from https down to http.
             if not newurl.lower().startswith("https://") and (
@@ -766,25 +801,6 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
     return key, context
 
 
-async def _post_form(
-    url: str, form: dict[str, str], *, timeout: float, auth: tuple[str, str] | None = None,
-    ca_bundle: str | None = None, allow_http: bool = False,
-) -> dict[str, Any]:
-    """POST a form and return the JSON object it answers; errors become AuthError."""
-    resp = await _request("POST", url, form=form, timeout=timeout, auth=auth,
-                          ca_bundle=ca_bundle, allow_http=allow_http)
-    payload = resp.json()
-    if resp.status >= 400:
-        raise _http_error(resp, payload, [*form.values(), *(auth or ())])
-    if payload is None:
-        kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
-        raise AuthError(
-            f"POST {url} answered {resp.status} with {kind}; is this the right host and route?",
-            status_code=502,
-        )
-    return payload
-
-
 def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> AuthError:
     """The error answer *resp* as an AuthError; any of *secrets* it echoes is blanked out."""
     secrets = list(secrets)
@@ -858,41 +874,6 @@ def _short(text: str | bytes, limit: int = 200) -> str:
         text = text.decode("utf-8", "replace")
     text = " ".join(_printable(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class _Session:
-    """The module's own small HTTP session over ``urllib`` (no httpx)."""
-
-    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None,
-                 allow_http: bool = False) -> None:
-        self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
-        self.ca_bundle = ca_bundle
-        self.allow_http = allow_http
-
-    async def request(
-        self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True,
-        auth: tuple[str, str] | None = None,
-    ) -> _Response:
-        """Send a request; the status is not checked."""
-        return await _request(method, url, form=form, timeout=self.timeout,
-                              follow_redirects=follow, auth=auth, ca_bundle=self.ca_bundle,
-                              allow_http=self.allow_http)
-
-    async def post_form(
-        self, url: str, form: dict[str, str], *, deadline: float | None = None,
-        auth: tuple[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """POST a form, retrying transient faults with backoff until *deadline*."""
-        def send(end: float | None) -> Coroutine[Any, Any, dict[str, Any]]:
-            timeout = self.timeout
-            if end is not None:
-                # A request made at the deadline (a last poll) gets the grace that
-                # _request allows it, not less: a far server needs that long.
-                timeout = max(_LATE_GRACE, min(timeout, end - time.monotonic()))
-            return _post_form(url, form, timeout=timeout, auth=auth,
-                              ca_bundle=self.ca_bundle, allow_http=self.allow_http)
-
-        return await _retrying(send, deadline)
 
 
 async def _retrying(send: Callable[[float | None], Coroutine[Any, Any, _T]],
