@@ -361,10 +361,9 @@ _TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.Co
     "_TIME_LIMIT", default=None)
 _LATE_GRACE = 1.0
 # Made on first use, kept for the process: an opener per proxy settings and CA bundle,
-# an SSL context per CA bundle, urllib's handler classes, hosts warned of plain http.
+# an SSL context per CA bundle, hosts warned of plain http.
 _OPENERS: dict[tuple[Any, ...], Any] = {}
 _SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
-_TRANSPORT: list[Any] = []
 _WARNED_HTTP: set[str] = set()
 
 
@@ -537,8 +536,7 @@ def _abort(sockets: list[Any]) -> None:
 
 def _request_blocking(
     method: str, url: str, form: dict[str, str] | None, deadline: float, follow: bool,
-    auth: tuple[str, str] | None = None, ca_bundle: str | None = None,
-    allow_http: bool = False, sockets: list[Any] | None = None,
+    auth: tuple[str, str] | None, ca_bundle: str | None, allow_http: bool, sockets: list[Any],
 ) -> _Response:
     import http.client
     import urllib.error
@@ -557,10 +555,8 @@ def _request_blocking(
     # Only http(s) URLs get here: hosts are checked by _normalise_host.
     request: Any = urllib.request.Request(url, data=data, headers=headers,  # noqa: S310
                                           method=method)
-    # Read by the handlers of _transport_classes: where to note the sockets, and
-    # whether (and where) a redirect may be followed.
-    request.sockets = [] if sockets is None else sockets
-    request.follow, request.allow_http = follow, allow_http
+    # Read by the handlers of _opener.
+    request.sockets, request.follow, request.allow_http = sockets, follow, allow_http
     proxy = _proxy_for(url)
     where = f"{method} {url}" + (f" (via proxy {proxy})" if proxy else "")
     opener = _opener(ca_bundle)
@@ -571,7 +567,7 @@ def _request_blocking(
             resp = exc
         with resp:
             return _Response(url, resp.status, dict(resp.headers or {}),
-                             _read_capped(resp, resp.status, where, deadline, request.sockets))
+                             _read_capped(resp, where, deadline, request.sockets))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
@@ -580,8 +576,7 @@ def _request_blocking(
         raise _transport_error(where, exc, ca_bundle, proxy) from None
 
 
-def _read_capped(resp: Any, status: int, where: str, deadline: float = float("inf"),
-                 sockets: Sequence[Any] = ()) -> bytes:
+def _read_capped(resp: Any, where: str, deadline: float, sockets: Sequence[Any]) -> bytes:
     import http.client
 
     chunks, size = [], 0
@@ -600,20 +595,18 @@ def _read_capped(resp: Any, status: int, where: str, deadline: float = float("in
         chunks.append(chunk)
         size += len(chunk)
         if size > _MAX_BODY:
-            raise AuthError(f"{where} answered {status} with more than {_MAX_BODY >> 20} MiB; "
+            raise AuthError(f"{where} answered {resp.status} with more than {_MAX_BODY >> 20} MiB; "
                             "that is not a token answer", status_code=502)
     body = b"".join(chunks)
     # A short read is no error to urllib when the peer closes early.
     length = (resp.headers.get("Content-Length") or "").strip()
     if length.isdigit() and len(body) < int(length):
         raise http.client.IncompleteRead(body, int(length) - len(body))
-    _logger().debug("%s -> %d (%d bytes)", where, status, len(body))  # never the body
+    _logger().debug("%s -> %d (%d bytes)", where, resp.status, len(body))  # never the body
     return body
 
 
-def _transport_error(
-    where: str, reason: object, ca_bundle: str | None = None, proxy: str = ""
-) -> AuthError:
+def _transport_error(where: str, reason: object, ca_bundle: str | None, proxy: str) -> AuthError:
     import http.client
     import socket
     import ssl
@@ -664,8 +657,13 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
     )
 
 
-def _opener(ca_bundle: str | None = None) -> Any:
-    """A cached opener for the current proxy settings and CA bundle."""
+def _opener(ca_bundle: str | None) -> Any:
+    """A cached opener for the current proxy settings and CA bundle.
+
+    Its handlers note each socket on the request, and follow a redirect only where
+    the request allows it (``req.follow``): safe redirects of a GET, else none.
+    """
+    import http.client
     import urllib.request
 
     # urllib's proxies: HTTPS_PROXY/HTTP_PROXY (the system settings on macOS and
@@ -673,24 +671,12 @@ def _opener(ca_bundle: str | None = None) -> Any:
     proxies = urllib.request.getproxies()
     context_key, context = _ssl_context(ca_bundle)
     key = (tuple(sorted(proxies.items())), context_key)
-    opener = _OPENERS.get(key)
-    if opener is None:
-        handler, redirect = _transport_classes()
-        opener = _OPENERS[key] = urllib.request.build_opener(
-            urllib.request.ProxyHandler(proxies), handler(context=context), redirect())
-    return opener
+    if key in _OPENERS:
+        return _OPENERS[key]
 
-
-def _transport_classes() -> list[Any]:
-    """The urllib handlers: each notes its sockets; a GET follows safe redirects only, else none."""
-    # Made on first use: subclassing urllib's handlers at module level would import
-    # urllib.request, http.client and ssl with this module.
-    if _TRANSPORT:
-        return _TRANSPORT
-    import http.client
-    import urllib.request
-
-    class _Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    # Subclassed here: at module level, urllib.request, http.client and ssl would be
+    # imported with this module.
+    class Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         def http_open(self, req: Any) -> Any:
             return self.do_open(_noting(http.client.HTTPConnection, req), req)
 
@@ -698,7 +684,7 @@ def _transport_classes() -> list[Any]:
             return self.do_open(_noting(http.client.HTTPSConnection, req), req,
                                 context=self._context)  # type: ignore[attr-defined]
 
-    class _Redirect(urllib.request.HTTPRedirectHandler):
+    class Redirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
                              newurl: str) -> Any:
             if not req.follow:  # _Session.request reads the 3xx itself
@@ -716,8 +702,9 @@ def _transport_classes() -> list[Any]:
                 new.sockets, new.follow, new.allow_http = req.sockets, True, req.allow_http
             return new
 
-    _TRANSPORT[:] = [_Handler, _Redirect]
-    return _TRANSPORT
+    _OPENERS[key] = urllib.request.build_opener(
+        urllib.request.ProxyHandler(proxies), Handler(context=context), Redirect())
+    return _OPENERS[key]
 
 
 def _noting(connection_class: type[Any], req: Any) -> Callable[..., Any]:
@@ -810,7 +797,7 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
         # match), redacted next, cut last: a cut secret would survive as a prefix.
         return _short(_blank(_printable(text), secrets), limit)
 
-    error, description = _oauth_error(payload, clean)
+    error, description = _oauth_error(payload)
     error, description = clean(error, 100), clean(description)
     text = f"{error}: {description}" if error and description else error or description
     if not text:
@@ -830,41 +817,28 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
     return exc
 
 
-def _redact(exc: AuthError, secrets: Iterable[str]) -> AuthError:
-    """*exc* with any submitted value (a code, a token) that the server echoed blanked out."""
-    secrets = list(secrets)
-    exc.message = _blank(exc.message, secrets)
-    exc.detail = {key: _blank(value, secrets) if isinstance(value, str) else value
-                  for key, value in exc.detail.items()}
-    exc.args = (exc.message,)
-    return exc
-
-
 def _blank(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
         text = text.replace(secret, "[redacted]")
     return text
 
 
-def _oauth_error(payload: Any, clean: Callable[[str], str] | None = None) -> tuple[str, str]:
-    """Find ``(error, error_description)`` at the top level or nested in ``detail``.
-
-    A plain text answer is passed through *clean* (default `_short`) as the description.
-    """
+def _oauth_error(payload: Any) -> tuple[str, str]:
+    """``(error, error_description)`` at the top level or nested in ``detail``; text as is."""
     if isinstance(payload, dict):
         error = payload.get("error")
         if isinstance(error, str) and error:
             return error, str(payload.get("error_description") or "")
         if "detail" in payload:
-            return _oauth_error(payload["detail"], clean)
+            return _oauth_error(payload["detail"])
     elif isinstance(payload, str):
         # py-oidc-auth wraps the provider's answer: "Upstream OIDC error: {...}".
         inner = _json_object(payload[payload.find("{"):]) if "{" in payload else None
         if inner is not None:
-            error, description = _oauth_error(inner, clean)
+            error, description = _oauth_error(inner)
             if error:
                 return error, description
-        return "", (clean or _short)(payload)
+        return "", payload
     return "", ""
 
 
@@ -2568,7 +2542,7 @@ class _Provider:
         try:
             resp = await self.flow.session.request("POST", url, form=form, auth=auth)
         except AuthError as exc:
-            _logger().warning("revoking the %s failed: %s", hint, _redact(exc, secrets).message)
+            _logger().warning("revoking the %s failed: %s", hint, _blank(exc.message, secrets))
             return False
         if resp.status == 200:
             return True
