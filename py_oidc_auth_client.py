@@ -523,7 +523,7 @@ def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]
     return asyncio.wrap_future(done)
 
 
-def _abort(sockets: list[Any]) -> None:
+def _abort(sockets: Iterable[Any]) -> None:
     """End a request stuck in a read: a shut down socket reads as closed at once."""
     import socket
 
@@ -3299,16 +3299,10 @@ class _LoopbackReceiver:
 
     def close(self) -> None:
         """Stop listening and drop every open connection; returns at once."""
-        import socket
-
         self._closed.set()
         self._thread.join(2)
         with self._lock:
-            for conn in self._connections:  # wakes its thread, which closes it
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _abort(self._connections)  # wakes each connection's thread, which closes it
         for sock in self._sockets:
             sock.close()
 
@@ -3469,17 +3463,11 @@ def _read_request(conn: socket.socket, deadline: float) -> str:
 
 
 def _peer_is_this_user(conn: socket.socket) -> bool:
-    """Whether the other end of a loopback connection runs as this user (or root).
-
-    Another user who read the entry URL from the browser's command line must not
-    open it first. Linux lists every TCP socket with its owner in /proc/net/tcp{,6};
-    elsewhere, or where that table does not show our own socket (WSL 1), every peer
-    is let in.
-    """
+    """Whether the other end of a loopback connection runs as this user (or root)."""
     import socket
     import struct
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):  # only Linux lists the owners of TCP sockets
         return True
 
     def key(address: Any) -> str:  # as the kernel writes it: host-order words, hex
@@ -3496,17 +3484,13 @@ def _peer_is_this_user(conn: socket.socket) -> bool:
         return True
     owners = {(row[1], row[2]): row[7] for row in rows[1:] if len(row) > 7}
     if (ours, theirs) not in owners:
-        return True  # the table does not show sockets: nothing to judge by
+        return True  # the table does not show sockets (WSL 1): nothing to judge by
     allowed = {str(os.geteuid()), "0", os.environ.get("SUDO_UID", "0")}
     return owners.get((theirs, ours)) in allowed
 
 
 def _listen_on_loopback(ports: Sequence[int]) -> list[socket.socket]:
-    """Listening sockets on the first of *ports* that is free on every loopback address.
-
-    All or nothing: a browser may try any address ``localhost`` names (``::1``
-    first, say), and whoever listens there gets the code and the state.
-    """
+    """Sockets on the first of *ports* free on every loopback address: a browser may try any."""
     errors = []
     for port in ports:
         # Port 0: the port the kernel picked for 127.0.0.1 may be taken on ::1; pick again.
