@@ -65,18 +65,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    # types
     "AuthError",
     "Config",
     "DeviceCode",
     "Token",
-    # storage
     "TokenStore",
-    # flows
     "BaseFlow",
     "CodeFlow",
     "DeviceFlow",
-    # entry points
     "authenticate",
     "authenticate_async",
     "BearerAuth",
@@ -109,7 +105,6 @@ def _dumps(value: Any, **options: Any) -> str:
     return json.dumps(value, **options)
 
 
-_DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
 _MAX_BODY = 1 << 20  # 1 MiB: no token answer is anywhere near this
 _HTTP_TIMEOUT = 30.0  # per request, also when the flow itself may wait forever
 # Token files are never opened through a symbolic link (Windows has no O_NOFOLLOW: its
@@ -291,9 +286,7 @@ class Config:
 
     # Written out rather than a @dataclass: importing dataclasses (and the inspect,
     # ast and dis modules it pulls in) would double the cost of importing this module.
-    _FIELDS = ("host", "redirect_ports", "token_env_var", "app_name", "login_route",
-               "token_route", "device_route", "client_id", "client_secret", "scopes",
-               "ca_bundle", "allow_http")
+    # The fields are the attributes that __init__ sets, in its order.
 
     def __init__(
         self,
@@ -312,7 +305,7 @@ class Config:
     ) -> None:
         self.host = host
         self.redirect_ports: list[int] = (
-            list(_DEFAULT_PORTS) if redirect_ports is None else redirect_ports)
+            list(range(53100, 53106)) if redirect_ports is None else redirect_ports)
         self.token_env_var = token_env_var
         self.app_name = app_name
         self.login_route = login_route
@@ -325,21 +318,19 @@ class Config:
         self.allow_http = allow_http
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS
+        shown = ", ".join(f"{name}={value!r}" for name, value in vars(self).items()
                           if name != "client_secret")  # never in a repr
         return f"Config({shown})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Config):
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self._FIELDS)
+        return vars(self) == vars(other)
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like a dataclass
 
     def _replace(self, **changes: Any) -> Config:
-        values = {name: getattr(self, name) for name in self._FIELDS}
-        values.update(changes)
-        return Config(**values)
+        return Config(**{**vars(self), **changes})
 
 
 # ---------------------------------------------------------------------------
