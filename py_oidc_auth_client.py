@@ -618,7 +618,6 @@ def _transport_error(where: str, reason: object, ca_bundle: str | None, proxy: s
         # The server took the request and broke off (RemoteDisconnected is a
         # ConnectionError): a bad answer, so 502.
         return _transient(f"{where}: connection lost ({type(reason).__name__})", 502)
-    # may quote the server
     return _unreached(f"{where}: request failed ({_short(str(reason))})")
 
 
@@ -698,20 +697,14 @@ def _opener(ca_bundle: str | None) -> Any:
     return _OPENERS[key]
 
 
-def _noting(connection_class: type[Any], req: Any) -> Callable[..., Any]:
-    """*connection_class* for urllib, noting each socket on *req* for _abort and _read_capped."""
-    def connection(host: str, **kwargs: Any) -> Any:
-        conn = connection_class(host, **kwargs)
-        connect = conn.connect
+def _noting(connection_class: Any, req: Any) -> Any:
+    """*connection_class* noting each socket it connects on *req*, for _abort and _read_capped."""
+    class Noting(connection_class):  # type: ignore[misc]
+        def connect(self) -> None:
+            super().connect()
+            req.sockets.append(self.sock)
 
-        def connect_and_note() -> None:
-            connect()
-            req.sockets.append(conn.sock)
-
-        conn.connect = connect_and_note
-        return conn
-
-    return connection
+    return Noting
 
 
 def _insecure(url: str, allow_http: bool = False) -> str:
