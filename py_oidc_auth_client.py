@@ -113,7 +113,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr
 _LOCK_TIMEOUT = 60.0  # a refresh (with retries) holds the store lock at most this long
 _MAX_MARGIN = 60  # seconds before expiry at which a token counts as expired
 _UNKNOWN_REFRESH_LIFETIME = 30 * 86400
-_TRANSIENT_STATUS = frozenset({502, 503, 504})
 _RETRIES = 4
 # py-oidc-auth answers these when it has no device flow to offer (DESIGN.md).
 _NO_DEVICE_STATUS = frozenset({404, 405, 501, 503})
@@ -170,7 +169,6 @@ class AuthError(Exception):
     # caller's traceback names AuthError, the class they catch.
     _retry = False  # worth retrying: no answer at all, or a 502/503/504
     _retry_after: float | None = None  # seconds, from a Retry-After header
-    _unanswered = False  # no HTTP answer came: refused, unresolvable, cut, timed out
     _answered = False  # the server's own error answer (its status), not one made here
 
     def __init__(
@@ -194,11 +192,10 @@ class AuthError(Exception):
         return str(self.detail.get("error") or "")
 
 
-def _transient(message: str, status_code: int, detail: dict[str, Any] | None = None, *,
-               unanswered: bool = True) -> AuthError:
+def _transient(message: str, status_code: int, detail: dict[str, Any] | None = None) -> AuthError:
     """An AuthError worth retrying: refused, cut, timed out, or a 502/503/504 answer."""
     exc = AuthError(message, detail, status_code)
-    exc._retry, exc._unanswered = True, unanswered
+    exc._retry = True
     return exc
 
 
@@ -605,9 +602,10 @@ def _transport_error(where: str, reason: object, ca_bundle: str | None, proxy: s
     if isinstance(reason, ssl.SSLCertVerificationError):
         return _untrusted(where, reason, ca_bundle)
     if isinstance(reason, ssl.SSLError):
-        return _unreached(f"{where}: TLS error: {reason}")
+        return AuthError(f"{where}: TLS error: {reason}", status_code=503)
     if isinstance(reason, socket.gaierror):
-        return _unreached(f"{where}: cannot resolve the host name; check the URL ({reason})")
+        return AuthError(f"{where}: cannot resolve the host name; check the URL ({reason})",
+                         status_code=503)
     if isinstance(reason, ConnectionRefusedError):
         return _transient(f"{where}: connection refused; is the "
                           f"{'proxy' if proxy else 'server'} running?", 503)
@@ -618,32 +616,25 @@ def _transport_error(where: str, reason: object, ca_bundle: str | None, proxy: s
         # The server took the request and broke off (RemoteDisconnected is a
         # ConnectionError): a bad answer, so 502.
         return _transient(f"{where}: connection lost ({type(reason).__name__})", 502)
-    return _unreached(f"{where}: request failed ({_short(str(reason))})")
-
-
-def _unreached(message: str, detail: dict[str, Any] | None = None) -> AuthError:
-    """A 503 not worth retrying: the server cannot be reached this way (DNS, TLS)."""
-    exc = AuthError(message, detail, 503)
-    exc._unanswered = True
-    return exc
+    return AuthError(f"{where}: request failed ({_short(str(reason))})", status_code=503)
 
 
 def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
                ca_bundle: str | None) -> AuthError:
     """The refused certificate explained, with the fix when a CA is missing."""
     if reason.verify_code not in _UNKNOWN_ISSUER:
-        return _unreached(f"{where}: the server's TLS certificate was refused "
-                          f"({reason.verify_message})")
+        return AuthError(f"{where}: the server's TLS certificate was refused "
+                         f"({reason.verify_message})", status_code=503)
     bundle, source = _ca_bundle(ca_bundle)
     trusted = "the system's CA certificates"
     if bundle:
         missing = "" if os.path.exists(os.path.expanduser(bundle)) else ", which does not exist"
         trusted = f"the CA bundle {bundle} (from {source}{missing})"
-    return _unreached(
+    return AuthError(
         f"{where}: the server's TLS certificate is not trusted ({reason.verify_message}) by "
         f"{trusted}. If the server uses a private or company CA, set SSL_CERT_FILE (or "
         "REQUESTS_CA_BUNDLE) to a PEM file holding that CA, or pass ca_bundle=PATH",
-        {"error": "untrusted_certificate"},
+        {"error": "untrusted_certificate"}, 503,
     )
 
 
@@ -789,8 +780,8 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
                 else "no OAuth error in the answer")
     detail = {"error": error, "error_description": description} if error else {}
     message = f"{resp.url} answered {resp.status}: {text}"
-    if resp.status in _TRANSIENT_STATUS and not error:
-        exc = _transient(message, resp.status, detail, unanswered=False)
+    if resp.status in (502, 503, 504) and not error:  # a passing fault
+        exc = _transient(message, resp.status, detail)
         retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after")
                        or "").strip()
         if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
