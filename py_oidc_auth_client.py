@@ -340,7 +340,6 @@ _CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x20
                            *range(0x2066, 0x206A)])
 _CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
 _ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
 _UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
 # The deadline of the login under way and its length in seconds: no request made
@@ -429,10 +428,8 @@ class _Session:
             if deadline <= now:
                 raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
                                 "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
-        # Only a GET without credentials follows redirects: urllib would carry secrets (client
-        # secret, code, verifier, refresh or device code), Authorization header and all,
-        # elsewhere. Any other redirect is an AuthError, unless follow is False (the caller
-        # reads the 3xx itself).
+        # Only a GET without credentials follows redirects: urllib would carry the secrets
+        # elsewhere. Any other redirect is an AuthError, unless follow is False.
         safe = follow and method == "GET" and form is None and auth is None
         sockets: list[Any] = []
         done = _in_daemon_thread(_request_blocking, method, url, form, deadline, safe, auth,
@@ -449,7 +446,7 @@ class _Session:
             _abort(sockets)
             raise
         location = resp.headers.get("Location") or resp.headers.get("location")
-        if follow and not safe and resp.status in _REDIRECTS and location:
+        if follow and not safe and resp.status in (301, 302, 303, 307, 308) and location:
             raise _redirect_refused(method, url, resp.status, location, "a request that "
                                     "carries credentials never follows a redirect: configure "
                                     "the endpoint's final URL")
@@ -921,9 +918,7 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
 
 def _web_url(url: object, what: str, allow_http: bool = False) -> str:
     """*url* if it may be opened or shown as a link, else an AuthError naming it."""
-    # It ends up on a browser's command line and in a notebook's link: https (or
-    # allowed http) with a host, never a value that starts like an option or hides
-    # characters.
+    # It ends up on a browser's command line and in a notebook's link.
     from urllib.parse import urlsplit
 
     text = url if isinstance(url, str) else ""
