@@ -814,10 +814,8 @@ def _oauth_error(payload: Any) -> tuple[str, str]:
     return "", ""
 
 
-def _short(text: str | bytes, limit: int = 200) -> str:
+def _short(text: str, limit: int = 200) -> str:
     """Server text for a message: printable, on one line, at most *limit* characters."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
     text = " ".join(_printable(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
