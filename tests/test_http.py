@@ -88,7 +88,7 @@ COMPLETE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             b"Content-Length: 21\r\n\r\n{\"access_token\": \"a\"}")
 
 
-# -- _request ------------------------------------------------------------------------
+# -- _Session.request ----------------------------------------------------------------
 
 
 @pytest.mark.timeout(5)
