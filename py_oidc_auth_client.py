@@ -456,10 +456,7 @@ class _Session:
         self, url: str, form: dict[str, str], *, deadline: float | None = None,
         auth: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
-        """POST a form, retrying transient faults with backoff until *deadline*.
-
-        Returns the JSON object it answers; errors become AuthError.
-        """
+        """The JSON object a POST of *form* answers; transient faults retried until *deadline*."""
         async def send(end: float | None) -> dict[str, Any]:
             timeout = self.timeout
             if end is not None:
@@ -636,11 +633,7 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
 
 
 def _opener(ca_bundle: str | None) -> Any:
-    """A cached opener for the current proxy settings and CA bundle.
-
-    Its handlers note each socket on the request, and follow a redirect only where
-    the request allows it (``req.follow``): safe redirects of a GET, else none.
-    """
+    """A cached opener for the current proxies and CA bundle; it notes sockets, judges redirects."""
     import http.client
     import urllib.request
 
