@@ -65,18 +65,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    # types
     "AuthError",
     "Config",
     "DeviceCode",
     "Token",
-    # storage
     "TokenStore",
-    # flows
     "BaseFlow",
     "CodeFlow",
     "DeviceFlow",
-    # entry points
     "authenticate",
     "authenticate_async",
     "BearerAuth",
@@ -109,7 +105,6 @@ def _dumps(value: Any, **options: Any) -> str:
     return json.dumps(value, **options)
 
 
-_DEFAULT_PORTS = (53100, 53101, 53102, 53103, 53104, 53105)
 _MAX_BODY = 1 << 20  # 1 MiB: no token answer is anywhere near this
 _HTTP_TIMEOUT = 30.0  # per request, also when the flow itself may wait forever
 # Token files are never opened through a symbolic link (Windows has no O_NOFOLLOW: its
@@ -118,7 +113,6 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr
 _LOCK_TIMEOUT = 60.0  # a refresh (with retries) holds the store lock at most this long
 _MAX_MARGIN = 60  # seconds before expiry at which a token counts as expired
 _UNKNOWN_REFRESH_LIFETIME = 30 * 86400
-_TRANSIENT_STATUS = frozenset({502, 503, 504})
 _RETRIES = 4
 # py-oidc-auth answers these when it has no device flow to offer (DESIGN.md).
 _NO_DEVICE_STATUS = frozenset({404, 405, 501, 503})
@@ -175,7 +169,6 @@ class AuthError(Exception):
     # caller's traceback names AuthError, the class they catch.
     _retry = False  # worth retrying: no answer at all, or a 502/503/504
     _retry_after: float | None = None  # seconds, from a Retry-After header
-    _unanswered = False  # no HTTP answer came: refused, unresolvable, cut, timed out
     _answered = False  # the server's own error answer (its status), not one made here
 
     def __init__(
@@ -199,11 +192,10 @@ class AuthError(Exception):
         return str(self.detail.get("error") or "")
 
 
-def _transient(message: str, status_code: int, detail: dict[str, Any] | None = None, *,
-               unanswered: bool = True) -> AuthError:
+def _transient(message: str, status_code: int, detail: dict[str, Any] | None = None) -> AuthError:
     """An AuthError worth retrying: refused, cut, timed out, or a 502/503/504 answer."""
     exc = AuthError(message, detail, status_code)
-    exc._retry, exc._unanswered = True, unanswered
+    exc._retry = True
     return exc
 
 
@@ -291,9 +283,7 @@ class Config:
 
     # Written out rather than a @dataclass: importing dataclasses (and the inspect,
     # ast and dis modules it pulls in) would double the cost of importing this module.
-    _FIELDS = ("host", "redirect_ports", "token_env_var", "app_name", "login_route",
-               "token_route", "device_route", "client_id", "client_secret", "scopes",
-               "ca_bundle", "allow_http")
+    # The fields are the attributes that __init__ sets, in its order.
 
     def __init__(
         self,
@@ -312,7 +302,7 @@ class Config:
     ) -> None:
         self.host = host
         self.redirect_ports: list[int] = (
-            list(_DEFAULT_PORTS) if redirect_ports is None else redirect_ports)
+            list(range(53100, 53106)) if redirect_ports is None else redirect_ports)
         self.token_env_var = token_env_var
         self.app_name = app_name
         self.login_route = login_route
@@ -325,21 +315,19 @@ class Config:
         self.allow_http = allow_http
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS
+        shown = ", ".join(f"{name}={value!r}" for name, value in vars(self).items()
                           if name != "client_secret")  # never in a repr
         return f"Config({shown})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Config):
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self._FIELDS)
+        return vars(self) == vars(other)
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like a dataclass
 
     def _replace(self, **changes: Any) -> Config:
-        values = {name: getattr(self, name) for name in self._FIELDS}
-        values.update(changes)
-        return Config(**values)
+        return Config(**{**vars(self), **changes})
 
 
 # ---------------------------------------------------------------------------
@@ -352,7 +340,6 @@ _CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x20
                            *range(0x2066, 0x206A)])
 _CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
 _ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
 _UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
 # The deadline of the login under way and its length in seconds: no request made
@@ -361,10 +348,9 @@ _TIME_LIMIT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.Co
     "_TIME_LIMIT", default=None)
 _LATE_GRACE = 1.0
 # Made on first use, kept for the process: an opener per proxy settings and CA bundle,
-# an SSL context per CA bundle, urllib's handler classes, hosts warned of plain http.
+# an SSL context per CA bundle, hosts warned of plain http.
 _OPENERS: dict[tuple[Any, ...], Any] = {}
 _SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
-_TRANSPORT: list[Any] = []
 _WARNED_HTTP: set[str] = set()
 
 
@@ -413,51 +399,81 @@ def _json_object(data: bytes | str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-async def _request(
-    method: str, url: str, *, form: dict[str, str] | None = None,
-    timeout: float = _HTTP_TIMEOUT, follow_redirects: bool = True,
-    auth: tuple[str, str] | None = None, ca_bundle: str | None = None, allow_http: bool = False,
-) -> _Response:
-    """Send one request; it ends by *timeout* and the login's time limit, come what may."""
-    import asyncio
+class _Session:
+    """The module's own small HTTP session over ``urllib`` (no httpx)."""
 
-    refusal = _insecure(url, allow_http)
-    if refusal:
-        raise AuthError(refusal, {"error": "insecure_transport"}, 400)
-    now = time.monotonic()
-    deadline, limit = now + timeout, _TIME_LIMIT.get()
-    if limit is not None:
-        # A request made just in time (a last poll, the code exchange after a login
-        # done in time) may finish a little after the limit: an answer in time counts.
-        deadline = min(deadline, limit[0] + _LATE_GRACE)
-        if deadline <= now:
-            raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
-                            "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
-    # Only a GET without credentials follows redirects: urllib would carry secrets (client
-    # secret, code, verifier, refresh or device code), Authorization header and all,
-    # elsewhere. Any other redirect is an AuthError, unless follow_redirects is False (the
-    # caller reads the 3xx itself).
-    follow = follow_redirects and method == "GET" and form is None and auth is None
-    sockets: list[Any] = []
-    done = _in_daemon_thread(_request_blocking, method, url, form, deadline, follow, auth,
-                             ca_bundle, allow_http, sockets)
-    try:
-        # The worker stops itself at the deadline; this is for a server that drips
-        # its headers, which urllib reads line by line with no deadline of its own.
-        resp = await asyncio.wait_for(done, deadline - time.monotonic() + 0.25)
-    except asyncio.TimeoutError:
-        _abort(sockets)
-        raise _transient(f"{method} {url} timed out after "
-                         f"{min(timeout, deadline - now):.3g} s", 504) from None
-    except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
-        _abort(sockets)
-        raise
-    location = resp.headers.get("Location") or resp.headers.get("location")
-    if follow_redirects and not follow and resp.status in _REDIRECTS and location:
-        raise _redirect_refused(method, url, resp.status, location, "a request that carries "
-                                "credentials never follows a redirect: configure the "
-                                "endpoint's final URL")
-    return resp
+    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None,
+                 allow_http: bool = False) -> None:
+        self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
+        self.ca_bundle = ca_bundle
+        self.allow_http = allow_http
+
+    async def request(
+        self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True,
+        auth: tuple[str, str] | None = None, timeout: float | None = None,
+    ) -> _Response:
+        """Send one request, status unchecked; it ends in time (*timeout*), come what may."""
+        import asyncio
+
+        refusal = _insecure(url, self.allow_http)
+        if refusal:
+            raise AuthError(refusal, {"error": "insecure_transport"}, 400)
+        now = time.monotonic()
+        timeout = self.timeout if timeout is None else timeout
+        deadline, limit = now + timeout, _TIME_LIMIT.get()
+        if limit is not None:
+            # A request made just in time (a last poll, the code exchange after a login
+            # done in time) may finish a little after the limit: an answer in time counts.
+            deadline = min(deadline, limit[0] + _LATE_GRACE)
+            if deadline <= now:
+                raise AuthError(f"{method} {url} not sent: the {limit[1]:g} s time limit of the "
+                                "login ran out (timeout=, --timeout)", {"error": "timeout"}, 408)
+        # Only a GET without credentials follows redirects: urllib would carry the secrets
+        # elsewhere. Any other redirect is an AuthError, unless follow is False.
+        safe = follow and method == "GET" and form is None and auth is None
+        sockets: list[Any] = []
+        done = _in_daemon_thread(_request_blocking, method, url, form, deadline, safe, auth,
+                                 self.ca_bundle, self.allow_http, sockets)
+        try:
+            # The worker stops itself at the deadline; this is for a server that drips
+            # its headers, which urllib reads line by line with no deadline of its own.
+            resp = await asyncio.wait_for(done, deadline - time.monotonic() + 0.25)
+        except asyncio.TimeoutError:
+            _abort(sockets)
+            raise _transient(f"{method} {url} timed out after "
+                             f"{min(timeout, deadline - now):.3g} s", 504) from None
+        except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
+            _abort(sockets)
+            raise
+        location = resp.headers.get("Location") or resp.headers.get("location")
+        if follow and not safe and resp.status in (301, 302, 303, 307, 308) and location:
+            raise _redirect_refused(method, url, resp.status, location, "a request that "
+                                    "carries credentials never follows a redirect: configure "
+                                    "the endpoint's final URL")
+        return resp
+
+    async def post_form(
+        self, url: str, form: dict[str, str], *, deadline: float | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The JSON object a POST of *form* answers; transient faults retried until *deadline*."""
+        async def send(end: float | None) -> dict[str, Any]:
+            timeout = self.timeout
+            if end is not None:
+                # A request made at the deadline (a last poll) gets the grace that
+                # request() allows it, not less: a far server needs that long.
+                timeout = max(_LATE_GRACE, min(timeout, end - time.monotonic()))
+            resp = await self.request("POST", url, form=form, auth=auth, timeout=timeout)
+            payload = resp.json()
+            if resp.status >= 400:
+                raise _http_error(resp, payload, [*form.values(), *(auth or ())])
+            if payload is None:
+                kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
+                raise AuthError(f"POST {url} answered {resp.status} with {kind}; is this the "
+                                "right host and route?", status_code=502)
+            return payload
+
+        return await _retrying(send, deadline)
 
 
 def _redirect_refused(method: str, url: str, status: int, location: str, why: str) -> AuthError:
@@ -489,7 +505,7 @@ def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]
     return asyncio.wrap_future(done)
 
 
-def _abort(sockets: list[Any]) -> None:
+def _abort(sockets: Iterable[Any]) -> None:
     """End a request stuck in a read: a shut down socket reads as closed at once."""
     import socket
 
@@ -502,8 +518,7 @@ def _abort(sockets: list[Any]) -> None:
 
 def _request_blocking(
     method: str, url: str, form: dict[str, str] | None, deadline: float, follow: bool,
-    auth: tuple[str, str] | None = None, ca_bundle: str | None = None,
-    allow_http: bool = False, sockets: list[Any] | None = None,
+    auth: tuple[str, str] | None, ca_bundle: str | None, allow_http: bool, sockets: list[Any],
 ) -> _Response:
     import http.client
     import urllib.error
@@ -522,10 +537,8 @@ def _request_blocking(
     # Only http(s) URLs get here: hosts are checked by _normalise_host.
     request: Any = urllib.request.Request(url, data=data, headers=headers,  # noqa: S310
                                           method=method)
-    # Read by the handlers of _transport_classes: where to note the sockets, and
-    # whether (and where) a redirect may be followed.
-    request.sockets = [] if sockets is None else sockets
-    request.follow, request.allow_http = follow, allow_http
+    # Read by the handlers of _opener.
+    request.sockets, request.follow, request.allow_http = sockets, follow, allow_http
     proxy = _proxy_for(url)
     where = f"{method} {url}" + (f" (via proxy {proxy})" if proxy else "")
     opener = _opener(ca_bundle)
@@ -536,7 +549,7 @@ def _request_blocking(
             resp = exc
         with resp:
             return _Response(url, resp.status, dict(resp.headers or {}),
-                             _read_capped(resp, resp.status, where, deadline, request.sockets))
+                             _read_capped(resp, where, deadline, request.sockets))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
     except (OSError, http.client.HTTPException) as exc:
@@ -545,8 +558,7 @@ def _request_blocking(
         raise _transport_error(where, exc, ca_bundle, proxy) from None
 
 
-def _read_capped(resp: Any, status: int, where: str, deadline: float = float("inf"),
-                 sockets: Sequence[Any] = ()) -> bytes:
+def _read_capped(resp: Any, where: str, deadline: float, sockets: Sequence[Any]) -> bytes:
     import http.client
 
     chunks, size = [], 0
@@ -565,20 +577,18 @@ def _read_capped(resp: Any, status: int, where: str, deadline: float = float("in
         chunks.append(chunk)
         size += len(chunk)
         if size > _MAX_BODY:
-            raise AuthError(f"{where} answered {status} with more than {_MAX_BODY >> 20} MiB; "
+            raise AuthError(f"{where} answered {resp.status} with more than {_MAX_BODY >> 20} MiB; "
                             "that is not a token answer", status_code=502)
     body = b"".join(chunks)
     # A short read is no error to urllib when the peer closes early.
     length = (resp.headers.get("Content-Length") or "").strip()
     if length.isdigit() and len(body) < int(length):
         raise http.client.IncompleteRead(body, int(length) - len(body))
-    _logger().debug("%s -> %d (%d bytes)", where, status, len(body))  # never the body
+    _logger().debug("%s -> %d (%d bytes)", where, resp.status, len(body))  # never the body
     return body
 
 
-def _transport_error(
-    where: str, reason: object, ca_bundle: str | None = None, proxy: str = ""
-) -> AuthError:
+def _transport_error(where: str, reason: object, ca_bundle: str | None, proxy: str) -> AuthError:
     import http.client
     import socket
     import ssl
@@ -586,9 +596,10 @@ def _transport_error(
     if isinstance(reason, ssl.SSLCertVerificationError):
         return _untrusted(where, reason, ca_bundle)
     if isinstance(reason, ssl.SSLError):
-        return _unreached(f"{where}: TLS error: {reason}")
+        return AuthError(f"{where}: TLS error: {reason}", status_code=503)
     if isinstance(reason, socket.gaierror):
-        return _unreached(f"{where}: cannot resolve the host name; check the URL ({reason})")
+        return AuthError(f"{where}: cannot resolve the host name; check the URL ({reason})",
+                         status_code=503)
     if isinstance(reason, ConnectionRefusedError):
         return _transient(f"{where}: connection refused; is the "
                           f"{'proxy' if proxy else 'server'} running?", 503)
@@ -599,38 +610,31 @@ def _transport_error(
         # The server took the request and broke off (RemoteDisconnected is a
         # ConnectionError): a bad answer, so 502.
         return _transient(f"{where}: connection lost ({type(reason).__name__})", 502)
-    # may quote the server
-    return _unreached(f"{where}: request failed ({_short(str(reason))})")
-
-
-def _unreached(message: str, detail: dict[str, Any] | None = None) -> AuthError:
-    """A 503 not worth retrying: the server cannot be reached this way (DNS, TLS)."""
-    exc = AuthError(message, detail, 503)
-    exc._unanswered = True
-    return exc
+    return AuthError(f"{where}: request failed ({_short(str(reason))})", status_code=503)
 
 
 def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
                ca_bundle: str | None) -> AuthError:
     """The refused certificate explained, with the fix when a CA is missing."""
     if reason.verify_code not in _UNKNOWN_ISSUER:
-        return _unreached(f"{where}: the server's TLS certificate was refused "
-                          f"({reason.verify_message})")
+        return AuthError(f"{where}: the server's TLS certificate was refused "
+                         f"({reason.verify_message})", status_code=503)
     bundle, source = _ca_bundle(ca_bundle)
     trusted = "the system's CA certificates"
     if bundle:
         missing = "" if os.path.exists(os.path.expanduser(bundle)) else ", which does not exist"
         trusted = f"the CA bundle {bundle} (from {source}{missing})"
-    return _unreached(
+    return AuthError(
         f"{where}: the server's TLS certificate is not trusted ({reason.verify_message}) by "
         f"{trusted}. If the server uses a private or company CA, set SSL_CERT_FILE (or "
         "REQUESTS_CA_BUNDLE) to a PEM file holding that CA, or pass ca_bundle=PATH",
-        {"error": "untrusted_certificate"},
+        {"error": "untrusted_certificate"}, 503,
     )
 
 
-def _opener(ca_bundle: str | None = None) -> Any:
-    """A cached opener for the current proxy settings and CA bundle."""
+def _opener(ca_bundle: str | None) -> Any:
+    """A cached opener for the current proxies and CA bundle; it notes sockets, judges redirects."""
+    import http.client
     import urllib.request
 
     # urllib's proxies: HTTPS_PROXY/HTTP_PROXY (the system settings on macOS and
@@ -638,24 +642,12 @@ def _opener(ca_bundle: str | None = None) -> Any:
     proxies = urllib.request.getproxies()
     context_key, context = _ssl_context(ca_bundle)
     key = (tuple(sorted(proxies.items())), context_key)
-    opener = _OPENERS.get(key)
-    if opener is None:
-        handler, redirect = _transport_classes()
-        opener = _OPENERS[key] = urllib.request.build_opener(
-            urllib.request.ProxyHandler(proxies), handler(context=context), redirect())
-    return opener
+    if key in _OPENERS:
+        return _OPENERS[key]
 
-
-def _transport_classes() -> list[Any]:
-    """The urllib handlers: each notes its sockets; a GET follows safe redirects only, else none."""
-    # Made on first use: subclassing urllib's handlers at module level would import
-    # urllib.request, http.client and ssl with this module.
-    if _TRANSPORT:
-        return _TRANSPORT
-    import http.client
-    import urllib.request
-
-    class _Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    # Subclassed here: at module level, urllib.request, http.client and ssl would be
+    # imported with this module.
+    class Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         def http_open(self, req: Any) -> Any:
             return self.do_open(_noting(http.client.HTTPConnection, req), req)
 
@@ -663,10 +655,10 @@ def _transport_classes() -> list[Any]:
             return self.do_open(_noting(http.client.HTTPSConnection, req), req,
                                 context=self._context)  # type: ignore[attr-defined]
 
-    class _Redirect(urllib.request.HTTPRedirectHandler):
+    class Redirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
                              newurl: str) -> Any:
-            if not req.follow:  # _request reads the 3xx itself
+            if not req.follow:  # _Session.request reads the 3xx itself
                 return None
             # To https, or to an allowed http URL; never from https down to http.
             if not newurl.lower().startswith("https://") and (
@@ -681,24 +673,19 @@ def _transport_classes() -> list[Any]:
                 new.sockets, new.follow, new.allow_http = req.sockets, True, req.allow_http
             return new
 
-    _TRANSPORT[:] = [_Handler, _Redirect]
-    return _TRANSPORT
+    _OPENERS[key] = urllib.request.build_opener(
+        urllib.request.ProxyHandler(proxies), Handler(context=context), Redirect())
+    return _OPENERS[key]
 
 
-def _noting(connection_class: type[Any], req: Any) -> Callable[..., Any]:
-    """*connection_class* for urllib, noting each socket on *req* for _abort and _read_capped."""
-    def connection(host: str, **kwargs: Any) -> Any:
-        conn = connection_class(host, **kwargs)
-        connect = conn.connect
+def _noting(connection_class: Any, req: Any) -> Any:
+    """*connection_class* noting each socket it connects on *req*, for _abort and _read_capped."""
+    class Noting(connection_class):  # type: ignore[misc]
+        def connect(self) -> None:
+            super().connect()
+            req.sockets.append(self.sock)
 
-        def connect_and_note() -> None:
-            connect()
-            req.sockets.append(conn.sock)
-
-        conn.connect = connect_and_note
-        return conn
-
-    return connection
+    return Noting
 
 
 def _insecure(url: str, allow_http: bool = False) -> str:
@@ -766,25 +753,6 @@ def _ssl_context(option: str | None) -> tuple[tuple[str, str, str], ssl.SSLConte
     return key, context
 
 
-async def _post_form(
-    url: str, form: dict[str, str], *, timeout: float, auth: tuple[str, str] | None = None,
-    ca_bundle: str | None = None, allow_http: bool = False,
-) -> dict[str, Any]:
-    """POST a form and return the JSON object it answers; errors become AuthError."""
-    resp = await _request("POST", url, form=form, timeout=timeout, auth=auth,
-                          ca_bundle=ca_bundle, allow_http=allow_http)
-    payload = resp.json()
-    if resp.status >= 400:
-        raise _http_error(resp, payload, [*form.values(), *(auth or ())])
-    if payload is None:
-        kind = "HTML" if resp.body.lstrip()[:1] == b"<" else "not a JSON object"
-        raise AuthError(
-            f"POST {url} answered {resp.status} with {kind}; is this the right host and route?",
-            status_code=502,
-        )
-    return payload
-
-
 def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> AuthError:
     """The error answer *resp* as an AuthError; any of *secrets* it echoes is blanked out."""
     secrets = list(secrets)
@@ -794,7 +762,7 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
         # match), redacted next, cut last: a cut secret would survive as a prefix.
         return _short(_blank(_printable(text), secrets), limit)
 
-    error, description = _oauth_error(payload, clean)
+    error, description = _oauth_error(payload)
     error, description = clean(error, 100), clean(description)
     text = f"{error}: {description}" if error and description else error or description
     if not text:
@@ -802,8 +770,8 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
                 else "no OAuth error in the answer")
     detail = {"error": error, "error_description": description} if error else {}
     message = f"{resp.url} answered {resp.status}: {text}"
-    if resp.status in _TRANSIENT_STATUS and not error:
-        exc = _transient(message, resp.status, detail, unanswered=False)
+    if resp.status in (502, 503, 504) and not error:  # a passing fault
+        exc = _transient(message, resp.status, detail)
         retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after")
                        or "").strip()
         if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
@@ -814,85 +782,35 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
     return exc
 
 
-def _redact(exc: AuthError, secrets: Iterable[str]) -> AuthError:
-    """*exc* with any submitted value (a code, a token) that the server echoed blanked out."""
-    secrets = list(secrets)
-    exc.message = _blank(exc.message, secrets)
-    exc.detail = {key: _blank(value, secrets) if isinstance(value, str) else value
-                  for key, value in exc.detail.items()}
-    exc.args = (exc.message,)
-    return exc
-
-
 def _blank(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
         text = text.replace(secret, "[redacted]")
     return text
 
 
-def _oauth_error(payload: Any, clean: Callable[[str], str] | None = None) -> tuple[str, str]:
-    """Find ``(error, error_description)`` at the top level or nested in ``detail``.
-
-    A plain text answer is passed through *clean* (default `_short`) as the description.
-    """
+def _oauth_error(payload: Any) -> tuple[str, str]:
+    """``(error, error_description)`` at the top level or nested in ``detail``; text as is."""
     if isinstance(payload, dict):
         error = payload.get("error")
         if isinstance(error, str) and error:
             return error, str(payload.get("error_description") or "")
         if "detail" in payload:
-            return _oauth_error(payload["detail"], clean)
+            return _oauth_error(payload["detail"])
     elif isinstance(payload, str):
         # py-oidc-auth wraps the provider's answer: "Upstream OIDC error: {...}".
         inner = _json_object(payload[payload.find("{"):]) if "{" in payload else None
         if inner is not None:
-            error, description = _oauth_error(inner, clean)
+            error, description = _oauth_error(inner)
             if error:
                 return error, description
-        return "", (clean or _short)(payload)
+        return "", payload
     return "", ""
 
 
-def _short(text: str | bytes, limit: int = 200) -> str:
+def _short(text: str, limit: int = 200) -> str:
     """Server text for a message: printable, on one line, at most *limit* characters."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
     text = " ".join(_printable(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class _Session:
-    """The module's own small HTTP session over ``urllib`` (no httpx)."""
-
-    def __init__(self, timeout: float | None = None, ca_bundle: str | None = None,
-                 allow_http: bool = False) -> None:
-        self.timeout = min(timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT)
-        self.ca_bundle = ca_bundle
-        self.allow_http = allow_http
-
-    async def request(
-        self, method: str, url: str, *, form: dict[str, str] | None = None, follow: bool = True,
-        auth: tuple[str, str] | None = None,
-    ) -> _Response:
-        """Send a request; the status is not checked."""
-        return await _request(method, url, form=form, timeout=self.timeout,
-                              follow_redirects=follow, auth=auth, ca_bundle=self.ca_bundle,
-                              allow_http=self.allow_http)
-
-    async def post_form(
-        self, url: str, form: dict[str, str], *, deadline: float | None = None,
-        auth: tuple[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """POST a form, retrying transient faults with backoff until *deadline*."""
-        def send(end: float | None) -> Coroutine[Any, Any, dict[str, Any]]:
-            timeout = self.timeout
-            if end is not None:
-                # A request made at the deadline (a last poll) gets the grace that
-                # _request allows it, not less: a far server needs that long.
-                timeout = max(_LATE_GRACE, min(timeout, end - time.monotonic()))
-            return _post_form(url, form, timeout=timeout, auth=auth,
-                              ca_bundle=self.ca_bundle, allow_http=self.allow_http)
-
-        return await _retrying(send, deadline)
 
 
 async def _retrying(send: Callable[[float | None], Coroutine[Any, Any, _T]],
@@ -991,9 +909,7 @@ async def _fetch_json(url: str, session: _Session, *, fresh: bool = False) -> di
 
 def _web_url(url: object, what: str, allow_http: bool = False) -> str:
     """*url* if it may be opened or shown as a link, else an AuthError naming it."""
-    # It ends up on a browser's command line and in a notebook's link: https (or
-    # allowed http) with a host, never a value that starts like an option or hides
-    # characters.
+    # It ends up on a browser's command line and in a notebook's link.
     from urllib.parse import urlsplit
 
     text = url if isinstance(url, str) else ""
@@ -2587,7 +2503,7 @@ class _Provider:
         try:
             resp = await self.flow.session.request("POST", url, form=form, auth=auth)
         except AuthError as exc:
-            _logger().warning("revoking the %s failed: %s", hint, _redact(exc, secrets).message)
+            _logger().warning("revoking the %s failed: %s", hint, _blank(exc.message, secrets))
             return False
         if resp.status == 200:
             return True
@@ -3344,16 +3260,10 @@ class _LoopbackReceiver:
 
     def close(self) -> None:
         """Stop listening and drop every open connection; returns at once."""
-        import socket
-
         self._closed.set()
         self._thread.join(2)
         with self._lock:
-            for conn in self._connections:  # wakes its thread, which closes it
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _abort(self._connections)  # wakes each connection's thread, which closes it
         for sock in self._sockets:
             sock.close()
 
@@ -3514,17 +3424,11 @@ def _read_request(conn: socket.socket, deadline: float) -> str:
 
 
 def _peer_is_this_user(conn: socket.socket) -> bool:
-    """Whether the other end of a loopback connection runs as this user (or root).
-
-    Another user who read the entry URL from the browser's command line must not
-    open it first. Linux lists every TCP socket with its owner in /proc/net/tcp{,6};
-    elsewhere, or where that table does not show our own socket (WSL 1), every peer
-    is let in.
-    """
+    """Whether the other end of a loopback connection runs as this user (or root)."""
     import socket
     import struct
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):  # only Linux lists the owners of TCP sockets
         return True
 
     def key(address: Any) -> str:  # as the kernel writes it: host-order words, hex
@@ -3541,17 +3445,13 @@ def _peer_is_this_user(conn: socket.socket) -> bool:
         return True
     owners = {(row[1], row[2]): row[7] for row in rows[1:] if len(row) > 7}
     if (ours, theirs) not in owners:
-        return True  # the table does not show sockets: nothing to judge by
+        return True  # the table does not show sockets (WSL 1): nothing to judge by
     allowed = {str(os.geteuid()), "0", os.environ.get("SUDO_UID", "0")}
     return owners.get((theirs, ours)) in allowed
 
 
 def _listen_on_loopback(ports: Sequence[int]) -> list[socket.socket]:
-    """Listening sockets on the first of *ports* that is free on every loopback address.
-
-    All or nothing: a browser may try any address ``localhost`` names (``::1``
-    first, say), and whoever listens there gets the code and the state.
-    """
+    """Sockets on the first of *ports* free on every loopback address: a browser may try any."""
     errors = []
     for port in ports:
         # Port 0: the port the kernel picked for 127.0.0.1 may be taken on ::1; pick again.

@@ -302,7 +302,7 @@ def test_a_refusing_server_is_one_auth_error_with_its_status_and_words(tmp_path,
 def test_status_codes_say_what_failed(fake_server):
     def status(url: str, **kwargs: Any) -> int:
         with pytest.raises(oac.AuthError) as info:
-            run(oac._request("POST", url, form={}, **kwargs))
+            run(oac._Session(**kwargs).request("POST", url, form={}))
         assert type(info.value) is oac.AuthError
         return info.value.status_code
 

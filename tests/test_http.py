@@ -88,13 +88,13 @@ COMPLETE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             b"Content-Length: 21\r\n\r\n{\"access_token\": \"a\"}")
 
 
-# -- _request ------------------------------------------------------------------------
+# -- _Session.request ----------------------------------------------------------------
 
 
 @pytest.mark.timeout(5)
 def test_request_sends_the_form_and_returns_status_headers_body(fake_server):
     fake_server.reply("POST", "/t", 201, {"ok": True}, headers={"X-Extra": "1"})
-    resp = run(oac._request("POST", fake_server.url + "/t", form=FORM, timeout=2))
+    resp = run(oac._Session(2).request("POST", fake_server.url + "/t", form=FORM))
     assert resp.status == 201
     assert resp.headers["X-Extra"] == "1"
     assert resp.json() == {"ok": True}
@@ -109,7 +109,7 @@ def test_request_sends_the_form_and_returns_status_headers_body(fake_server):
 @pytest.mark.timeout(5)
 def test_request_without_form_sends_no_body(fake_server):
     fake_server.reply("GET", "/g", 200, {"a": 1})
-    resp = run(oac._request("GET", fake_server.url + "/g", timeout=2))
+    resp = run(oac._Session(2).request("GET", fake_server.url + "/g"))
     assert resp.json() == {"a": 1}
     (hit,) = fake_server.hits("/g")
     assert hit.form == {}
@@ -119,7 +119,7 @@ def test_request_without_form_sends_no_body(fake_server):
 @pytest.mark.timeout(5)
 def test_request_returns_error_statuses_without_raising(fake_server):
     fake_server.reply("POST", "/t", 418, {"error": "teapot"})
-    resp = run(oac._request("POST", fake_server.url + "/t", form={}, timeout=2))
+    resp = run(oac._Session(2).request("POST", fake_server.url + "/t", form={}))
     assert resp.status == 418
     assert resp.json() == {"error": "teapot"}
 
@@ -129,8 +129,7 @@ def test_redirect_not_followed_when_asked(fake_server):
     target = fake_server.url + "/elsewhere"
     fake_server.reply("GET", "/login", 307, "", headers={"Location": target})
     fake_server.reply("GET", "/elsewhere", 200, {"followed": True})
-    resp = run(oac._request("GET", fake_server.url + "/login", timeout=2,
-                            follow_redirects=False))
+    resp = run(oac._Session(2).request("GET", fake_server.url + "/login", follow=False))
     assert resp.status == 307
     assert resp.headers["Location"] == target
     assert fake_server.hits("/elsewhere") == []
@@ -150,7 +149,7 @@ def test_redirect_followed_by_default(fake_server):
     fake_server.reply("GET", "/login", 302, "",
                       headers={"Location": fake_server.url + "/elsewhere"})
     fake_server.reply("GET", "/elsewhere", 200, {"followed": True})
-    resp = run(oac._request("GET", fake_server.url + "/login", timeout=2))
+    resp = run(oac._Session(2).request("GET", fake_server.url + "/login"))
     assert resp.status == 200
     assert resp.json() == {"followed": True}
     assert len(fake_server.hits("/elsewhere")) == 1
@@ -162,7 +161,7 @@ def test_answer_of_exactly_the_cap_is_accepted(fake_server):
     body = '{"a": "' + filler + '"}'
     assert len(body) == oac._MAX_BODY
     fake_server.reply("POST", "/t", 200, body)
-    payload = run(oac._post_form(fake_server.url + "/t", {}, timeout=5))
+    payload = run(oac._Session(5).post_form(fake_server.url + "/t", {}))
     assert len(payload["a"]) == len(filler)
 
 
@@ -172,7 +171,7 @@ def test_answer_over_the_cap_raises(fake_server, status):
     fake_server.reply("POST", "/t", status, b"{" + b" " * (2 * oac._MAX_BODY) + b"}")
     url = fake_server.url + "/t"
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("POST", url, form={}, timeout=5))
+        run(oac._Session(5).request("POST", url, form={}))
     assert not info.value._retry
     assert url in info.value.message
     assert "MiB" in info.value.message
@@ -182,7 +181,7 @@ def test_answer_over_the_cap_raises(fake_server, status):
 def test_answer_over_the_cap_names_the_status(fake_server):
     fake_server.reply("POST", "/t", 200, b"x" * (oac._MAX_BODY + 10))
     with pytest.raises(oac.AuthError) as info:
-        run(oac._post_form(fake_server.url + "/t", {}, timeout=5))
+        run(oac._Session(5).post_form(fake_server.url + "/t", {}))
     assert names_status(info.value.message, 200)
 
 
@@ -191,7 +190,7 @@ def test_truncated_transfer_is_an_error_naming_the_url(raw_server):
     raw_server.answers = [TRUNCATED]
     url = raw_server.url + "/t"
     with pytest.raises(oac.AuthError) as info:
-        run(oac._post_form(url, FORM, timeout=2))
+        run(oac._Session(2).request("POST", url, form=FORM))
     assert url in info.value.message
     assert_no_secret(info.value)
 
@@ -208,7 +207,7 @@ def test_garbage_status_line_is_an_error_naming_the_url(raw_server):
     raw_server.answers = [b"this is not http\r\n\r\n"]
     url = raw_server.url + "/t"
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("POST", url, form={}, timeout=2))
+        run(oac._Session(2).request("POST", url, form={}))
     assert url in info.value.message
 
 
@@ -219,7 +218,7 @@ def test_garbage_status_line_is_an_error_naming_the_url(raw_server):
 def test_refused_connection(closed_port):
     url = f"http://127.0.0.1:{closed_port}/auth/v2/token"
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("POST", url, form=FORM, timeout=2))
+        run(oac._Session(2).request("POST", url, form=FORM))
     assert info.value._retry
     assert type(info.value) is oac.AuthError
     assert info.value.status_code == 503
@@ -248,7 +247,7 @@ def test_hanging_server_times_out(fake_server):
     url = fake_server.url + "/t"
     start = time.monotonic()
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("POST", url, form=FORM, timeout=0.5))
+        run(oac._Session(0.5).request("POST", url, form=FORM))
     assert 0.4 < time.monotonic() - start < 2
     assert info.value._retry
     assert info.value.status_code == 504
@@ -262,7 +261,7 @@ def test_dropped_connection_is_a_transient_error(fake_server):
     fake_server.reply("POST", "/t", 200, "__drop__")
     url = fake_server.url + "/t"
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("POST", url, form=FORM, timeout=2))
+        run(oac._Session(2).request("POST", url, form=FORM))
     assert info.value._retry
     assert info.value.status_code == 502
     assert url in info.value.message
@@ -297,7 +296,7 @@ def test_hang_with_deadline_gives_up_in_time(fake_server):
 @pytest.mark.timeout(5)
 def test_post_form_returns_the_json_object(fake_server):
     fake_server.reply("POST", "/t", 200, {"access_token": "a", "expires": 1})
-    assert run(oac._post_form(fake_server.url + "/t", FORM, timeout=2)) == {
+    assert run(oac._Session(2).post_form(fake_server.url + "/t", FORM)) == {
         "access_token": "a", "expires": 1}
     assert fake_server.hits("/t")[0].form == FORM
 
@@ -533,5 +532,5 @@ def test_server_echo_of_a_secret_is_not_repeated(fake_server):
                         "msg": "malformed token", "input": SECRETS["refresh-token"]}]}
     fake_server.reply("POST", "/t", 422, echo)
     with pytest.raises(oac.AuthError) as info:
-        run(oac._post_form(fake_server.url + "/t", FORM, timeout=2))
+        run(oac._Session(2).post_form(fake_server.url + "/t", FORM))
     assert SECRETS["refresh-token"] not in info.value.message

@@ -100,7 +100,7 @@ def test_a_dead_proxy_is_named_without_its_credentials(fake_server, monkeypatch)
     port = closed_port()
     monkeypatch.setenv("HTTP_PROXY", f"http://alice:s3cret-pw@127.0.0.1:{port}")
     with pytest.raises(oac.AuthError) as info:
-        asyncio.run(oac._request("POST", fake_server.url + TOKEN, form={}, timeout=2))
+        asyncio.run(oac._Session(2).request("POST", fake_server.url + TOKEN, form={}))
     message = info.value.message
     assert fake_server.url + TOKEN in message
     assert f"via proxy http://127.0.0.1:{port}" in message

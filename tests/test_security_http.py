@@ -118,7 +118,7 @@ def test_discovery_does_not_follow_a_downgrade_to_http(tls_server, elsewhere):
     tls_server.reply("GET", "/.well-known/openid-configuration", 302, b"",
                      {"Location": elsewhere.url + "/.well-known/openid-configuration"})
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("GET", url, timeout=2, ca_bundle=tls_server.ca_file))
+        run(oac._Session(2, tls_server.ca_file).request("GET", url))
     assert elsewhere.requests == []
     assert "redirect" in info.value.message and elsewhere.url in info.value.message
 
@@ -127,7 +127,7 @@ def test_discovery_does_not_follow_a_downgrade_to_http(tls_server, elsewhere):
 def test_get_without_secrets_still_follows_a_safe_redirect(fake_server, elsewhere):
     fake_server.reply("GET", "/jwks", 302, b"",
                       {"Location": elsewhere.url + "/.well-known/openid-configuration"})
-    resp = run(oac._request("GET", fake_server.url + "/jwks", timeout=2))
+    resp = run(oac._Session(2).request("GET", fake_server.url + "/jwks"))
     assert resp.status == 200 and resp.json() == {"issuer": "evil"}
     assert len(elsewhere.requests) == 1
 
@@ -152,7 +152,7 @@ def test_dripping_server_cannot_hold_a_request(dripper, mode):
     url = dripper.url + "/auth/v2/token"
     start = time.monotonic()
     with pytest.raises(oac.AuthError) as info:
-        run(oac._request("POST", url, form={"refresh-token": REFRESH}, timeout=2))
+        run(oac._Session(2).request("POST", url, form={"refresh-token": REFRESH}))
     elapsed = time.monotonic() - start  # asyncio.run included: it joins its threads
     assert elapsed < 3, f"held for {elapsed:.1f} s"
     assert "timed out" in info.value.message and url in info.value.message
@@ -235,7 +235,7 @@ def test_answer_given_in_time_counts(fake_server):
     async def at_the_limit():
         with oac._TimeLimit(0.5):
             await asyncio.sleep(0.55)
-            return await oac._request("POST", fake_server.url + "/token", form={}, timeout=5)
+            return await oac._Session(5).request("POST", fake_server.url + "/token", form={})
 
     assert run(at_the_limit()).json() == {"access_token": "a"}
 
