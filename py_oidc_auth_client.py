@@ -258,6 +258,9 @@ class DeviceCode(TypedDict):
     interval: int
 
 
+_TOKEN_FILE_VAR = "OIDC_TOKEN_FILE"  # names a token file to use instead of the cache
+
+
 class Config:
     """Connection and routing configuration of a server.
 
@@ -299,7 +302,7 @@ class Config:
         self,
         host: str,
         redirect_ports: list[int] | None = None,
-        token_env_var: str = "OIDC_TOKEN_FILE",
+        token_env_var: str = _TOKEN_FILE_VAR,
         app_name: str = "py-oidc-auth",
         login_route: str = "/auth/v2/login",
         token_route: str = "/auth/v2/token",
@@ -2045,6 +2048,14 @@ def _batch_scheduler() -> str | None:
     return None
 
 
+def _store_in_use(store: TokenStore | None, app_name: str,
+                  env_var: str = _TOKEN_FILE_VAR) -> TokenStore:
+    """The token file named by *env_var* when set (a job's), else *store*, else the cache."""
+    if os.environ.get(env_var):
+        return _default_store(app_name, env_var)
+    return store or _default_store(app_name)
+
+
 def _in_jupyter() -> bool:
     return "ipykernel" in sys.modules
 
@@ -2781,9 +2792,7 @@ class BaseFlow:
     @property
     def store(self) -> TokenStore:
         """The token store in use: the file named by ``Config.token_env_var`` when set."""
-        if os.environ.get(self.config.token_env_var):
-            return _default_store(self.config.app_name, self.config.token_env_var)
-        return self._store or _default_store(self.config.app_name)
+        return _store_in_use(self._store, self.config.app_name, self.config.token_env_var)
 
     @property
     def session(self) -> _Session:
@@ -3699,11 +3708,7 @@ def authenticate(
     arguments = dict(locals())  # the parameters as given, handed on whole
     if not force:
         # The hot path: no flow objects, no asyncio, no network.
-        if os.environ.get("OIDC_TOKEN_FILE"):
-            store_in_use = _default_store(app_name, "OIDC_TOKEN_FILE")
-        else:
-            store_in_use = store or _default_store(app_name)
-        token = store_in_use.get(_store_key(host, client_id, scopes))
+        token = _store_in_use(store, app_name).get(_store_key(host, client_id, scopes))
         if token is not None and _access_valid(token):
             return token
     return _run_sync(authenticate_async(**arguments))
@@ -4329,9 +4334,9 @@ def _act_on_cache(args: Any, store: TokenStore) -> None:
 def _cli_token(args: Any) -> Token:
     """The token of HOST: `authenticate` with the command line's options."""
     if args.verbose:
-        token_file = os.environ.get("OIDC_TOKEN_FILE")
-        _logger().debug("token store: %s", f"{token_file} (OIDC_TOKEN_FILE)" if token_file
-                        else _default_store(args.app_name).path)
+        token_file = os.environ.get(_TOKEN_FILE_VAR)
+        _logger().debug("token store: %s", _store_in_use(None, args.app_name).path
+                        + (f" ({_TOKEN_FILE_VAR})" if token_file else ""))
         _logger().debug("interactive login: %s", _no_login_reason() or "possible")
     # A person is at the other end: by default wait as long as the device code lives
     # (authenticate's timeout=None), and a few minutes for a login in the browser.
@@ -4384,7 +4389,7 @@ def _min_valid(args: Any, token: Token) -> Token | None:
     command = f"{_command()} {_cli_target(key)}"
     by_access = bare or not token["refresh_token"]
     what = "access token" if by_access else "refresh token"
-    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    token_file = os.environ.get(_TOKEN_FILE_VAR)
     if by_access and _refresh_valid(token):
         advice = ("the server grants shorter access tokens: ask for less, or get a fresh one "
                   f"each time it is needed ({command} --access-token)")
@@ -4411,7 +4416,7 @@ def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
     except OSError as exc:
         raise AuthError(f"Cannot write the token file {target}: {exc.strerror or exc}") from None
     _say(f"Wrote the token for {_server_name(key)} to {target} (readable by you only): "
-         f"{_lifetimes(token)}.\nIn a batch job: export OIDC_TOKEN_FILE={target}")
+         f"{_lifetimes(token)}.\nIn a batch job: export {_TOKEN_FILE_VAR}={target}")
 
 
 def _logout(args: Any, store: TokenStore) -> None:
@@ -4562,18 +4567,17 @@ def _doctor_session() -> list[tuple[str, str]]:
         ("container", _in_container() or "none detected"),
         ("jupyter", "yes (ipykernel is loaded)" if _in_jupyter() else "no"),
         ("browser", f"{'opened' if browser else 'not opened'}: {because}"),
-        ("login", "never: OIDC_TOKEN_FILE is set (see the token file)" if os.environ.get(
-            "OIDC_TOKEN_FILE") else f"{'allowed' if login else 'refused'} ({why})"),
+        ("login", f"never: {_TOKEN_FILE_VAR} is set (see the token file)" if os.environ.get(
+            _TOKEN_FILE_VAR) else f"{'allowed' if login else 'refused'} ({why})"),
     ]
 
 
 def _token_file_row(app_name: str) -> str:
-    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    token_file = os.environ.get(_TOKEN_FILE_VAR)
     if not token_file:
-        return "OIDC_TOKEN_FILE is not set: tokens come from the cache"
-    file_store = _default_store(app_name, "OIDC_TOKEN_FILE")
-    return (f"OIDC_TOKEN_FILE={token_file}: {_describe_file(token_file)}; "
-            + _describe_token(file_store))
+        return f"{_TOKEN_FILE_VAR} is not set: tokens come from the cache"
+    return (f"{_TOKEN_FILE_VAR}={token_file}: {_describe_file(token_file)}; "
+            + _describe_token(_store_in_use(None, app_name)))
 
 
 def _platformdirs_version() -> str:
