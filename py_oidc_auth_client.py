@@ -2190,11 +2190,7 @@ def _show_device_code(host: str, code: DeviceCode) -> Callable[[str], None] | No
 
 
 def _display(html: str, text: str) -> Callable[[str], None] | None:
-    """Show a paragraph in a notebook; None where IPython cannot.
-
-    Returns how to replace it with an outcome, in place: a spent code must not
-    stay on the page, nor in the saved notebook.
-    """
+    """Show a paragraph in a notebook; return how to replace it in place, None without IPython."""
     from html import escape
     from importlib import import_module
 
@@ -2231,14 +2227,12 @@ _PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a te
 
 
 class _Progress:
-    """The wait for approval on stderr: one live line on a terminal, else a line every 30 s.
-
-    Batch logs and pipes get whole lines; ``NO_COLOR`` and ``TERM=dumb`` get
-    no escape sequence, only carriage returns.
-    """
+    """The wait for approval on stderr: one live line on a terminal, else a line every 30 s."""
 
     def __init__(self, stream: Any, live: bool) -> None:
-        self.stream, self.live, self.plain = stream, live, _plain_terminal()
+        self.stream, self.live = stream, live
+        # NO_COLOR (no-color.org) or TERM=dumb: no escape sequence, only carriage returns.
+        self.plain = bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
         self.next_line = time.monotonic() + _PROGRESS_EVERY
         self.width = 0
 
@@ -2282,11 +2276,6 @@ class _Progress:
             self.stream.flush()
         except (OSError, ValueError):  # a closed or broken stderr must not end the login
             pass
-
-
-def _plain_terminal() -> bool:
-    """NO_COLOR (no-color.org) or TERM=dumb: no escape sequences but the carriage return."""
-    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
 def _isatty(stream: Any) -> bool:
@@ -3967,8 +3956,6 @@ class BearerAuth:
             except StopIteration:
                 return
 
-    # -- Internals --
-
     def _token(self) -> Token:
         return authenticate(self.host, **self._kwargs)
 
@@ -4015,13 +4002,10 @@ def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
 
 
 def _refused(response: Any, token: Token) -> bool:
-    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
-
-    Not after a redirect that dropped the header (another host), and not for a
-    token without a refresh token: an API's 401 must not start a login.
-    """
+    """Whether *response* refuses *token* and a refresh may help; then it counts as expired."""
     if (
         response.status_code != 401
+        # not after a redirect to another host, which dropped the header
         or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
         or not _refresh_valid(token)
     ):
@@ -4219,7 +4203,7 @@ _CACHE_OPTIONS = ("list", "clear", "remove", "logout")
 
 
 def _check_args(parser: Any, args: Any) -> None:
-    """Refuse, with exit code 2, the combinations the groups above cannot express."""
+    """Refuse (exit code 2) what the groups above cannot express; make each HOST a store key."""
     def given(*names: str) -> list[str]:  # the options not left at their defaults
         return [f"--{n.replace('_', '-')}" for n in names
                 if getattr(args, n) != parser.get_default(n)]
@@ -4239,12 +4223,12 @@ def _check_args(parser: Any, args: Any) -> None:
     for flag, seconds in (("--timeout", args.timeout), ("--min-valid", args.min_valid)):
         if seconds is not None and seconds < 0:
             parser.error(f"{flag} must be 0 or more")
-    for host in (args.host, args.remove, args.logout):
-        try:
-            if host:
-                _store_key(host, args.client_id, args.scope)
-        except AuthError as exc:
-            parser.error(exc.message)
+    try:
+        args.key, args.remove, args.logout = (
+            host and _store_key(host, args.client_id, args.scope)
+            for host in (args.host, args.remove, args.logout))
+    except AuthError as exc:
+        parser.error(exc.message)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -4289,19 +4273,18 @@ def _cli(args: Any) -> int:
         if enough is None:
             return _EXIT_MIN_VALID
         token = enough
-    key = _store_key(args.host, args.client_id, args.scope)
     if args.export:
-        _export(args.export, key, token, store)
+        _export(args.export, args.key, token, store)
     if args.access_token:
         print(token["access_token"])
     elif args.header:
         print(f"Authorization: {token['headers']['Authorization']}")
     elif args.json:  # with --show-secrets, exactly what --export writes
-        shown = _token_file_object(key, token)
+        shown = _token_file_object(args.key, token)
         print(_dumps(shown if args.show_secrets else
                      {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
-        print(f"Logged in to {_server_name(key)}: {_lifetimes(token)}")
+        print(f"Logged in to {_server_name(args.key)}: {_lifetimes(token)}")
     return 0
 
 
@@ -4311,9 +4294,8 @@ def _act_on_cache(args: Any, store: TokenStore) -> None:
         store.clear()
         _say(f"Removed all tokens from {store.path}")
     if args.remove:
-        key = _store_key(args.remove, args.client_id, args.scope)
-        removed = store.remove(key)
-        _say(f"{'Removed' if removed else 'No token for'} {key}")
+        removed = store.remove(args.remove)
+        _say(f"{'Removed' if removed else 'No token for'} {args.remove}")
     if args.logout:
         _logout(args, store)
     if args.list:
@@ -4378,7 +4360,7 @@ def _min_valid(args: Any, token: Token) -> Token | None:
             return token["expires"]
         return max(token["expires"], token["refresh_expires"])
 
-    refreshed, key = False, _store_key(args.host, args.client_id, args.scope)
+    refreshed, key = False, args.key
     if until(token) < want and _refresh_valid(token):
         flow = _cli_flow(args, key)
         token = _run_sync(flow._refreshed(lambda t: until(t) >= want)) or token
@@ -4420,7 +4402,7 @@ def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
 
 
 def _logout(args: Any, store: TokenStore) -> None:
-    key = _store_key(args.logout, args.client_id, args.scope)
+    key = args.logout
     token, host = store.get(key), _server_name(key)
     if token is None:
         _say(f"No token for {host}")
@@ -4535,7 +4517,7 @@ def _doctor(args: Any, store: TokenStore) -> None:
     """Print what the library detects and decides here, and why; never a secret."""
     import platform
 
-    key = _store_key(args.host, args.client_id, args.scope) if args.host else ""
+    key = args.key or ""
     rows = [
         ("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"),
         ("python", f"{platform.python_version()} on {platform.platform()}"),
@@ -4590,8 +4572,6 @@ def _platformdirs_version() -> str:
 
 
 def _describe_file(path: str) -> str:
-    import stat
-
     try:
         st = os.stat(path)
     except FileNotFoundError:
