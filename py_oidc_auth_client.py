@@ -1720,7 +1720,7 @@ class TokenStore:
 
     def _foreign(self, server: str, asked: str) -> AuthError:
         """A token file asked for another server than the one it names: refuse, send nothing."""
-        fix = f"{_command()} {_cli_target(asked)} --export FILE"
+        fix = f"{_login_command(asked)} --export FILE"
         if not server:  # an older export or a hand-made file: it could belong anywhere
             return AuthError(
                 f"The token file {self.path} does not say which server it was issued for, "
@@ -2213,11 +2213,8 @@ def _display(html: str, text: str) -> Callable[[str], None] | None:
 
 async def _countdown(seconds: float, deadline: float, show: _Progress | None) -> None:
     """Sleep *seconds*, showing the time left until *deadline*."""
-    end = time.monotonic() + max(0.0, seconds)
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            return
+    end = time.monotonic() + seconds
+    while (now := time.monotonic()) < end:
         if show is not None:
             show.update(deadline - now)
         await _sleep(min(1.0, end - now))
@@ -3776,7 +3773,7 @@ def _login_refusal(device: DeviceFlow, force: bool) -> AuthError | None:
     reason = _no_login_reason(env_var if token_file else None)
     if not reason:
         return None
-    server, command = _server_name(device.host), f"{_command()} {_cli_target(device.host)}"
+    server, command = _server_name(device.host), _login_command(device.host)
     if token_file:
         message = (f"Not logged in to {server}: {reason}. Make a new token file on a "
                    f"workstation: {command} --export {token_file}")
@@ -3806,17 +3803,11 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
         outside_a_loop = True
     if outside_a_loop:  # not in the except clause: a failure is not shown "During handling"
         return asyncio.run(coro)
-    return _run_in_worker(coro)
-
-
-def _run_in_worker(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run *coro* on a loop of its own in a worker thread, and wait for it."""
-    import asyncio
     import threading
 
-    # The caller's loop is blocked while we wait (the call is synchronous).  The
-    # worker gets the caller's context: ipykernel keeps the current cell in context
-    # variables, so output lands in that cell.
+    # On a loop of its own in a worker thread; the caller's loop is blocked while we
+    # wait (the call is synchronous).  The worker gets the caller's context: ipykernel
+    # keeps the current cell in context variables, so output lands in that cell.
     done: dict[str, Any] = {}
 
     async def _main() -> _T:
@@ -3916,7 +3907,9 @@ class BearerAuth:
         return f"BearerAuth({_host_key(self.host)!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _bearer_auth, (self.host, self._kwargs)
+        from functools import partial
+
+        return partial(BearerAuth, self.host, **self._kwargs), ()
 
     def __call__(self, request: Any) -> Any:
         """Add the header to a ``requests`` request, with a hook that retries a 401."""
@@ -3997,10 +3990,6 @@ class BearerAuth:
 _HTTPX_AUTH: dict[type, type[BearerAuth]] = {}
 
 
-def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
-    return BearerAuth(host, **kwargs)
-
-
 def _refused(response: Any, token: Token) -> bool:
     """Whether *response* refuses *token* and a refresh may help; then it counts as expired."""
     if (
@@ -4028,8 +4017,8 @@ def _renewal(sent: Token, token: Token) -> str | None:
 # Command line
 # ---------------------------------------------------------------------------
 
-def _cli_target(key: str) -> str:
-    """The command line arguments that name the server of store *key* (never a secret)."""
+def _login_command(key: str) -> str:
+    """The command line that logs in to the server of store *key* (never with a secret)."""
     import shlex
 
     issuer, client_id, scopes = _split_key(_host_key(key))
@@ -4038,7 +4027,7 @@ def _cli_target(key: str) -> str:
         words += ["--client-id", client_id]
         if set(scopes or ()) != set(_DEFAULT_SCOPES):
             words += ["--scope", " ".join(scopes or ())]
-    return " ".join(shlex.quote(word) for word in words)
+    return " ".join([_command(), *(shlex.quote(word) for word in words)])
 
 
 def _command() -> str:
@@ -4197,25 +4186,22 @@ def _add_login_arguments(group: Any) -> None:
                             "(default: openid offline_access)")
 
 
-# What acts on a HOST's token (each needs a HOST), and what acts on the cache.
-_TOKEN_OPTIONS = ("json", "access_token", "header", "export", "min_valid")
-_CACHE_OPTIONS = ("list", "clear", "remove", "logout")
-
-
 def _check_args(parser: Any, args: Any) -> None:
     """Refuse (exit code 2) what the groups above cannot express; make each HOST a store key."""
     def given(*names: str) -> list[str]:  # the options not left at their defaults
         return [f"--{n.replace('_', '-')}" for n in names
                 if getattr(args, n) != parser.get_default(n)]
 
+    on_token = given("json", "access_token", "header", "export", "min_valid")  # need a HOST
+    on_cache = given("list", "clear", "remove", "logout")
     if given("client_secret", "scope") and not args.client_id:
         parser.error("--client-secret and --scope need --client-id")
-    if args.doctor and given(*_TOKEN_OPTIONS, *_CACHE_OPTIONS, "force"):
+    if args.doctor and (on_token or on_cache or args.force):
         parser.error("--doctor goes alone (a HOST may be given)")
     if not args.host and not args.doctor:
-        for flag in given(*_TOKEN_OPTIONS):
+        for flag in on_token:
             parser.error(f"{flag} needs a HOST")
-        if not given(*_CACHE_OPTIONS):
+        if not on_cache:
             parser.error("give a HOST, or one of --list, --clear, --remove HOST, "
                          "--logout HOST, --doctor")
     if args.show_secrets and not args.json:
@@ -4368,7 +4354,7 @@ def _min_valid(args: Any, token: Token) -> Token | None:
     if until(token) >= want:
         return token
     host, now = _server_name(key), time.time()
-    command = f"{_command()} {_cli_target(key)}"
+    command = _login_command(key)
     by_access = bare or not token["refresh_token"]
     what = "access token" if by_access else "refresh token"
     token_file = os.environ.get(_TOKEN_FILE_VAR)
