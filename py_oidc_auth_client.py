@@ -2867,7 +2867,7 @@ class BaseFlow:
     # -- Internals, also for authenticate() and the command line --
 
     @classmethod
-    def _detached(cls: type[_F], config: Config, **kwargs: Any) -> _F:
+    def _detached(cls: type[_F], config: Config | None, **kwargs: Any) -> _F:
         """A flow outside the per-host table, for one call of authenticate_async."""
         flow = object.__new__(cls)
         flow.__init__(config=config, **kwargs)  # type: ignore[misc]
@@ -3724,7 +3724,7 @@ async def authenticate_async(
     """
     options = dict(locals())
     del options["force"]
-    device = _login_flow(**options)
+    device = DeviceFlow._detached(None, **options)  # its Config made from the options
     with _TimeLimit(timeout):  # the whole login, requests included
         if not force:
             token = await device._cached_or_refreshed()
@@ -3753,17 +3753,6 @@ async def authenticate_async(
                 f"{_short(refused.message, 300)}. Check the client id and its registration "
                 "at the provider (allowed grant types, redirect URIs)",
                 {**exc.detail, "device_error": refused.error}, exc.status_code) from None
-
-
-def _login_flow(
-    host: str, *, store: TokenStore | None = None, timeout: int | None = 30,
-    redirect_ports: Sequence[int] | None = None, scopes: str | Sequence[str] | None = None,
-    **fields: Any,
-) -> DeviceFlow:
-    """The flow for one login, from `authenticate`'s keyword arguments (but ``force``)."""
-    config = Config(host, redirect_ports=None if redirect_ports is None else list(redirect_ports),
-                    scopes=None if scopes is None else _scopes(scopes), **fields)
-    return DeviceFlow._detached(config, store=store, timeout=timeout)
 
 
 def _login_refusal(device: DeviceFlow, force: bool) -> AuthError | None:
@@ -4091,8 +4080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.client_id and not args.client_secret:
-        args.client_secret = os.environ.get("OIDC_CLIENT_SECRET") or None
+    # Also for a HOST that is a store key with a client id; a py-oidc-auth server ignores it.
+    args.client_secret = args.client_secret or os.environ.get("OIDC_CLIENT_SECRET") or None
     args.scope = _scopes(args.scope) if args.scope else None
     _LOG_SETUP[:] = [lambda: _setup_logging(args.verbose)]  # logging: imported only if used
     if args.verbose:
@@ -4327,9 +4316,8 @@ def _cli_options(args: Any) -> dict[str, Any]:
 def _cli_flow(args: Any, key: str, store: TokenStore | None = None) -> DeviceFlow:
     """A flow for store *key*, configured by the command line's options."""
     issuer, client_id, scopes = _split_key(key)
-    secret = (args.client_secret or os.environ.get("OIDC_CLIENT_SECRET")) if client_id else None
-    return _login_flow(issuer, store=store, **{**_cli_options(args), "client_id": client_id,
-                                               "client_secret": secret or None, "scopes": scopes})
+    return DeviceFlow._detached(None, host=issuer, store=store, **{
+        **_cli_options(args), "client_id": client_id, "scopes": scopes})
 
 
 # -- --min-valid, --export, --logout --
