@@ -2060,12 +2060,8 @@ def _in_jupyter() -> bool:
     return "ipykernel" in sys.modules
 
 
-def _login_check(token_env_var: str | None = None) -> tuple[bool, str]:
+def _login_check() -> tuple[bool, str]:
     """Whether someone could answer an interactive login here, and why."""
-    token_file = os.environ.get(token_env_var) if token_env_var else None
-    if token_file:  # "use this file": a job handed one fails when it is used up, never logs in
-        state = _token_file_state(token_file)
-        return False, f"the token file {token_file} ({token_env_var}) {state}"
     scheduler = _batch_scheduler()
     if scheduler:
         return False, f"this is a {scheduler} batch job"
@@ -2078,9 +2074,9 @@ def _login_check(token_env_var: str | None = None) -> tuple[bool, str]:
     return False, "there is no terminal, notebook or configured browser (BROWSER) to log in with"
 
 
-def _no_login_reason(token_env_var: str | None = None) -> str | None:
+def _no_login_reason() -> str | None:
     """Why nobody could answer an interactive login here; None if someone can."""
-    possible, why = _login_check(token_env_var)
+    possible, why = _login_check()
     return None if possible else why
 
 
@@ -3759,12 +3755,13 @@ def _login_refusal(device: DeviceFlow, force: bool) -> AuthError | None:
     """The error to raise at once when nobody here could answer a login, else None."""
     env_var = device.config.token_env_var
     token_file = None if force else os.environ.get(env_var)
-    reason = _no_login_reason(env_var if token_file else None)
-    if not reason:
+    reason = None if token_file else _no_login_reason()
+    if not token_file and not reason:
         return None
     server, command = _server_name(device.host), _login_command(device.host)
-    if token_file:
-        message = (f"Not logged in to {server}: {reason}. Make a new token file on a "
+    if token_file:  # "use this file": a job handed one fails when it is used up, never logs in
+        message = (f"Not logged in to {server}: the token file {token_file} ({env_var}) "
+                   f"{_token_file_state(token_file)}. Make a new token file on a "
                    f"workstation: {command} --export {token_file}")
     else:
         message = (f"Not logged in to {server}, and {reason}. Log in once on a workstation "
@@ -4334,17 +4331,14 @@ def _min_valid(args: Any, token: Token) -> Token | None:
             return token["expires"]
         return max(token["expires"], token["refresh_expires"])
 
-    refreshed, key = False, args.key
-    if until(token) < want and _refresh_valid(token):
-        flow = _cli_flow(args, key)
+    refreshed = until(token) < want and _refresh_valid(token)
+    if refreshed:
+        flow = _cli_flow(args, args.key)
         token = _run_sync(flow._refreshed(lambda t: until(t) >= want)) or token
-        refreshed = True
     if until(token) >= want:
         return token
-    host, now = _server_name(key), time.time()
-    command = _login_command(key)
+    command = _login_command(args.key)
     by_access = bare or not token["refresh_token"]
-    what = "access token" if by_access else "refresh token"
     token_file = os.environ.get(_TOKEN_FILE_VAR)
     if by_access and _refresh_valid(token):
         advice = ("the server grants shorter access tokens: ask for less, or get a fresh one "
@@ -4353,7 +4347,8 @@ def _min_valid(args: Any, token: Token) -> Token | None:
         advice = f"make a new token file on a workstation: {command} --export {token_file}"
     else:
         advice = f"log in again: {command} --force"
-    print(f"oidc-auth: error: the {what} for {host} {_expiry(until(token), now)}"
+    print(f"oidc-auth: error: the {'access' if by_access else 'refresh'} token for "
+          f"{_server_name(args.key)} {_expiry(until(token), time.time())}"
           f"{' even after a refresh' if refreshed else ''}, sooner than --min-valid "
           f"{args.min_valid} asks ({_duration(args.min_valid)}); {advice}", file=sys.stderr)
     return None
