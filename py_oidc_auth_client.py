@@ -3864,9 +3864,6 @@ class BearerAuth:
         Keyword arguments of `authenticate`, except ``force``.
     """
 
-    requires_request_body = True  # httpx: read the body first, so the retry can send it
-    requires_response_body = False
-
     def __new__(cls, host: str, **authenticate_kwargs: Any) -> BearerAuth:
         """Make an ``httpx.Auth`` as well when httpx is loaded (not imported here)."""
         # httpx turns any other callable into a one-shot auth: the header, no retry.
@@ -3908,7 +3905,7 @@ class BearerAuth:
 
     def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
         """The ``httpx.Client`` flow: send, and on a 401 once more with a fresh token."""
-        request.read()
+        request.read()  # the whole body first, so that the retry can send it again
         flow = self._flow(request)
         step = next(flow)
         while True:
@@ -4025,7 +4022,6 @@ def _command() -> str:
 
 
 _EXIT_MIN_VALID = 3
-
 
 _EPILOG = """\
 examples:
@@ -4610,7 +4606,6 @@ def _ca_settings() -> str:
 # ---------------------------------------------------------------------------
 
 _ALIASES = ("exceptions", "flows", "utils", "token_store", "schema")
-
 
 for _alias in _ALIASES:
     sys.modules.setdefault(f"{__name__}.{_alias}", sys.modules[__name__])
