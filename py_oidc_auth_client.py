@@ -250,6 +250,9 @@ class DeviceCode(TypedDict):
     interval: int
 
 
+_TOKEN_FILE_VAR = "OIDC_TOKEN_FILE"  # names a token file to use instead of the cache
+
+
 class Config:
     """Connection and routing configuration of a server.
 
@@ -289,7 +292,7 @@ class Config:
         self,
         host: str,
         redirect_ports: list[int] | None = None,
-        token_env_var: str = "OIDC_TOKEN_FILE",
+        token_env_var: str = _TOKEN_FILE_VAR,
         app_name: str = "py-oidc-auth",
         login_route: str = "/auth/v2/login",
         token_route: str = "/auth/v2/token",
@@ -1633,7 +1636,7 @@ class TokenStore:
 
     def _foreign(self, server: str, asked: str) -> AuthError:
         """A token file asked for another server than the one it names: refuse, send nothing."""
-        fix = f"{_command()} {_cli_target(asked)} --export FILE"
+        fix = f"{_login_command(asked)} --export FILE"
         if not server:  # an older export or a hand-made file: it could belong anywhere
             return AuthError(
                 f"The token file {self.path} does not say which server it was issued for, "
@@ -1961,16 +1964,20 @@ def _batch_scheduler() -> str | None:
     return None
 
 
+def _store_in_use(store: TokenStore | None, app_name: str,
+                  env_var: str = _TOKEN_FILE_VAR) -> TokenStore:
+    """The token file named by *env_var* when set (a job's), else *store*, else the cache."""
+    if os.environ.get(env_var):
+        return _default_store(app_name, env_var)
+    return store or _default_store(app_name)
+
+
 def _in_jupyter() -> bool:
     return "ipykernel" in sys.modules
 
 
-def _login_check(token_env_var: str | None = None) -> tuple[bool, str]:
+def _login_check() -> tuple[bool, str]:
     """Whether someone could answer an interactive login here, and why."""
-    token_file = os.environ.get(token_env_var) if token_env_var else None
-    if token_file:  # "use this file": a job handed one fails when it is used up, never logs in
-        state = _token_file_state(token_file)
-        return False, f"the token file {token_file} ({token_env_var}) {state}"
     scheduler = _batch_scheduler()
     if scheduler:
         return False, f"this is a {scheduler} batch job"
@@ -1983,9 +1990,9 @@ def _login_check(token_env_var: str | None = None) -> tuple[bool, str]:
     return False, "there is no terminal, notebook or configured browser (BROWSER) to log in with"
 
 
-def _no_login_reason(token_env_var: str | None = None) -> str | None:
+def _no_login_reason() -> str | None:
     """Why nobody could answer an interactive login here; None if someone can."""
-    possible, why = _login_check(token_env_var)
+    possible, why = _login_check()
     return None if possible else why
 
 
@@ -2095,11 +2102,7 @@ def _show_device_code(host: str, code: DeviceCode) -> Callable[[str], None] | No
 
 
 def _display(html: str, text: str) -> Callable[[str], None] | None:
-    """Show a paragraph in a notebook; None where IPython cannot.
-
-    Returns how to replace it with an outcome, in place: a spent code must not
-    stay on the page, nor in the saved notebook.
-    """
+    """Show a paragraph in a notebook; return how to replace it in place, None without IPython."""
     from html import escape
     from importlib import import_module
 
@@ -2122,11 +2125,8 @@ def _display(html: str, text: str) -> Callable[[str], None] | None:
 
 async def _countdown(seconds: float, deadline: float, show: _Progress | None) -> None:
     """Sleep *seconds*, showing the time left until *deadline*."""
-    end = time.monotonic() + max(0.0, seconds)
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            return
+    end = time.monotonic() + seconds
+    while (now := time.monotonic()) < end:
         if show is not None:
             show.update(deadline - now)
         await _sleep(min(1.0, end - now))
@@ -2136,14 +2136,12 @@ _PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a te
 
 
 class _Progress:
-    """The wait for approval on stderr: one live line on a terminal, else a line every 30 s.
-
-    Batch logs and pipes get whole lines; ``NO_COLOR`` and ``TERM=dumb`` get
-    no escape sequence, only carriage returns.
-    """
+    """The wait for approval on stderr: one live line on a terminal, else a line every 30 s."""
 
     def __init__(self, stream: Any, live: bool) -> None:
-        self.stream, self.live, self.plain = stream, live, _plain_terminal()
+        self.stream, self.live = stream, live
+        # NO_COLOR (no-color.org) or TERM=dumb: no escape sequence, only carriage returns.
+        self.plain = bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
         self.next_line = time.monotonic() + _PROGRESS_EVERY
         self.width = 0
 
@@ -2187,11 +2185,6 @@ class _Progress:
             self.stream.flush()
         except (OSError, ValueError):  # a closed or broken stderr must not end the login
             pass
-
-
-def _plain_terminal() -> bool:
-    """NO_COLOR (no-color.org) or TERM=dumb: no escape sequences but the carriage return."""
-    return bool(os.environ.get("NO_COLOR")) or os.environ.get("TERM") == "dumb"
 
 
 def _isatty(stream: Any) -> bool:
@@ -2697,9 +2690,7 @@ class BaseFlow:
     @property
     def store(self) -> TokenStore:
         """The token store in use: the file named by ``Config.token_env_var`` when set."""
-        if os.environ.get(self.config.token_env_var):
-            return _default_store(self.config.app_name, self.config.token_env_var)
-        return self._store or _default_store(self.config.app_name)
+        return _store_in_use(self._store, self.config.app_name, self.config.token_env_var)
 
     @property
     def session(self) -> _Session:
@@ -2788,7 +2779,7 @@ class BaseFlow:
     # -- Internals, also for authenticate() and the command line --
 
     @classmethod
-    def _detached(cls: type[_F], config: Config, **kwargs: Any) -> _F:
+    def _detached(cls: type[_F], config: Config | None, **kwargs: Any) -> _F:
         """A flow outside the per-host table, for one call of authenticate_async."""
         flow = object.__new__(cls)
         flow.__init__(config=config, **kwargs)  # type: ignore[misc]
@@ -3599,11 +3590,7 @@ def authenticate(
     arguments = dict(locals())  # the parameters as given, handed on whole
     if not force:
         # The hot path: no flow objects, no asyncio, no network.
-        if os.environ.get("OIDC_TOKEN_FILE"):
-            store_in_use = _default_store(app_name, "OIDC_TOKEN_FILE")
-        else:
-            store_in_use = store or _default_store(app_name)
-        token = store_in_use.get(_store_key(host, client_id, scopes))
+        token = _store_in_use(store, app_name).get(_store_key(host, client_id, scopes))
         if token is not None and _access_valid(token):
             return token
     return _run_sync(authenticate_async(**arguments))
@@ -3633,7 +3620,7 @@ async def authenticate_async(
     """
     options = dict(locals())
     del options["force"]
-    device = _login_flow(**options)
+    device = DeviceFlow._detached(None, **options)  # its Config made from the options
     with _TimeLimit(timeout):  # the whole login, requests included
         if not force:
             token = await device._cached_or_refreshed()
@@ -3664,27 +3651,17 @@ async def authenticate_async(
                 {**exc.detail, "device_error": refused.error}, exc.status_code) from None
 
 
-def _login_flow(
-    host: str, *, store: TokenStore | None = None, timeout: int | None = 30,
-    redirect_ports: Sequence[int] | None = None, scopes: str | Sequence[str] | None = None,
-    **fields: Any,
-) -> DeviceFlow:
-    """The flow for one login, from `authenticate`'s keyword arguments (but ``force``)."""
-    config = Config(host, redirect_ports=None if redirect_ports is None else list(redirect_ports),
-                    scopes=None if scopes is None else _scopes(scopes), **fields)
-    return DeviceFlow._detached(config, store=store, timeout=timeout)
-
-
 def _login_refusal(device: DeviceFlow, force: bool) -> AuthError | None:
     """The error to raise at once when nobody here could answer a login, else None."""
     env_var = device.config.token_env_var
     token_file = None if force else os.environ.get(env_var)
-    reason = _no_login_reason(env_var if token_file else None)
-    if not reason:
+    reason = None if token_file else _no_login_reason()
+    if not token_file and not reason:
         return None
-    server, command = _server_name(device.host), f"{_command()} {_cli_target(device.host)}"
-    if token_file:
-        message = (f"Not logged in to {server}: {reason}. Make a new token file on a "
+    server, command = _server_name(device.host), _login_command(device.host)
+    if token_file:  # "use this file": a job handed one fails when it is used up, never logs in
+        message = (f"Not logged in to {server}: the token file {token_file} ({env_var}) "
+                   f"{_token_file_state(token_file)}. Make a new token file on a "
                    f"workstation: {command} --export {token_file}")
     else:
         message = (f"Not logged in to {server}, and {reason}. Log in once on a workstation "
@@ -3712,17 +3689,11 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
         outside_a_loop = True
     if outside_a_loop:  # not in the except clause: a failure is not shown "During handling"
         return asyncio.run(coro)
-    return _run_in_worker(coro)
-
-
-def _run_in_worker(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run *coro* on a loop of its own in a worker thread, and wait for it."""
-    import asyncio
     import threading
 
-    # The caller's loop is blocked while we wait (the call is synchronous).  The
-    # worker gets the caller's context: ipykernel keeps the current cell in context
-    # variables, so output lands in that cell.
+    # On a loop of its own in a worker thread; the caller's loop is blocked while we
+    # wait (the call is synchronous).  The worker gets the caller's context: ipykernel
+    # keeps the current cell in context variables, so output lands in that cell.
     done: dict[str, Any] = {}
 
     async def _main() -> _T:
@@ -3793,9 +3764,6 @@ class BearerAuth:
         Keyword arguments of `authenticate`, except ``force``.
     """
 
-    requires_request_body = True  # httpx: read the body first, so the retry can send it
-    requires_response_body = False
-
     def __new__(cls, host: str, **authenticate_kwargs: Any) -> BearerAuth:
         """Make an ``httpx.Auth`` as well when httpx is loaded (not imported here)."""
         # httpx turns any other callable into a one-shot auth: the header, no retry.
@@ -3822,7 +3790,9 @@ class BearerAuth:
         return f"BearerAuth({_host_key(self.host)!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _bearer_auth, (self.host, self._kwargs)
+        from functools import partial
+
+        return partial(BearerAuth, self.host, **self._kwargs), ()
 
     def __call__(self, request: Any) -> Any:
         """Add the header to a ``requests`` request, with a hook that retries a 401."""
@@ -3835,7 +3805,7 @@ class BearerAuth:
 
     def sync_auth_flow(self, request: Any) -> Generator[Any, Any, None]:
         """The ``httpx.Client`` flow: send, and on a 401 once more with a fresh token."""
-        request.read()
+        request.read()  # the whole body first, so that the retry can send it again
         flow = self._flow(request)
         step = next(flow)
         while True:
@@ -3861,8 +3831,6 @@ class BearerAuth:
                 step = flow.send(answer)
             except StopIteration:
                 return
-
-    # -- Internals --
 
     def _token(self) -> Token:
         return authenticate(self.host, **self._kwargs)
@@ -3905,18 +3873,11 @@ class BearerAuth:
 _HTTPX_AUTH: dict[type, type[BearerAuth]] = {}
 
 
-def _bearer_auth(host: str, kwargs: dict[str, Any]) -> BearerAuth:
-    return BearerAuth(host, **kwargs)
-
-
 def _refused(response: Any, token: Token) -> bool:
-    """Whether *response* refuses *token* and a refresh may help; then it counts as expired.
-
-    Not after a redirect that dropped the header (another host), and not for a
-    token without a refresh token: an API's 401 must not start a login.
-    """
+    """Whether *response* refuses *token* and a refresh may help; then it counts as expired."""
     if (
         response.status_code != 401
+        # not after a redirect to another host, which dropped the header
         or response.request.headers.get("Authorization") != token["headers"]["Authorization"]
         or not _refresh_valid(token)
     ):
@@ -3939,8 +3900,8 @@ def _renewal(sent: Token, token: Token) -> str | None:
 # Command line
 # ---------------------------------------------------------------------------
 
-def _cli_target(key: str) -> str:
-    """The command line arguments that name the server of store *key* (never a secret)."""
+def _login_command(key: str) -> str:
+    """The command line that logs in to the server of store *key* (never with a secret)."""
     import shlex
 
     issuer, client_id, scopes = _split_key(_host_key(key))
@@ -3949,7 +3910,7 @@ def _cli_target(key: str) -> str:
         words += ["--client-id", client_id]
         if set(scopes or ()) != set(_DEFAULT_SCOPES):
             words += ["--scope", " ".join(scopes or ())]
-    return " ".join(shlex.quote(word) for word in words)
+    return " ".join([_command(), *(shlex.quote(word) for word in words)])
 
 
 def _command() -> str:
@@ -3961,7 +3922,6 @@ def _command() -> str:
 
 
 _EXIT_MIN_VALID = 3
-
 
 _EPILOG = """\
 examples:
@@ -4013,8 +3973,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.client_id and not args.client_secret:
-        args.client_secret = os.environ.get("OIDC_CLIENT_SECRET") or None
+    # Also for a HOST that is a store key with a client id; a py-oidc-auth server ignores it.
+    args.client_secret = args.client_secret or os.environ.get("OIDC_CLIENT_SECRET") or None
     args.scope = _scopes(args.scope) if args.scope else None
     _LOG_SETUP[:] = [lambda: _setup_logging(args.verbose)]  # logging: imported only if used
     if args.verbose:
@@ -4108,25 +4068,22 @@ def _add_login_arguments(group: Any) -> None:
                             "(default: openid offline_access)")
 
 
-# What acts on a HOST's token (each needs a HOST), and what acts on the cache.
-_TOKEN_OPTIONS = ("json", "access_token", "header", "export", "min_valid")
-_CACHE_OPTIONS = ("list", "clear", "remove", "logout")
-
-
 def _check_args(parser: Any, args: Any) -> None:
-    """Refuse, with exit code 2, the combinations the groups above cannot express."""
+    """Refuse (exit code 2) what the groups above cannot express; make each HOST a store key."""
     def given(*names: str) -> list[str]:  # the options not left at their defaults
         return [f"--{n.replace('_', '-')}" for n in names
                 if getattr(args, n) != parser.get_default(n)]
 
+    on_token = given("json", "access_token", "header", "export", "min_valid")  # need a HOST
+    on_cache = given("list", "clear", "remove", "logout")
     if given("client_secret", "scope") and not args.client_id:
         parser.error("--client-secret and --scope need --client-id")
-    if args.doctor and given(*_TOKEN_OPTIONS, *_CACHE_OPTIONS, "force"):
+    if args.doctor and (on_token or on_cache or args.force):
         parser.error("--doctor goes alone (a HOST may be given)")
     if not args.host and not args.doctor:
-        for flag in given(*_TOKEN_OPTIONS):
+        for flag in on_token:
             parser.error(f"{flag} needs a HOST")
-        if not given(*_CACHE_OPTIONS):
+        if not on_cache:
             parser.error("give a HOST, or one of --list, --clear, --remove HOST, "
                          "--logout HOST, --doctor")
     if args.show_secrets and not args.json:
@@ -4134,12 +4091,12 @@ def _check_args(parser: Any, args: Any) -> None:
     for flag, seconds in (("--timeout", args.timeout), ("--min-valid", args.min_valid)):
         if seconds is not None and seconds < 0:
             parser.error(f"{flag} must be 0 or more")
-    for host in (args.host, args.remove, args.logout):
-        try:
-            if host:
-                _store_key(host, args.client_id, args.scope)
-        except AuthError as exc:
-            parser.error(exc.message)
+    try:
+        args.key, args.remove, args.logout = (
+            host and _store_key(host, args.client_id, args.scope)
+            for host in (args.host, args.remove, args.logout))
+    except AuthError as exc:
+        parser.error(exc.message)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -4184,19 +4141,18 @@ def _cli(args: Any) -> int:
         if enough is None:
             return _EXIT_MIN_VALID
         token = enough
-    key = _store_key(args.host, args.client_id, args.scope)
     if args.export:
-        _export(args.export, key, token, store)
+        _export(args.export, args.key, token, store)
     if args.access_token:
         print(token["access_token"])
     elif args.header:
         print(f"Authorization: {token['headers']['Authorization']}")
     elif args.json:  # with --show-secrets, exactly what --export writes
-        shown = _token_file_object(key, token)
+        shown = _token_file_object(args.key, token)
         print(_dumps(shown if args.show_secrets else
                      {k: v for k, v in shown.items() if k != "refresh_token"}, indent=2))
     elif not args.export:
-        print(f"Logged in to {_server_name(key)}: {_lifetimes(token)}")
+        print(f"Logged in to {_server_name(args.key)}: {_lifetimes(token)}")
     return 0
 
 
@@ -4206,9 +4162,8 @@ def _act_on_cache(args: Any, store: TokenStore) -> None:
         store.clear()
         _say(f"Removed all tokens from {store.path}")
     if args.remove:
-        key = _store_key(args.remove, args.client_id, args.scope)
-        removed = store.remove(key)
-        _say(f"{'Removed' if removed else 'No token for'} {key}")
+        removed = store.remove(args.remove)
+        _say(f"{'Removed' if removed else 'No token for'} {args.remove}")
     if args.logout:
         _logout(args, store)
     if args.list:
@@ -4229,9 +4184,9 @@ def _act_on_cache(args: Any, store: TokenStore) -> None:
 def _cli_token(args: Any) -> Token:
     """The token of HOST: `authenticate` with the command line's options."""
     if args.verbose:
-        token_file = os.environ.get("OIDC_TOKEN_FILE")
-        _logger().debug("token store: %s", f"{token_file} (OIDC_TOKEN_FILE)" if token_file
-                        else _default_store(args.app_name).path)
+        token_file = os.environ.get(_TOKEN_FILE_VAR)
+        _logger().debug("token store: %s", _store_in_use(None, args.app_name).path
+                        + (f" ({_TOKEN_FILE_VAR})" if token_file else ""))
         _logger().debug("interactive login: %s", _no_login_reason() or "possible")
     # A person is at the other end: by default wait as long as the device code lives
     # (authenticate's timeout=None), and a few minutes for a login in the browser.
@@ -4254,9 +4209,8 @@ def _cli_options(args: Any) -> dict[str, Any]:
 def _cli_flow(args: Any, key: str, store: TokenStore | None = None) -> DeviceFlow:
     """A flow for store *key*, configured by the command line's options."""
     issuer, client_id, scopes = _split_key(key)
-    secret = (args.client_secret or os.environ.get("OIDC_CLIENT_SECRET")) if client_id else None
-    return _login_flow(issuer, store=store, **{**_cli_options(args), "client_id": client_id,
-                                               "client_secret": secret or None, "scopes": scopes})
+    return DeviceFlow._detached(None, host=issuer, store=store, **{
+        **_cli_options(args), "client_id": client_id, "scopes": scopes})
 
 
 # -- --min-valid, --export, --logout --
@@ -4273,18 +4227,15 @@ def _min_valid(args: Any, token: Token) -> Token | None:
             return token["expires"]
         return max(token["expires"], token["refresh_expires"])
 
-    refreshed, key = False, _store_key(args.host, args.client_id, args.scope)
-    if until(token) < want and _refresh_valid(token):
-        flow = _cli_flow(args, key)
+    refreshed = until(token) < want and _refresh_valid(token)
+    if refreshed:
+        flow = _cli_flow(args, args.key)
         token = _run_sync(flow._refreshed(lambda t: until(t) >= want)) or token
-        refreshed = True
     if until(token) >= want:
         return token
-    host, now = _server_name(key), time.time()
-    command = f"{_command()} {_cli_target(key)}"
+    command = _login_command(args.key)
     by_access = bare or not token["refresh_token"]
-    what = "access token" if by_access else "refresh token"
-    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    token_file = os.environ.get(_TOKEN_FILE_VAR)
     if by_access and _refresh_valid(token):
         advice = ("the server grants shorter access tokens: ask for less, or get a fresh one "
                   f"each time it is needed ({command} --access-token)")
@@ -4292,7 +4243,8 @@ def _min_valid(args: Any, token: Token) -> Token | None:
         advice = f"make a new token file on a workstation: {command} --export {token_file}"
     else:
         advice = f"log in again: {command} --force"
-    print(f"oidc-auth: error: the {what} for {host} {_expiry(until(token), now)}"
+    print(f"oidc-auth: error: the {'access' if by_access else 'refresh'} token for "
+          f"{_server_name(args.key)} {_expiry(until(token), time.time())}"
           f"{' even after a refresh' if refreshed else ''}, sooner than --min-valid "
           f"{args.min_valid} asks ({_duration(args.min_valid)}); {advice}", file=sys.stderr)
     return None
@@ -4311,11 +4263,11 @@ def _export(path: str, key: str, token: Token, store: TokenStore) -> None:
     except OSError as exc:
         raise AuthError(f"Cannot write the token file {target}: {exc.strerror or exc}") from None
     _say(f"Wrote the token for {_server_name(key)} to {target} (readable by you only): "
-         f"{_lifetimes(token)}.\nIn a batch job: export OIDC_TOKEN_FILE={target}")
+         f"{_lifetimes(token)}.\nIn a batch job: export {_TOKEN_FILE_VAR}={target}")
 
 
 def _logout(args: Any, store: TokenStore) -> None:
-    key = _store_key(args.logout, args.client_id, args.scope)
+    key = args.logout
     token, host = store.get(key), _server_name(key)
     if token is None:
         _say(f"No token for {host}")
@@ -4430,7 +4382,7 @@ def _doctor(args: Any, store: TokenStore) -> None:
     """Print what the library detects and decides here, and why; never a secret."""
     import platform
 
-    key = _store_key(args.host, args.client_id, args.scope) if args.host else ""
+    key = args.key or ""
     rows = [
         ("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"),
         ("python", f"{platform.python_version()} on {platform.platform()}"),
@@ -4462,18 +4414,17 @@ def _doctor_session() -> list[tuple[str, str]]:
         ("container", _in_container() or "none detected"),
         ("jupyter", "yes (ipykernel is loaded)" if _in_jupyter() else "no"),
         ("browser", f"{'opened' if browser else 'not opened'}: {because}"),
-        ("login", "never: OIDC_TOKEN_FILE is set (see the token file)" if os.environ.get(
-            "OIDC_TOKEN_FILE") else f"{'allowed' if login else 'refused'} ({why})"),
+        ("login", f"never: {_TOKEN_FILE_VAR} is set (see the token file)" if os.environ.get(
+            _TOKEN_FILE_VAR) else f"{'allowed' if login else 'refused'} ({why})"),
     ]
 
 
 def _token_file_row(app_name: str) -> str:
-    token_file = os.environ.get("OIDC_TOKEN_FILE")
+    token_file = os.environ.get(_TOKEN_FILE_VAR)
     if not token_file:
-        return "OIDC_TOKEN_FILE is not set: tokens come from the cache"
-    file_store = _default_store(app_name, "OIDC_TOKEN_FILE")
-    return (f"OIDC_TOKEN_FILE={token_file}: {_describe_file(token_file)}; "
-            + _describe_token(file_store))
+        return f"{_TOKEN_FILE_VAR} is not set: tokens come from the cache"
+    return (f"{_TOKEN_FILE_VAR}={token_file}: {_describe_file(token_file)}; "
+            + _describe_token(_store_in_use(None, app_name)))
 
 
 def _platformdirs_version() -> str:
@@ -4486,8 +4437,6 @@ def _platformdirs_version() -> str:
 
 
 def _describe_file(path: str) -> str:
-    import stat
-
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -4557,7 +4506,6 @@ def _ca_settings() -> str:
 # ---------------------------------------------------------------------------
 
 _ALIASES = ("exceptions", "flows", "utils", "token_store", "schema")
-
 
 for _alias in _ALIASES:
     sys.modules.setdefault(f"{__name__}.{_alias}", sys.modules[__name__])
