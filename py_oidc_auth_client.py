@@ -4494,7 +4494,7 @@ def _ca_settings() -> str:
         (bundle, source, _), _ = _ssl_context(None)
     except AuthError as exc:  # the request would fail the same way
         return "; ".join([*shown, exc.message])
-    if source:
+    if bundle:  # else OpenSSL reads SSL_CERT_FILE and SSL_CERT_DIR itself
         return "; ".join([*shown, f"trusts only {bundle} ({source})"])
     paths = ssl.get_default_verify_paths()  # after SSL_CERT_FILE and SSL_CERT_DIR
     return "; ".join([*shown, f"OpenSSL looks in {paths.cafile or '(no file)'} and "

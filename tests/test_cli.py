@@ -641,6 +641,18 @@ def test_doctor_explains_a_plain_machine(make_token):
     assert rows["CA bundle"].startswith("OpenSSL looks in ")
 
 
+def test_doctor_names_the_ca_file_openssl_reads(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    env = {"SSL_CERT_FILE": str(ca), "SSL_CERT_DIR": "", "REQUESTS_CA_BUNDLE": "",
+           "CURL_CA_BUNDLE": ""}
+    proc = cli("--doctor", env=env)
+    assert proc.returncode == 0, proc.stderr
+    # OpenSSL reads SSL_CERT_FILE itself: the row names it, not an empty bundle.
+    assert doctor_rows(proc.stdout)["CA bundle"].startswith(
+        f"SSL_CERT_FILE={ca}; OpenSSL looks in {ca} and ")
+
+
 def test_doctor_explains_a_batch_job_and_never_prints_secrets(make_token, tmp_path):
     token = make_token(refresh="refresh-Secret-12345")
     token_file = tmp_path / "job.json"
