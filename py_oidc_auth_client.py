@@ -1014,8 +1014,17 @@ def _web_url(url: object, what: str, allow_http: bool = False) -> str:
 # ---------------------------------------------------------------------------
 
 _MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
-_LIFETIMES: dict[str, int] = {}  # access token -> its granted lifetime in seconds
-_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
+# What this process learnt of an access token beyond its Token: the lifetime it was
+# granted (the expiry margin depends on it; the store saves it for other processes) and
+# whether a server refused it with a 401 (BearerAuth; it then counts as expired). Keyed
+# by the access token, process-wide: a Token is a plain dict any flow or store may hold.
+_SEEN: dict[str, tuple[int, bool]] = {}
+
+
+def _seen(access: str, lifetime: int, refused: bool = False) -> None:
+    if len(_SEEN) > 4096:  # a cache: what it forgets is read from the token again
+        _SEEN.clear()
+    _SEEN[access] = (lifetime, refused)
 
 
 def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
@@ -1050,7 +1059,7 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     if token_type.lower() == "bearer":
         token_type = "Bearer"
     scope = raw.get("scope")
-    _LIFETIMES[access] = expires - now
+    _seen(access, expires - now)
     return _token(access, token_type, expires, refresh, refresh_expires,
                   scope if isinstance(scope, str) else "")
 
@@ -1134,21 +1143,19 @@ def _margin(token: Token) -> int:
 def _lifetime(token: Token) -> int:
     """The access token's granted lifetime: as received, stored, or from its JWT claims."""
     access = token["access_token"]
-    lifetime = _LIFETIMES.get(access)
-    if lifetime is None:
-        claims = _jwt_claims(access)
-        exp, iat = _finite(claims.get("exp")), _finite(claims.get("iat"))
-        # Unknown: twice the margin, so the full margin applies.
-        lifetime = int(exp - iat) if exp is not None and iat is not None else 2 * _MAX_MARGIN
-        if len(_LIFETIMES) > 4096:
-            _LIFETIMES.clear()
-        _LIFETIMES[access] = lifetime
+    if access in _SEEN:
+        return _SEEN[access][0]
+    claims = _jwt_claims(access)
+    exp, iat = _finite(claims.get("exp")), _finite(claims.get("iat"))
+    # Unknown: twice the margin, so the full margin applies.
+    lifetime = int(exp - iat) if exp is not None and iat is not None else 2 * _MAX_MARGIN
+    _seen(access, lifetime)
     return lifetime
 
 
 def _access_valid(token: Token, now: float | None = None) -> bool:
-    return token["expires"] - _margin(token) > (now or time.time()) and (
-        token["access_token"] not in _REJECTED)
+    return token["expires"] - _margin(token) > (now or time.time()) and not _SEEN.get(
+        token["access_token"], (0, False))[1]
 
 
 def _refresh_valid(token: Token, now: float | None = None) -> bool:
@@ -1750,8 +1757,8 @@ def _as_token(obj: object) -> Token | None:
     ):
         return None
     lifetime = obj.get("lifetime")
-    if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _LIFETIMES:
-        _LIFETIMES[access] = lifetime
+    if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _SEEN:
+        _seen(access, lifetime)
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
 
@@ -2746,16 +2753,11 @@ class BaseFlow:
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
         if config is None:
-            options = {k: v for k, v in kwargs.items()
-                       if k in ("login_route", "token_route", "device_route",
-                                "app_name", "token_env_var", "client_id", "client_secret",
-                                "ca_bundle", "allow_http")}
-            ports = kwargs.get("redirect_ports")
-            config = Config(host=host, **options)
-            if ports is not None:
-                config.redirect_ports = list(ports)
-            if kwargs.get("scopes") is not None:
-                config.scopes = _scopes(kwargs["scopes"])
+            ports, scopes = kwargs.get("redirect_ports"), kwargs.get("scopes")
+            config = Config(**{**{k: v for k, v in kwargs.items() if k in Config._FIELDS},
+                               "host": host,
+                               "redirect_ports": None if ports is None else list(ports),
+                               "scopes": None if scopes is None else _scopes(scopes)})
         timeout = _check_timeout(kwargs.get("timeout", 30))
         _check_ports(config.redirect_ports)
         key = _store_key(config.host, config.client_id, config.scopes)
@@ -2803,22 +2805,9 @@ class BaseFlow:
         return self.store.get(self.host)
 
     async def refresh(self, refresh_token: str) -> Token:
-        """Obtain and store a new access token using a refresh token.
+        """Obtain and store a new `Token` with *refresh_token*, from an earlier login.
 
-        Parameters
-        ----------
-        refresh_token : str
-            The refresh token from a previous authentication.
-
-        Returns
-        -------
-        Token
-            A fresh token with updated expiry times.
-
-        Raises
-        ------
-        AuthError
-            If the refresh request fails (e.g. token revoked).
+        Raises `AuthError` when the server refuses it (e.g. the token was revoked).
         """
         previous = self.store.get(self.host)
         if previous is not None and previous["refresh_token"] != refresh_token:
@@ -2828,20 +2817,8 @@ class BaseFlow:
     async def authenticate(self, *, force: bool = False) -> Token:
         """Return a cached or refreshed token, else log in interactively.
 
-        Parameters
-        ----------
-        force : bool
-            Skip the cache and force a new interactive login.
-
-        Returns
-        -------
-        Token
-            The authentication token.
-
-        Raises
-        ------
-        AuthError
-            If the login fails, is refused, or takes longer than ``timeout``.
+        *force* skips the cache and forces a new login. Raises `AuthError` if the
+        login fails, is refused, or takes longer than ``timeout``.
         """
         with _TimeLimit(self.timeout):
             if not force:
@@ -2930,10 +2907,7 @@ class BaseFlow:
         return token
 
     async def _sign_out(self, token: Token) -> bool:
-        """Revoke *token* where the server offers it; True if it was revoked.
-
-        The caller removes it from the store it came from.
-        """
+        """Revoke *token* where the server offers it (the caller forgets it); True if revoked."""
         return await self._dialect.revoke(token)
 
 
@@ -2980,31 +2954,14 @@ class DeviceFlow(BaseFlow):
             self._device_deadlines: dict[str, float] = {}
 
     async def authenticate(self, *, force: bool = False, auto_open: bool = True) -> Token:
-        """Return a cached or refreshed token, else run the device flow.
-
-        Parameters
-        ----------
-        force : bool
-            As in `BaseFlow.authenticate`.
-        auto_open : bool
-            Attempt to open the verification URL in the default browser.
-        """
+        """`BaseFlow.authenticate` with the device flow; *auto_open* opens the URL in a browser."""
         self._auto_open = auto_open
         return await super().authenticate(force=force)
 
     async def get_device_code(self) -> DeviceCode:
-        """Request a new device code from the authorization server.
+        """Request a new `DeviceCode` (``uri``, ``user_code``, ``device_code``, ``interval``).
 
-        Returns
-        -------
-        DeviceCode
-            Contains ``uri``, ``user_code``, ``device_code`` and ``interval``.
-
-        Raises
-        ------
-        AuthError
-            If the device authorization endpoint is unavailable or returns an
-            invalid response.
+        Raises `AuthError` if the device endpoint is unavailable or its answer invalid.
         """
         url, form, auth = await self._dialect.device_call()
         # One attempt: a 503 here means "no device flow", not "try again".
@@ -3035,31 +2992,13 @@ class DeviceFlow(BaseFlow):
         return code
 
     async def poll(self, device_code: str, interval: int = 5) -> Token:
-        """Poll the token endpoint until the user approves or denies.
+        """Poll for the `Token` of *device_code* (from `get_device_code`) until approval.
 
-        Never polls faster than *interval*, adds 5 s on every ``slow_down``,
-        and stops at once on ``access_denied`` or ``expired_token``. Waits at
-        most until the device code expires or ``timeout`` passes, and polls one
-        last time then: an approval made in time always counts.
-
-        Parameters
-        ----------
-        device_code : str
-            The ``device_code`` obtained from `get_device_code`.
-        interval : int
-            Minimum seconds between poll requests.
-
-        Returns
-        -------
-        Token
-            The authentication token after user approval.
-
-        Raises
-        ------
-        AuthError
-            On timeout (``detail["error"] == "timeout"``), denial
-            (``access_denied``), or when the device code expired
-            (``expired_token``).
+        Never polls faster than *interval* seconds, adds 5 s on every ``slow_down``.
+        Waits at most until the device code expires or ``timeout`` passes, and polls
+        one last time then: an approval made in time always counts. Raises `AuthError`
+        on timeout (``detail["error"] == "timeout"``), ``access_denied`` or
+        ``expired_token``.
         """
         start = time.monotonic()
         expires = deadline = self._device_deadlines.pop(device_code, start + 1800)
@@ -3174,16 +3113,10 @@ class DeviceFlow(BaseFlow):
         return token
 
 
-_MAX_INTERVAL = 60  # seconds: a longer polling interval from a server is cut to this
-
-
-_MAX_DEVICE_LIFETIME = 86400  # and a device code that claims to last longer
-
-
 def _device_interval(value: object) -> int:
     """RFC 8628, 3.2: 5 s when the server gives no usable interval; 1 to 60 s."""
     number = _finite(value)
-    return 5 if not number or number < 0 else int(min(max(number, 1), _MAX_INTERVAL))
+    return 5 if not number or number < 0 else int(min(max(number, 1), 60))
 
 
 def _device_lifetime(value: object, url: str) -> float:
@@ -3195,7 +3128,7 @@ def _device_lifetime(value: object, url: str) -> float:
         raise AuthError(f"POST {url}: the device answer's expires_in "
                         f"{_short(_dumps(value), 40)} is not a number of seconds; "
                         "tell the server's operators", status_code=502)
-    return min(number, _MAX_DEVICE_LIFETIME)
+    return min(number, 86400.0)
 
 
 # How long a code flow made with timeout=None waits: forever for the API; the command
@@ -3226,16 +3159,6 @@ class CodeFlow(BaseFlow):
         super().__init__(host, config, **kwargs)
         if self.timeout is None:
             self.timeout = _CODE_FLOW_WAIT.get()
-
-    async def authenticate(self, *, force: bool = False) -> Token:
-        """Return a cached or refreshed token, else log in in a browser.
-
-        Parameters
-        ----------
-        force : bool
-            As in `BaseFlow.authenticate`.
-        """
-        return await super().authenticate(force=force)
 
     async def _interactive_login(self) -> Token:
         import asyncio
@@ -4021,16 +3944,14 @@ def _refused(response: Any, token: Token) -> bool:
         or not _refresh_valid(token)
     ):
         return False
-    if len(_REJECTED) > 4096:
-        _REJECTED.clear()
-    _REJECTED.add(token["access_token"])
+    _seen(token["access_token"], _lifetime(token), refused=True)
     return True
 
 
 def _renewal(sent: Token, token: Token) -> str | None:
     """The header to retry with, or None when the refused token came back."""
     if token["access_token"] == sent["access_token"]:
-        _REJECTED.discard(sent["access_token"])
+        _seen(sent["access_token"], _lifetime(sent))
         return None
     return token["headers"]["Authorization"]
 
