@@ -1079,11 +1079,9 @@ def _token(
 
 
 def _timestamp(raw: dict[str, Any], name: str, now: int) -> int | None:
-    """An expiry from *name* or *name*_at (absolute) or *name*_in (relative); else None.
-
-    A relative 0 means "no known expiry" (Keycloak's offline tokens); NaN, Infinity
-    and text count as not given; lifetimes past _MAX_LIFETIME are cut to it.
-    """
+    """An expiry from *name* or *name*_at (absolute) or *name*_in (relative); else None."""
+    # A relative 0 means "no known expiry" (Keycloak's offline tokens); _finite drops
+    # NaN, Infinity and text; lifetimes past _MAX_LIFETIME are cut to it.
     for key in (name, f"{name}_at"):
         value = _finite(raw.get(key))
         if value is not None and value > 0:
@@ -1189,15 +1187,18 @@ def _jws_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
         header, claims = (_strict_json(_b64decode(part)) for part in parts[:2])
         signature = _b64decode(parts[2])
     except _NotFinite as exc:
-        raise AuthError(f"The provider's ID token was refused: it holds the number "
-                        f"{_short(str(exc), 20)}, which is not finite",
-                        {"error": "invalid_id_token"}, 502) from None
+        raise _id_token_refused(f"it holds the number {_short(str(exc), 20)}, which is not "
+                                "finite") from None
     except ValueError:
         header = claims = None
     if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise AuthError("The provider's ID token is not a signed JWT",
-                        {"error": "invalid_id_token"}, 502)
+        raise _id_token_refused("it is not a signed JWT")
     return header, claims, f"{parts[0]}.{parts[1]}".encode(), signature
+
+
+def _id_token_refused(problem: str) -> AuthError:
+    return AuthError(f"The provider's ID token was refused: {problem}",
+                     {"error": "invalid_id_token"}, 502)
 
 
 def _b64decode(text: str) -> bytes:
@@ -1423,13 +1424,7 @@ class TokenStore:
         return f"TokenStore({self.path!r})"
 
     def get(self, host: str) -> Token | None:
-        """The token cached for the server URL *host*, or None; prunes expired entries.
-
-        Returns
-        -------
-        Token or None
-            The token while its access or its refresh token is still valid.
-        """
+        """The token for the server URL *host* while it can be used, else None; prunes."""
         key = _host_key(host)
         entries = self._live()
         if self._single and entries and key not in entries:
@@ -1473,27 +1468,29 @@ class TokenStore:
     def _read(self) -> dict[str, Token]:
         """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
         try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            self._remember(None, {})
-            return self._entries
+            signature = self._file_signature()  # taken first: a later change is seen
         except OSError as exc:
             raise _store_error(self.path, exc) from None
-        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if signature != self._signature:
+        if signature is None:
+            self._remember(None, {})
+        elif signature != self._signature:
             entries, bad, _ = self._parse()
             if bad:
                 with self._lock():
-                    entries = self._repair()
-                return entries
+                    return self._repair()
             self._remember(signature, entries)
         return self._entries
 
-    def _parse(self) -> tuple[dict[str, Token], str, bytes | None]:
-        """Parse the file: the good entries, what is wrong with the rest, and the rest.
+    def _file_signature(self) -> tuple[int, int, int] | None:
+        """What changes with the file: its mtime, size and inode; None without one."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
-        The rest is the part that cannot be read (None: the path is no file at all).
-        """
+    def _parse(self) -> tuple[dict[str, Token], str, bytes | None]:
+        """The good entries, what is wrong with the rest, and the rest (None: no file)."""
         try:
             # O_NONBLOCK: a FIFO put in the way cannot hang the open (it is no file).
             fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -1552,21 +1549,14 @@ class TokenStore:
         return self._read_locked(entries)
 
     def _read_locked(self, entries: dict[str, Token]) -> dict[str, Token]:
-        try:
-            st = os.lstat(self.path)
-            self._remember((st.st_mtime_ns, st.st_size, st.st_ino), entries)
-        except FileNotFoundError:
-            self._remember(None, entries)
+        self._remember(self._file_signature(), entries)
         return entries
 
     def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
         self._with_unsaved(entries)
         self._signature, self._entries = signature, entries
         self._next_eviction = float("inf") if self._single else min(
-            (max(t["expires"], t["refresh_expires"] if t["refresh_token"] else 0)
-             for t in entries.values()),
-            default=float("inf"),
-        )
+            map(_dies, entries.values()), default=float("inf"))
 
     def _update(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
         """Read, change and write the entries under the lock; prune dead ones."""
@@ -1585,9 +1575,7 @@ class TokenStore:
         merged = dict(entries)
         change(entries)
         now = time.time() if not self._single else 0.0  # never delete a user's token file
-        for key in [k for k, t in entries.items()
-                    if t["expires"] <= now and not (t["refresh_token"]
-                                                    and t["refresh_expires"] > now)]:
+        for key in [k for k, t in entries.items() if _dies(t) <= now]:
             del entries[key]
         if entries != before:
             try:
@@ -1693,23 +1681,21 @@ class TokenStore:
                 _set(entries, key, token, self._single)
 
     def _write(self, entries: dict[str, Token]) -> None:
-        obj: Any = entries
+        obj: Any
+        if self._single and not entries:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
         if self._single:
-            if not entries:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                return
             ((server, token),) = entries.items()
             obj = _token_file_object(server, token)
-        if not self._single:
+        else:
             # "headers" repeats the access token (half the file): it is rebuilt on read.
             # "lifetime" is kept because the expiry margin depends on it, and a standard
             # provider's ID token for logout.
-            obj = {k: {"access_token": t["access_token"], "token_type": t["token_type"],
-                       "expires": t["expires"], "refresh_token": t["refresh_token"],
-                       "refresh_expires": t["refresh_expires"], "scope": t["scope"],
+            obj = {k: {**{name: v for name, v in t.items() if name != "headers"},
                        "lifetime": _lifetime(t)} for k, t in entries.items()}
             for entry in obj.values():
                 if entry["access_token"] in self._id_tokens:
@@ -1761,6 +1747,11 @@ def _as_token(obj: object) -> Token | None:
         _seen(access, lifetime)
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
+
+
+def _dies(token: Token) -> int:
+    """When an entry is dead: its access token and any refresh token have expired."""
+    return max(token["expires"], token["refresh_expires"] if token["refresh_token"] else 0)
 
 
 def _server_of(obj: dict[str, Any]) -> str:
@@ -2306,10 +2297,7 @@ _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_
 
 
 async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
-    """The provider's metadata, checked: its issuer is ours, its endpoints are URLs.
-
-    Endpoints that the OpenID document leaves out are taken from the OAuth one.
-    """
+    """The provider's checked metadata; endpoints it leaves out come from the OAuth one."""
     issuer = issuer.strip()
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"
     meta = await _fetch_json(url, session)
@@ -2354,11 +2342,7 @@ def _check_endpoints(meta: dict[str, Any], names: Iterable[str], url: str, issue
 
 
 async def _oauth_metadata(issuer: str, session: _Session) -> dict[str, Any]:
-    """The endpoints of *issuer*'s OAuth document (RFC 8414), or {} when it has none.
-
-    A document that names another issuer is not used (RFC 8414, 3.3). The outcome,
-    none included, is kept as long as the other documents.
-    """
+    """The endpoints of *issuer*'s OAuth document (RFC 8414), or {}; kept like the others."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(issuer.rstrip("/"))
@@ -2381,7 +2365,7 @@ async def _oauth_metadata(issuer: str, session: _Session) -> dict[str, Any]:
             keep = keep and not exc._retry  # a passing fault: ask again next time
             _logger().debug("no OAuth metadata at %s: %s", url, exc.message)
             continue
-        if not _same_issuer(doc.get("issuer"), issuer):
+        if not _same_issuer(doc.get("issuer"), issuer):  # RFC 8414, 3.3
             _logger().warning("%s names another issuer (%r), not %s: its endpoints are not "
                               "used", url, _short(str(doc.get("issuer")), 100), issuer)
             continue
@@ -2418,16 +2402,11 @@ def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: st
     ):
         problem = "it does not belong to this login (nonce)"
     if problem:
-        raise AuthError(f"The provider's ID token was refused: {problem}",
-                        {"error": "invalid_id_token"}, 502)
+        raise _id_token_refused(problem)
 
 
 class _Provider:
-    """A standard OpenID provider, talked to directly (a ``client_id`` is given).
-
-    Endpoints from discovery, client authentication, ID tokens, revocation; `_Server`
-    (in Flows) is its py-oidc-auth twin, with the same methods.
-    """
+    """A standard OpenID provider (a ``client_id`` is given); `_Server` is its twin."""
 
     def __init__(self, flow: BaseFlow) -> None:
         self.flow, self.config = flow, flow.config
@@ -2550,8 +2529,7 @@ class _Provider:
             else:
                 _logger().debug("ID token signed with %s: signature not verified", alg)
         if problem:
-            raise AuthError(f"The provider's ID token was refused: {problem}",
-                            {"error": "invalid_id_token"}, 502)
+            raise _id_token_refused(problem)
         _check_claims(claims, str(meta["issuer"]), str(self.config.client_id), nonce)
 
     async def _signing_keys(self, meta: dict[str, Any], header: dict[str, Any],
@@ -2627,10 +2605,7 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------
 
 class _Server:
-    """A py-oidc-auth server: its routes on the host, its own form fields, no revocation.
-
-    The twin of `_Provider`, with the same methods.
-    """
+    """A py-oidc-auth server: its routes on the host, its own form fields, no revocation."""
 
     def __init__(self, flow: BaseFlow) -> None:
         self.flow, self.config = flow, flow.config
@@ -2731,11 +2706,8 @@ class BaseFlow:
     """
 
     _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
-    _OPTIONS: ClassVar[frozenset[str]] = frozenset({
-        "store", "login_route", "token_route", "device_route", "redirect_ports",
-        "timeout", "app_name", "token_env_var", "interactive", "client_id", "client_secret",
-        "scopes", "ca_bundle", "allow_http",
-    })
+    _OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {*Config._FIELDS, "store", "timeout", "interactive"} - {"host"})
 
     def __new__(cls: type[_F], host: str = "", config: Config | None = None,
                 **kwargs: Any) -> _F:
