@@ -2018,9 +2018,12 @@ def _cache_dir(app_name: str) -> str:
 _STORES: dict[tuple[str, str], TokenStore] = {}
 
 
-def _default_store(app_name: str, env_var: str = "") -> TokenStore:
-    """The shared store: the token file named by *env_var* if set, else the cache."""
+def _default_store(app_name: str, env_var: str = "", store: TokenStore | None = None
+                   ) -> TokenStore:
+    """The store in use: the token file named by *env_var* if set, else *store* or the cache."""
     token_file = os.environ.get(env_var) if env_var else None
+    if store is not None and not token_file:
+        return store
     key = (token_file or "", "" if token_file else app_name)
     store = _STORES.get(key)
     if store is None:
@@ -2290,10 +2293,10 @@ def _isatty(stream: Any) -> bool:
 # -- Standard providers: discovery (OpenID Connect Discovery 1.0) and keys --
 
 _FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}
-
-
 _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
               "revocation_endpoint", "end_session_endpoint", "jwks_uri")
+# Some providers list these in their OAuth document (RFC 8414) only.
+_OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
 
 
 async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
@@ -2312,10 +2315,6 @@ async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
         more = await _oauth_metadata(issuer, session)
         meta = {**meta, **{name: more[name] for name in missing if name in more}}
     return meta
-
-
-# Some providers list these in their OAuth document (RFC 8414) only.
-_OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
 
 
 def _same_issuer(said: object, issuer: str) -> bool:
@@ -2688,15 +2687,10 @@ class BaseFlow:
 
     Parameters
     ----------
-    host : str
-        Base URL of the application server; with *client_id*, the provider's issuer URL.
+    host, store, timeout
+        As in `authenticate`.
     config : Config or None
         All settings at once; *host* and the other settings of `Config` are then ignored.
-    store : TokenStore or None
-        The token store; a shared default when None.
-    timeout : int or None
-        Seconds the whole call may take, waiting for the user's login included
-        (30 by default); None waits as long as the login can last.
     interactive : bool or None
         `DeviceFlow` only: show a countdown and open a browser (None: detect).
     login_route, token_route, device_route, redirect_ports, app_name, token_env_var
@@ -2755,9 +2749,7 @@ class BaseFlow:
     @property
     def store(self) -> TokenStore:
         """The token store in use: the file named by ``Config.token_env_var`` when set."""
-        if os.environ.get(self.config.token_env_var):
-            return _default_store(self.config.app_name, self.config.token_env_var)
-        return self._store or _default_store(self.config.app_name)
+        return _default_store(self.config.app_name, self.config.token_env_var, self._store)
 
     @property
     def session(self) -> _Session:
@@ -2803,13 +2795,9 @@ class BaseFlow:
         """Revoke this host's tokens where the provider offers it, then forget them.
 
         A standard provider's ``revocation_endpoint`` (RFC 7009) revokes the refresh
-        and the access token; the local copy is removed in any case.
-
-        Returns
-        -------
-        str or None
-            The provider's ``end_session_endpoint`` URL with ``client_id`` and
-            ``id_token_hint``, to end its browser session too; None without one.
+        and the access token; the local copy is removed in any case. Returns the
+        provider's ``end_session_endpoint`` URL with ``client_id`` and ``id_token_hint``,
+        to end its browser session too; None without one.
         """
         token = self.store.get(self.host)
         id_token = self.store._id_token(token["access_token"]) if token is not None else ""
@@ -3107,8 +3095,6 @@ def _device_lifetime(value: object, url: str) -> float:
 # line, where a person is always in the loop, gives up after _CLI_CODE_FLOW_WAIT.
 _CODE_FLOW_WAIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "_CODE_FLOW_WAIT", default=None)
-
-
 _CLI_CODE_FLOW_WAIT = 300
 
 
@@ -3594,11 +3580,8 @@ def authenticate(
     arguments = dict(locals())  # the parameters as given, handed on whole
     if not force:
         # The hot path: no flow objects, no asyncio, no network.
-        if os.environ.get("OIDC_TOKEN_FILE"):
-            store_in_use = _default_store(app_name, "OIDC_TOKEN_FILE")
-        else:
-            store_in_use = store or _default_store(app_name)
-        token = store_in_use.get(_store_key(host, client_id, scopes))
+        token = _default_store(app_name, "OIDC_TOKEN_FILE", store).get(
+            _store_key(host, client_id, scopes))
         if token is not None and _access_valid(token):
             return token
     return _run_sync(authenticate_async(**arguments))
