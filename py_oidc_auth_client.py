@@ -2290,8 +2290,6 @@ def _isatty(stream: Any) -> bool:
 # Standard providers: discovery, OAuth metadata and ID token claims
 # ---------------------------------------------------------------------------
 
-# -- Standard providers: discovery (OpenID Connect Discovery 1.0) and keys --
-
 _FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}
 _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
               "revocation_endpoint", "end_session_endpoint", "jwks_uri")
@@ -2966,7 +2964,7 @@ class DeviceFlow(BaseFlow):
         if left is not None:
             deadline = min(deadline, start + left)
         interval = max(1, int(interval))
-        show = self._show_countdown()
+        show = _Progress.on_stderr(self.interactive)
         url, form, auth = await self._dialect.device_grant(device_code)
         try:
             while True:
@@ -3039,23 +3037,10 @@ class DeviceFlow(BaseFlow):
             "(None waits as long as the device code lives) to give more time",
             {"error": "timeout"}, 408)
 
-    def _show_countdown(self) -> _Progress | None:
-        stream = sys.stderr
-        # pythonw has no stderr; in a notebook every note would stay on the page
-        # as a red box, and the cell's busy mark says enough.
-        if stream is None or _in_jupyter():
-            return None
-        try:
-            tty = stream.isatty()
-        except (AttributeError, ValueError):  # no isatty, or closed
-            tty = False
-        return _Progress(stream, live=tty and self.interactive is not False)
-
     async def _interactive_login(self) -> Token:
         code = await self.get_device_code()
         replace = _show_device_code(self.host, code)
-        interactive = self.interactive if self.interactive is not None else True
-        if self._auto_open and interactive and _can_open_browser():
+        if self._auto_open and self.interactive is not False and _can_open_browser():
             _open_browser(code["uri"])
         if replace is None:
             return await self.poll(code["device_code"], code["interval"])
