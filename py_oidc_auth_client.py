@@ -933,8 +933,17 @@ def _web_url(url: object, what: str, allow_http: bool = False) -> str:
 # ---------------------------------------------------------------------------
 
 _MAX_LIFETIME = 10 * 365 * 86400  # seconds: longer lifetimes from a server are cut to this
-_LIFETIMES: dict[str, int] = {}  # access token -> its granted lifetime in seconds
-_REJECTED: set[str] = set()  # access tokens a server answered 401 to (see BearerAuth)
+# What this process learnt of an access token beyond its Token: the lifetime it was
+# granted (the expiry margin depends on it; the store saves it for other processes) and
+# whether a server refused it with a 401 (BearerAuth; it then counts as expired). Keyed
+# by the access token, process-wide: a Token is a plain dict any flow or store may hold.
+_SEEN: dict[str, tuple[int, bool]] = {}
+
+
+def _seen(access: str, lifetime: int, refused: bool = False) -> None:
+    if len(_SEEN) > 4096:  # a cache: what it forgets is read from the token again
+        _SEEN.clear()
+    _SEEN[access] = (lifetime, refused)
 
 
 def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
@@ -969,7 +978,7 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
     if token_type.lower() == "bearer":
         token_type = "Bearer"
     scope = raw.get("scope")
-    _LIFETIMES[access] = expires - now
+    _seen(access, expires - now)
     return _token(access, token_type, expires, refresh, refresh_expires,
                   scope if isinstance(scope, str) else "")
 
@@ -989,11 +998,9 @@ def _token(
 
 
 def _timestamp(raw: dict[str, Any], name: str, now: int) -> int | None:
-    """An expiry from *name* or *name*_at (absolute) or *name*_in (relative); else None.
-
-    A relative 0 means "no known expiry" (Keycloak's offline tokens); NaN, Infinity
-    and text count as not given; lifetimes past _MAX_LIFETIME are cut to it.
-    """
+    """An expiry from *name* or *name*_at (absolute) or *name*_in (relative); else None."""
+    # A relative 0 means "no known expiry" (Keycloak's offline tokens); _finite drops
+    # NaN, Infinity and text; lifetimes past _MAX_LIFETIME are cut to it.
     for key in (name, f"{name}_at"):
         value = _finite(raw.get(key))
         if value is not None and value > 0:
@@ -1053,21 +1060,19 @@ def _margin(token: Token) -> int:
 def _lifetime(token: Token) -> int:
     """The access token's granted lifetime: as received, stored, or from its JWT claims."""
     access = token["access_token"]
-    lifetime = _LIFETIMES.get(access)
-    if lifetime is None:
-        claims = _jwt_claims(access)
-        exp, iat = _finite(claims.get("exp")), _finite(claims.get("iat"))
-        # Unknown: twice the margin, so the full margin applies.
-        lifetime = int(exp - iat) if exp is not None and iat is not None else 2 * _MAX_MARGIN
-        if len(_LIFETIMES) > 4096:
-            _LIFETIMES.clear()
-        _LIFETIMES[access] = lifetime
+    if access in _SEEN:
+        return _SEEN[access][0]
+    claims = _jwt_claims(access)
+    exp, iat = _finite(claims.get("exp")), _finite(claims.get("iat"))
+    # Unknown: twice the margin, so the full margin applies.
+    lifetime = int(exp - iat) if exp is not None and iat is not None else 2 * _MAX_MARGIN
+    _seen(access, lifetime)
     return lifetime
 
 
 def _access_valid(token: Token, now: float | None = None) -> bool:
-    return token["expires"] - _margin(token) > (now or time.time()) and (
-        token["access_token"] not in _REJECTED)
+    return token["expires"] - _margin(token) > (now or time.time()) and not _SEEN.get(
+        token["access_token"], (0, False))[1]
 
 
 def _refresh_valid(token: Token, now: float | None = None) -> bool:
@@ -1101,15 +1106,18 @@ def _jws_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes
         header, claims = (_strict_json(_b64decode(part)) for part in parts[:2])
         signature = _b64decode(parts[2])
     except _NotFinite as exc:
-        raise AuthError(f"The provider's ID token was refused: it holds the number "
-                        f"{_short(str(exc), 20)}, which is not finite",
-                        {"error": "invalid_id_token"}, 502) from None
+        raise _id_token_refused(f"it holds the number {_short(str(exc), 20)}, which is not "
+                                "finite") from None
     except ValueError:
         header = claims = None
     if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise AuthError("The provider's ID token is not a signed JWT",
-                        {"error": "invalid_id_token"}, 502)
+        raise _id_token_refused("it is not a signed JWT")
     return header, claims, f"{parts[0]}.{parts[1]}".encode(), signature
+
+
+def _id_token_refused(problem: str) -> AuthError:
+    return AuthError(f"The provider's ID token was refused: {problem}",
+                     {"error": "invalid_id_token"}, 502)
 
 
 def _b64decode(text: str) -> bytes:
@@ -1335,13 +1343,7 @@ class TokenStore:
         return f"TokenStore({self.path!r})"
 
     def get(self, host: str) -> Token | None:
-        """The token cached for the server URL *host*, or None; prunes expired entries.
-
-        Returns
-        -------
-        Token or None
-            The token while its access or its refresh token is still valid.
-        """
+        """The token for the server URL *host* while it can be used, else None; prunes."""
         key = _host_key(host)
         entries = self._live()
         if self._single and entries and key not in entries:
@@ -1385,27 +1387,29 @@ class TokenStore:
     def _read(self) -> dict[str, Token]:
         """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
         try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            self._remember(None, {})
-            return self._entries
+            signature = self._file_signature()  # taken first: a later change is seen
         except OSError as exc:
             raise _store_error(self.path, exc) from None
-        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if signature != self._signature:
+        if signature is None:
+            self._remember(None, {})
+        elif signature != self._signature:
             entries, bad, _ = self._parse()
             if bad:
                 with self._lock():
-                    entries = self._repair()
-                return entries
+                    return self._repair()
             self._remember(signature, entries)
         return self._entries
 
-    def _parse(self) -> tuple[dict[str, Token], str, bytes | None]:
-        """Parse the file: the good entries, what is wrong with the rest, and the rest.
+    def _file_signature(self) -> tuple[int, int, int] | None:
+        """What changes with the file: its mtime, size and inode; None without one."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
-        The rest is the part that cannot be read (None: the path is no file at all).
-        """
+    def _parse(self) -> tuple[dict[str, Token], str, bytes | None]:
+        """The good entries, what is wrong with the rest, and the rest (None: no file)."""
         try:
             # O_NONBLOCK: a FIFO put in the way cannot hang the open (it is no file).
             fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
@@ -1464,21 +1468,14 @@ class TokenStore:
         return self._read_locked(entries)
 
     def _read_locked(self, entries: dict[str, Token]) -> dict[str, Token]:
-        try:
-            st = os.lstat(self.path)
-            self._remember((st.st_mtime_ns, st.st_size, st.st_ino), entries)
-        except FileNotFoundError:
-            self._remember(None, entries)
+        self._remember(self._file_signature(), entries)
         return entries
 
     def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
         self._with_unsaved(entries)
         self._signature, self._entries = signature, entries
         self._next_eviction = float("inf") if self._single else min(
-            (max(t["expires"], t["refresh_expires"] if t["refresh_token"] else 0)
-             for t in entries.values()),
-            default=float("inf"),
-        )
+            map(_dies, entries.values()), default=float("inf"))
 
     def _update(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
         """Read, change and write the entries under the lock; prune dead ones."""
@@ -1497,9 +1494,7 @@ class TokenStore:
         merged = dict(entries)
         change(entries)
         now = time.time() if not self._single else 0.0  # never delete a user's token file
-        for key in [k for k, t in entries.items()
-                    if t["expires"] <= now and not (t["refresh_token"]
-                                                    and t["refresh_expires"] > now)]:
+        for key in [k for k, t in entries.items() if _dies(t) <= now]:
             del entries[key]
         if entries != before:
             try:
@@ -1605,23 +1600,21 @@ class TokenStore:
                 _set(entries, key, token, self._single)
 
     def _write(self, entries: dict[str, Token]) -> None:
-        obj: Any = entries
+        obj: Any
+        if self._single and not entries:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
         if self._single:
-            if not entries:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                return
             ((server, token),) = entries.items()
             obj = _token_file_object(server, token)
-        if not self._single:
+        else:
             # "headers" repeats the access token (half the file): it is rebuilt on read.
             # "lifetime" is kept because the expiry margin depends on it, and a standard
             # provider's ID token for logout.
-            obj = {k: {"access_token": t["access_token"], "token_type": t["token_type"],
-                       "expires": t["expires"], "refresh_token": t["refresh_token"],
-                       "refresh_expires": t["refresh_expires"], "scope": t["scope"],
+            obj = {k: {**{name: v for name, v in t.items() if name != "headers"},
                        "lifetime": _lifetime(t)} for k, t in entries.items()}
             for entry in obj.values():
                 if entry["access_token"] in self._id_tokens:
@@ -1669,10 +1662,15 @@ def _as_token(obj: object) -> Token | None:
     ):
         return None
     lifetime = obj.get("lifetime")
-    if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _LIFETIMES:
-        _LIFETIMES[access] = lifetime
+    if isinstance(lifetime, int) and not isinstance(lifetime, bool) and access not in _SEEN:
+        _seen(access, lifetime)
     return _token(access, token_type, int(cast(float, expires)), refresh,
                   int(cast(float, refresh_expires)), scope)
+
+
+def _dies(token: Token) -> int:
+    """When an entry is dead: its access token and any refresh token have expired."""
+    return max(token["expires"], token["refresh_expires"] if token["refresh_token"] else 0)
 
 
 def _server_of(obj: dict[str, Any]) -> str:
@@ -1939,9 +1937,12 @@ def _cache_dir(app_name: str) -> str:
 _STORES: dict[tuple[str, str], TokenStore] = {}
 
 
-def _default_store(app_name: str, env_var: str = "") -> TokenStore:
-    """The shared store: the token file named by *env_var* if set, else the cache."""
+def _default_store(app_name: str, env_var: str = "", store: TokenStore | None = None
+                   ) -> TokenStore:
+    """The store in use: the token file named by *env_var* if set, else *store* or the cache."""
     token_file = os.environ.get(env_var) if env_var else None
+    if store is not None and not token_file:
+        return store
     key = (token_file or "", "" if token_file else app_name)
     store = _STORES.get(key)
     if store is None:
@@ -1962,14 +1963,6 @@ def _batch_scheduler() -> str | None:
         if os.environ.get(name):
             return system
     return None
-
-
-def _store_in_use(store: TokenStore | None, app_name: str,
-                  env_var: str = _TOKEN_FILE_VAR) -> TokenStore:
-    """The token file named by *env_var* when set (a job's), else *store*, else the cache."""
-    if os.environ.get(env_var):
-        return _default_store(app_name, env_var)
-    return store or _default_store(app_name)
 
 
 def _in_jupyter() -> bool:
@@ -2198,20 +2191,15 @@ def _isatty(stream: Any) -> bool:
 # Standard providers: discovery, OAuth metadata and ID token claims
 # ---------------------------------------------------------------------------
 
-# -- Standard providers: discovery (OpenID Connect Discovery 1.0) and keys --
-
 _FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}
-
-
 _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
               "revocation_endpoint", "end_session_endpoint", "jwks_uri")
+# Some providers list these in their OAuth document (RFC 8414) only.
+_OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
 
 
 async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
-    """The provider's metadata, checked: its issuer is ours, its endpoints are URLs.
-
-    Endpoints that the OpenID document leaves out are taken from the OAuth one.
-    """
+    """The provider's checked metadata; endpoints it leaves out come from the OAuth one."""
     issuer = issuer.strip()
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"
     meta = await _fetch_json(url, session)
@@ -2226,10 +2214,6 @@ async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
         more = await _oauth_metadata(issuer, session)
         meta = {**meta, **{name: more[name] for name in missing if name in more}}
     return meta
-
-
-# Some providers list these in their OAuth document (RFC 8414) only.
-_OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
 
 
 def _same_issuer(said: object, issuer: str) -> bool:
@@ -2256,11 +2240,7 @@ def _check_endpoints(meta: dict[str, Any], names: Iterable[str], url: str, issue
 
 
 async def _oauth_metadata(issuer: str, session: _Session) -> dict[str, Any]:
-    """The endpoints of *issuer*'s OAuth document (RFC 8414), or {} when it has none.
-
-    A document that names another issuer is not used (RFC 8414, 3.3). The outcome,
-    none included, is kept as long as the other documents.
-    """
+    """The endpoints of *issuer*'s OAuth document (RFC 8414), or {}; kept like the others."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(issuer.rstrip("/"))
@@ -2283,7 +2263,7 @@ async def _oauth_metadata(issuer: str, session: _Session) -> dict[str, Any]:
             keep = keep and not exc._retry  # a passing fault: ask again next time
             _logger().debug("no OAuth metadata at %s: %s", url, exc.message)
             continue
-        if not _same_issuer(doc.get("issuer"), issuer):
+        if not _same_issuer(doc.get("issuer"), issuer):  # RFC 8414, 3.3
             _logger().warning("%s names another issuer (%r), not %s: its endpoints are not "
                               "used", url, _short(str(doc.get("issuer")), 100), issuer)
             continue
@@ -2320,16 +2300,11 @@ def _check_claims(claims: dict[str, Any], issuer: str, client_id: str, nonce: st
     ):
         problem = "it does not belong to this login (nonce)"
     if problem:
-        raise AuthError(f"The provider's ID token was refused: {problem}",
-                        {"error": "invalid_id_token"}, 502)
+        raise _id_token_refused(problem)
 
 
 class _Provider:
-    """A standard OpenID provider, talked to directly (a ``client_id`` is given).
-
-    Endpoints from discovery, client authentication, ID tokens, revocation; `_Server`
-    (in Flows) is its py-oidc-auth twin, with the same methods.
-    """
+    """A standard OpenID provider (a ``client_id`` is given); `_Server` is its twin."""
 
     def __init__(self, flow: BaseFlow) -> None:
         self.flow, self.config = flow, flow.config
@@ -2452,8 +2427,7 @@ class _Provider:
             else:
                 _logger().debug("ID token signed with %s: signature not verified", alg)
         if problem:
-            raise AuthError(f"The provider's ID token was refused: {problem}",
-                            {"error": "invalid_id_token"}, 502)
+            raise _id_token_refused(problem)
         _check_claims(claims, str(meta["issuer"]), str(self.config.client_id), nonce)
 
     async def _signing_keys(self, meta: dict[str, Any], header: dict[str, Any],
@@ -2529,10 +2503,7 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------
 
 class _Server:
-    """A py-oidc-auth server: its routes on the host, its own form fields, no revocation.
-
-    The twin of `_Provider`, with the same methods.
-    """
+    """A py-oidc-auth server: its routes on the host, its own form fields, no revocation."""
 
     def __init__(self, flow: BaseFlow) -> None:
         self.flow, self.config = flow, flow.config
@@ -2615,15 +2586,10 @@ class BaseFlow:
 
     Parameters
     ----------
-    host : str
-        Base URL of the application server; with *client_id*, the provider's issuer URL.
+    host, store, timeout
+        As in `authenticate`.
     config : Config or None
         All settings at once; *host* and the other settings of `Config` are then ignored.
-    store : TokenStore or None
-        The token store; a shared default when None.
-    timeout : int or None
-        Seconds the whole call may take, waiting for the user's login included
-        (30 by default); None waits as long as the login can last.
     interactive : bool or None
         `DeviceFlow` only: show a countdown and open a browser (None: detect).
     login_route, token_route, device_route, redirect_ports, app_name, token_env_var
@@ -2633,11 +2599,8 @@ class BaseFlow:
     """
 
     _instances: ClassVar[dict[tuple[type, str], BaseFlow]] = {}
-    _OPTIONS: ClassVar[frozenset[str]] = frozenset({
-        "store", "login_route", "token_route", "device_route", "redirect_ports",
-        "timeout", "app_name", "token_env_var", "interactive", "client_id", "client_secret",
-        "scopes", "ca_bundle", "allow_http",
-    })
+    _CONFIG: ClassVar[frozenset[str]] = frozenset(vars(Config("")))  # its field names
+    _OPTIONS: ClassVar[frozenset[str]] = _CONFIG - {"host"} | {"store", "timeout", "interactive"}
 
     def __new__(cls: type[_F], host: str = "", config: Config | None = None,
                 **kwargs: Any) -> _F:
@@ -2655,16 +2618,11 @@ class BaseFlow:
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
         if config is None:
-            options = {k: v for k, v in kwargs.items()
-                       if k in ("login_route", "token_route", "device_route",
-                                "app_name", "token_env_var", "client_id", "client_secret",
-                                "ca_bundle", "allow_http")}
-            ports = kwargs.get("redirect_ports")
-            config = Config(host=host, **options)
-            if ports is not None:
-                config.redirect_ports = list(ports)
-            if kwargs.get("scopes") is not None:
-                config.scopes = _scopes(kwargs["scopes"])
+            ports, scopes = kwargs.get("redirect_ports"), kwargs.get("scopes")
+            config = Config(**{**{k: v for k, v in kwargs.items() if k in self._CONFIG},
+                               "host": host,
+                               "redirect_ports": None if ports is None else list(ports),
+                               "scopes": None if scopes is None else _scopes(scopes)})
         timeout = _check_timeout(kwargs.get("timeout", 30))
         _check_ports(config.redirect_ports)
         key = _store_key(config.host, config.client_id, config.scopes)
@@ -2690,7 +2648,7 @@ class BaseFlow:
     @property
     def store(self) -> TokenStore:
         """The token store in use: the file named by ``Config.token_env_var`` when set."""
-        return _store_in_use(self._store, self.config.app_name, self.config.token_env_var)
+        return _default_store(self.config.app_name, self.config.token_env_var, self._store)
 
     @property
     def session(self) -> _Session:
@@ -2710,22 +2668,9 @@ class BaseFlow:
         return self.store.get(self.host)
 
     async def refresh(self, refresh_token: str) -> Token:
-        """Obtain and store a new access token using a refresh token.
+        """Obtain and store a new `Token` with *refresh_token*, from an earlier login.
 
-        Parameters
-        ----------
-        refresh_token : str
-            The refresh token from a previous authentication.
-
-        Returns
-        -------
-        Token
-            A fresh token with updated expiry times.
-
-        Raises
-        ------
-        AuthError
-            If the refresh request fails (e.g. token revoked).
+        Raises `AuthError` when the server refuses it (e.g. the token was revoked).
         """
         previous = self.store.get(self.host)
         if previous is not None and previous["refresh_token"] != refresh_token:
@@ -2735,20 +2680,8 @@ class BaseFlow:
     async def authenticate(self, *, force: bool = False) -> Token:
         """Return a cached or refreshed token, else log in interactively.
 
-        Parameters
-        ----------
-        force : bool
-            Skip the cache and force a new interactive login.
-
-        Returns
-        -------
-        Token
-            The authentication token.
-
-        Raises
-        ------
-        AuthError
-            If the login fails, is refused, or takes longer than ``timeout``.
+        *force* skips the cache and forces a new login. Raises `AuthError` if the
+        login fails, is refused, or takes longer than ``timeout``.
         """
         with _TimeLimit(self.timeout):
             if not force:
@@ -2761,13 +2694,9 @@ class BaseFlow:
         """Revoke this host's tokens where the provider offers it, then forget them.
 
         A standard provider's ``revocation_endpoint`` (RFC 7009) revokes the refresh
-        and the access token; the local copy is removed in any case.
-
-        Returns
-        -------
-        str or None
-            The provider's ``end_session_endpoint`` URL with ``client_id`` and
-            ``id_token_hint``, to end its browser session too; None without one.
+        and the access token; the local copy is removed in any case. Returns the
+        provider's ``end_session_endpoint`` URL with ``client_id`` and ``id_token_hint``,
+        to end its browser session too; None without one.
         """
         token = self.store.get(self.host)
         id_token = self.store._id_token(token["access_token"]) if token is not None else ""
@@ -2837,10 +2766,7 @@ class BaseFlow:
         return token
 
     async def _sign_out(self, token: Token) -> bool:
-        """Revoke *token* where the server offers it; True if it was revoked.
-
-        The caller removes it from the store it came from.
-        """
+        """Revoke *token* where the server offers it (the caller forgets it); True if revoked."""
         return await self._dialect.revoke(token)
 
 
@@ -2887,31 +2813,14 @@ class DeviceFlow(BaseFlow):
             self._device_deadlines: dict[str, float] = {}
 
     async def authenticate(self, *, force: bool = False, auto_open: bool = True) -> Token:
-        """Return a cached or refreshed token, else run the device flow.
-
-        Parameters
-        ----------
-        force : bool
-            As in `BaseFlow.authenticate`.
-        auto_open : bool
-            Attempt to open the verification URL in the default browser.
-        """
+        """`BaseFlow.authenticate` with the device flow; *auto_open* opens the URL in a browser."""
         self._auto_open = auto_open
         return await super().authenticate(force=force)
 
     async def get_device_code(self) -> DeviceCode:
-        """Request a new device code from the authorization server.
+        """Request a new `DeviceCode` (``uri``, ``user_code``, ``device_code``, ``interval``).
 
-        Returns
-        -------
-        DeviceCode
-            Contains ``uri``, ``user_code``, ``device_code`` and ``interval``.
-
-        Raises
-        ------
-        AuthError
-            If the device authorization endpoint is unavailable or returns an
-            invalid response.
+        Raises `AuthError` if the device endpoint is unavailable or its answer invalid.
         """
         url, form, auth = await self._dialect.device_call()
         # One attempt: a 503 here means "no device flow", not "try again".
@@ -2942,31 +2851,13 @@ class DeviceFlow(BaseFlow):
         return code
 
     async def poll(self, device_code: str, interval: int = 5) -> Token:
-        """Poll the token endpoint until the user approves or denies.
+        """Poll for the `Token` of *device_code* (from `get_device_code`) until approval.
 
-        Never polls faster than *interval*, adds 5 s on every ``slow_down``,
-        and stops at once on ``access_denied`` or ``expired_token``. Waits at
-        most until the device code expires or ``timeout`` passes, and polls one
-        last time then: an approval made in time always counts.
-
-        Parameters
-        ----------
-        device_code : str
-            The ``device_code`` obtained from `get_device_code`.
-        interval : int
-            Minimum seconds between poll requests.
-
-        Returns
-        -------
-        Token
-            The authentication token after user approval.
-
-        Raises
-        ------
-        AuthError
-            On timeout (``detail["error"] == "timeout"``), denial
-            (``access_denied``), or when the device code expired
-            (``expired_token``).
+        Never polls faster than *interval* seconds, adds 5 s on every ``slow_down``.
+        Waits at most until the device code expires or ``timeout`` passes, and polls
+        one last time then: an approval made in time always counts. Raises `AuthError`
+        on timeout (``detail["error"] == "timeout"``), ``access_denied`` or
+        ``expired_token``.
         """
         start = time.monotonic()
         expires = deadline = self._device_deadlines.pop(device_code, start + 1800)
@@ -2974,7 +2865,7 @@ class DeviceFlow(BaseFlow):
         if left is not None:
             deadline = min(deadline, start + left)
         interval = max(1, int(interval))
-        show = self._show_countdown()
+        show = _Progress.on_stderr(self.interactive)
         url, form, auth = await self._dialect.device_grant(device_code)
         try:
             while True:
@@ -3047,23 +2938,10 @@ class DeviceFlow(BaseFlow):
             "(None waits as long as the device code lives) to give more time",
             {"error": "timeout"}, 408)
 
-    def _show_countdown(self) -> _Progress | None:
-        stream = sys.stderr
-        # pythonw has no stderr; in a notebook every note would stay on the page
-        # as a red box, and the cell's busy mark says enough.
-        if stream is None or _in_jupyter():
-            return None
-        try:
-            tty = stream.isatty()
-        except (AttributeError, ValueError):  # no isatty, or closed
-            tty = False
-        return _Progress(stream, live=tty and self.interactive is not False)
-
     async def _interactive_login(self) -> Token:
         code = await self.get_device_code()
         replace = _show_device_code(self.host, code)
-        interactive = self.interactive if self.interactive is not None else True
-        if self._auto_open and interactive and _can_open_browser():
+        if self._auto_open and self.interactive is not False and _can_open_browser():
             _open_browser(code["uri"])
         if replace is None:
             return await self.poll(code["device_code"], code["interval"])
@@ -3081,16 +2959,10 @@ class DeviceFlow(BaseFlow):
         return token
 
 
-_MAX_INTERVAL = 60  # seconds: a longer polling interval from a server is cut to this
-
-
-_MAX_DEVICE_LIFETIME = 86400  # and a device code that claims to last longer
-
-
 def _device_interval(value: object) -> int:
     """RFC 8628, 3.2: 5 s when the server gives no usable interval; 1 to 60 s."""
     number = _finite(value)
-    return 5 if not number or number < 0 else int(min(max(number, 1), _MAX_INTERVAL))
+    return 5 if not number or number < 0 else int(min(max(number, 1), 60))
 
 
 def _device_lifetime(value: object, url: str) -> float:
@@ -3102,15 +2974,13 @@ def _device_lifetime(value: object, url: str) -> float:
         raise AuthError(f"POST {url}: the device answer's expires_in "
                         f"{_short(_dumps(value), 40)} is not a number of seconds; "
                         "tell the server's operators", status_code=502)
-    return min(number, _MAX_DEVICE_LIFETIME)
+    return min(number, 86400.0)
 
 
 # How long a code flow made with timeout=None waits: forever for the API; the command
 # line, where a person is always in the loop, gives up after _CLI_CODE_FLOW_WAIT.
 _CODE_FLOW_WAIT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "_CODE_FLOW_WAIT", default=None)
-
-
 _CLI_CODE_FLOW_WAIT = 300
 
 
@@ -3133,16 +3003,6 @@ class CodeFlow(BaseFlow):
         super().__init__(host, config, **kwargs)
         if self.timeout is None:
             self.timeout = _CODE_FLOW_WAIT.get()
-
-    async def authenticate(self, *, force: bool = False) -> Token:
-        """Return a cached or refreshed token, else log in in a browser.
-
-        Parameters
-        ----------
-        force : bool
-            As in `BaseFlow.authenticate`.
-        """
-        return await super().authenticate(force=force)
 
     async def _interactive_login(self) -> Token:
         import asyncio
@@ -3590,7 +3450,8 @@ def authenticate(
     arguments = dict(locals())  # the parameters as given, handed on whole
     if not force:
         # The hot path: no flow objects, no asyncio, no network.
-        token = _store_in_use(store, app_name).get(_store_key(host, client_id, scopes))
+        token = _default_store(app_name, _TOKEN_FILE_VAR, store).get(
+            _store_key(host, client_id, scopes))
         if token is not None and _access_valid(token):
             return token
     return _run_sync(authenticate_async(**arguments))
@@ -3882,16 +3743,14 @@ def _refused(response: Any, token: Token) -> bool:
         or not _refresh_valid(token)
     ):
         return False
-    if len(_REJECTED) > 4096:
-        _REJECTED.clear()
-    _REJECTED.add(token["access_token"])
+    _seen(token["access_token"], _lifetime(token), refused=True)
     return True
 
 
 def _renewal(sent: Token, token: Token) -> str | None:
     """The header to retry with, or None when the refused token came back."""
     if token["access_token"] == sent["access_token"]:
-        _REJECTED.discard(sent["access_token"])
+        _seen(sent["access_token"], _lifetime(sent))
         return None
     return token["headers"]["Authorization"]
 
@@ -4185,7 +4044,7 @@ def _cli_token(args: Any) -> Token:
     """The token of HOST: `authenticate` with the command line's options."""
     if args.verbose:
         token_file = os.environ.get(_TOKEN_FILE_VAR)
-        _logger().debug("token store: %s", _store_in_use(None, args.app_name).path
+        _logger().debug("token store: %s", _default_store(args.app_name, _TOKEN_FILE_VAR).path
                         + (f" ({_TOKEN_FILE_VAR})" if token_file else ""))
         _logger().debug("interactive login: %s", _no_login_reason() or "possible")
     # A person is at the other end: by default wait as long as the device code lives
@@ -4424,7 +4283,7 @@ def _token_file_row(app_name: str) -> str:
     if not token_file:
         return f"{_TOKEN_FILE_VAR} is not set: tokens come from the cache"
     return (f"{_TOKEN_FILE_VAR}={token_file}: {_describe_file(token_file)}; "
-            + _describe_token(_store_in_use(None, app_name)))
+            + _describe_token(_default_store(app_name, _TOKEN_FILE_VAR)))
 
 
 def _platformdirs_version() -> str:
