@@ -161,8 +161,9 @@ def test_export_after_a_login(fake_server, tmp_path):
 @posix_only
 @pytest.mark.timeout(60)
 def test_export_then_jobs_use_and_refresh_the_file_in_place(fake_server, tmp_path):
-    # Workstation: a token whose access part is about to expire.
-    default_store().put(fake_server.url, short_lived(8, refresh="refresh-1"))
+    # Workstation: a token whose access part is about to expire.  It counts as valid for
+    # half its life: 8 s leave the export and the first job time on a loaded machine.
+    default_store().put(fake_server.url, short_lived(16, refresh="refresh-1"))
     target = tmp_path / "job-token.json"
     assert cli(fake_server.url, "--export", str(target)).returncode == 0
     exported = json.loads(target.read_text())
