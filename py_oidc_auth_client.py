@@ -3161,75 +3161,80 @@ class _LoopbackReceiver:
                 return
             line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
             if line:
-                conn.sendall(self._answer(line))
+                page, outcome = self._answer(line)
+                try:
+                    conn.sendall(page)
+                finally:  # only now: the flow then closes us, which would cut the page
+                    if outcome is not None:
+                        self._deliver(outcome)
         except OSError:  # timed out, reset, or dropped by close()
             pass
         finally:
             self._drop(conn)
 
-    def _answer(self, line: str) -> bytes:
+    def _answer(self, line: str) -> tuple[bytes, dict[str, str] | None]:
+        """The page for a request, and the outcome it hands the flow, if any."""
         from urllib.parse import parse_qs, urlsplit
 
         method, target, *_ = [*line.split(" ", 2), "", ""]
         try:
             parts = urlsplit(target)
         except ValueError:  # a target urlsplit cannot read, e.g. "//[x"
-            return _page(400, "Bad request", _ONLY_CALLBACKS)
+            return _page(400, "Bad request", _ONLY_CALLBACKS), None
         entry = _same(parts.path, self._entry)
         # The path only: the query holds the code, the entry path is the secret.
         _logger().debug("loopback receiver: %s %s", _printable(method)[:10],
                         "(entry page)" if entry else _printable(parts.path)[:100])
         if method != "GET":
-            return _page(405, "Not allowed", _ONLY_CALLBACKS)
+            return _page(405, "Not allowed", _ONLY_CALLBACKS), None
         if parts.path == "/callback":
             return self._callback({k: v[0] for k, v in parse_qs(parts.query).items()})
         if entry and self._expected[1]:  # the login URL is known: serve it once
             return self._entry_page()
-        return _page(404, "Not found", _ONLY_CALLBACKS)
+        return _page(404, "Not found", _ONLY_CALLBACKS), None
 
-    def _entry_page(self) -> bytes:
+    def _entry_page(self) -> tuple[bytes, dict[str, str] | None]:
         with self._lock:
             first, self._served = not self._served, True
         if first:
-            return _page(302, "Login", "Continue at the login page.", self._expected[1])
+            return _page(302, "Login", "Continue at the login page.", self._expected[1]), None
         # Someone else may hold the state now: this login can no longer be trusted.
         return self._stop("login_page_reused", "This login page was opened twice, possibly "
                           "by another user of this machine. The login was stopped: start it "
                           "again.", status=409)
 
-    def _callback(self, query: dict[str, str]) -> bytes:
+    def _callback(self, query: dict[str, str]) -> tuple[bytes, dict[str, str] | None]:
         with self._lock:
             (expected, _, iss, iss_required), served = self._expected, self._served
         if self._result.done():
-            return _page(409, "Already done", "This login has already finished.")
+            return _page(409, "Already done", "This login has already finished."), None
         if not (expected and _same(query.get("state", ""), expected)):
             # Not our login (an error without state too): refuse it, keep waiting.
             return _page(400, "Login not accepted",
                          "This callback does not belong to the waiting login (state "
-                         "mismatch). Start the login again from your terminal.")
+                         "mismatch). Start the login again from your terminal."), None
         if not served:  # the right state, yet nobody was sent to the provider with it
             return self._stop("login_page_not_opened", "A login answer arrived before the "
                               "login page was opened. The login was stopped: start it again.")
         if "error" in query:
             error = _printable(query["error"])[:100]
             description = _printable(query.get("error_description", ""))[:300]
-            self._deliver({"error": error, "error_description": description})
-            return _page(400, "Login failed", f"{error}: {description}")
+            return (_page(400, "Login failed", f"{error}: {description}"),
+                    {"error": error, "error_description": description})
         if not query.get("code"):
-            return _page(400, "Login failed", "The callback carries no code.")
+            return _page(400, "Login failed", "The callback carries no code."), None
         if iss and ("iss" in query or iss_required) and query.get("iss") != iss:
             # RFC 9207, 2.4: a response from another issuer; never exchange its code.
             return self._stop("invalid_issuer", f"The login answer did not come from {iss} "
                               "(iss).", title="Login not accepted")
-        self._deliver({"code": query["code"]})
-        return _page(200, "Login successful",
+        page = _page(200, "Login successful",
                      "You can close this window and return to your terminal.")
+        return page, {"code": query["code"]}
 
     def _stop(self, error: str, text: str, status: int = 400,
-              title: str = "Login stopped") -> bytes:
+              title: str = "Login stopped") -> tuple[bytes, dict[str, str]]:
         """End the login with *error*, and tell the browser why."""
-        self._deliver({"error": error, "error_description": text})
-        return _page(status, title, text)
+        return _page(status, title, text), {"error": error, "error_description": text}
 
     def _deliver(self, params: dict[str, str]) -> None:
         def _set() -> None:

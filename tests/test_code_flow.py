@@ -125,6 +125,32 @@ def test_success_page_is_html(server, tmp_store, terminal):
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("answer", ["code", "error"])
+def test_the_browser_gets_its_page_before_the_login_ends(server, tmp_store, terminal,
+                                                         monkeypatch, answer):
+    # A loaded machine: the page is slow to make. The login must not end (and close the
+    # receiver with the browser's connection) before the browser has its page.
+    slow_page = oac._page
+
+    def _page(status: int, *args: str) -> bytes:
+        if status != 302:
+            time.sleep(0.5)
+        return slow_page(status, *args)
+
+    monkeypatch.setattr(oac, "_page", _page)
+    server.reply("POST", TOKEN, 200, token_answer())
+    step = callback() if answer == "code" else callback(error="access_denied")
+    user = User(terminal, (step,))
+    try:
+        login(code_flow(server, tmp_store), user)
+    except oac.AuthError as exc:
+        assert answer == "error" and exc.error == "access_denied"
+    (page,) = user.pages
+    assert page.status == (200 if answer == "code" else 400)
+    assert "Login successful" in page.body if answer == "code" else "access_denied" in page.body
+
+
+@pytest.mark.timeout(20)
 def test_wrong_path_gets_404_and_the_flow_keeps_waiting(server, tmp_store, terminal):
     server.reply("POST", TOKEN, 200, token_answer())
     user = User(terminal, (wrong_path(), callback("abc")))
