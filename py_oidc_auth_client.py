@@ -28,8 +28,9 @@ From the shell::
     oidc-auth --list
 """
 
-# Map of this file, in order; each section uses only those above it:
-#   Types                   AuthError, Token, DeviceCode, Config
+# Map of this file, in order; each section uses only those above it (but CodeFlow
+# starts the loopback receiver, which has a section of its own after the flows):
+#   Types                   AuthError and the cleaning of its text, Token, DeviceCode, Config
 #   HTTP                    one request with a deadline; TLS, proxies, redirects, errors
 #   Tokens & keys           token answers, lifetimes, JWS and RSA signatures
 #   Store                   store keys, TokenStore, its lock and its private folder
@@ -133,8 +134,26 @@ _BATCH_VARIABLES = {
 
 
 # ---------------------------------------------------------------------------
-# Types: the errors, token and configuration shapes of the public API
+# Types: errors (and the cleaning of the server text they carry), tokens, configuration
 # ---------------------------------------------------------------------------
+
+# C0 and C1 controls (ESC starts terminal commands) and the bidi overrides that
+# reorder text: removed from server and callback text before anyone reads it.
+_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
+                           *range(0x2066, 0x206A)])
+_CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
+
+
+def _printable(text: str) -> str:
+    """*text* without control characters: safe for a terminal, a log or a message."""
+    return text.translate(_CONTROLS)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """Server text for a message: printable, on one line, at most *limit* characters."""
+    text = " ".join(_printable(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class AuthError(Exception):
     """Authentication or token exchange failed.
@@ -337,11 +356,6 @@ class Config:
 # HTTP: one request with a deadline, TLS, proxies, redirects and errors
 # ---------------------------------------------------------------------------
 
-# C0 and C1 controls (ESC starts terminal commands) and the bidi overrides that
-# reorder text: removed from server and callback text before anyone reads it.
-_CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
-                           *range(0x2066, 0x206A)])
-_CONTROLS.update(dict.fromkeys(map(ord, "\t\n\r"), " "))
 _ALLOW_HTTP_VAR = "OIDC_ALLOW_HTTP"
 # X509_V_ERR_* codes that mean "signed by a CA we do not know": a private CA.
 _UNKNOWN_ISSUER = frozenset({2, 18, 19, 20, 21})
@@ -355,11 +369,7 @@ _LATE_GRACE = 1.0
 _OPENERS: dict[tuple[Any, ...], Any] = {}
 _SSL_CONTEXTS: dict[tuple[str, str, str], ssl.SSLContext] = {}
 _WARNED_HTTP: set[str] = set()
-
-
-def _printable(text: str) -> str:
-    """*text* without control characters: safe for a terminal, a log or a message."""
-    return text.translate(_CONTROLS)
+_FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}  # URL -> (fetched at, JSON)
 
 
 def _is_loopback(hostname: str) -> bool:
@@ -810,12 +820,6 @@ def _oauth_error(payload: Any) -> tuple[str, str]:
     return "", ""
 
 
-def _short(text: str, limit: int = 200) -> str:
-    """Server text for a message: printable, on one line, at most *limit* characters."""
-    text = " ".join(_printable(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 async def _retrying(send: Callable[[float | None], Coroutine[Any, Any, _T]],
                     deadline: float | None = None) -> _T:
     """``await send(deadline)``, again after transient faults, with backoff, while time allows."""
@@ -1206,6 +1210,22 @@ def _pss_verify(m: int, em_bits: int, hash_name: str, signed: bytes) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
+def _pkce_pair() -> tuple[str, str]:
+    """A PKCE verifier (86 unreserved characters) and its S256 challenge (RFC 7636, 4.1-4.2)."""
+    import base64
+    import hashlib
+
+    verifier = _random_string(64)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _random_string(size: int = 32) -> str:
+    import secrets
+
+    return secrets.token_urlsafe(size)
+
+
 # ---------------------------------------------------------------------------
 # Store: store keys, the token file, its lock and its private folder
 # ---------------------------------------------------------------------------
@@ -1298,6 +1318,27 @@ def _server_name(key: str) -> str:
     """A store key as people say it: the URL, and a standard provider's client."""
     issuer, client_id, _ = _split_key(key)
     return f"{issuer} (client {_printable(client_id)})" if client_id else issuer
+
+
+def _login_command(key: str) -> str:
+    """The command line that logs in to the server of store *key* (never with a secret)."""
+    import shlex
+
+    issuer, client_id, scopes = _split_key(_host_key(key))
+    words = [issuer]
+    if client_id:
+        words += ["--client-id", client_id]
+        if set(scopes or ()) != set(_DEFAULT_SCOPES):
+            words += ["--scope", " ".join(scopes or ())]
+    return " ".join([_command(), *(shlex.quote(word) for word in words)])
+
+
+def _command() -> str:
+    """How the user runs the command line, for the hints that spell a command."""
+    # "python -m" (or running the file) puts the module's path in argv[0]; the console
+    # script, and any program that uses the API, is told about oidc-auth.
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m py_oidc_auth_client" if name == "py_oidc_auth_client.py" else "oidc-auth"
 
 
 class TokenStore:
@@ -2187,11 +2228,46 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+# -- Human terms --
+
+def _lifetimes(token: Token) -> str:
+    """``"access token valid for 54 min, refresh token expired 3 h ago"`` (or ``none``)."""
+    now = time.time()
+    refresh = _validity(token["refresh_expires"], now) if token["refresh_token"] else "none"
+    return f"access token {_validity(token['expires'], now)}, refresh token {refresh}"
+
+
+def _validity(timestamp: int, now: float) -> str:
+    """``"valid for 54 min"`` or ``"expired 3 h ago"``."""
+    seconds = int(timestamp - now)
+    return f"valid for {_duration(seconds)}" if seconds > 0 else _expiry(timestamp, now)
+
+
+def _expiry(timestamp: int, now: float) -> str:
+    """``"expires in 54 min"`` or ``"expired 3 h ago"``."""
+    seconds = int(timestamp - now)
+    if seconds > 0:
+        return f"expires in {_duration(seconds)}"
+    return f"expired {_duration(-seconds)} ago"
+
+
+def _duration(seconds: int) -> str:
+    """``"42 s"``, ``"54 min"``, ``"3 h 12 min"``, ``"29 d 23 h"``."""
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        hours, minutes = divmod(seconds // 60, 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(seconds // 3600, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
 # ---------------------------------------------------------------------------
 # Standard providers: discovery, OAuth metadata and ID token claims
 # ---------------------------------------------------------------------------
 
-_FETCHED: dict[str, tuple[float, dict[str, Any]]] = {}
 _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
               "revocation_endpoint", "end_session_endpoint", "jwks_uri")
 # Some providers list these in their OAuth document (RFC 8414) only.
@@ -3046,22 +3122,6 @@ class CodeFlow(BaseFlow):
                  f"machine run\n    ssh -L {port}:localhost:{port} <this-host>")
 
 
-def _pkce_pair() -> tuple[str, str]:
-    """A PKCE verifier (86 unreserved characters) and its S256 challenge (RFC 7636, 4.1-4.2)."""
-    import base64
-    import hashlib
-
-    verifier = _random_string(64)
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
-def _random_string(size: int = 32) -> str:
-    import secrets
-
-    return secrets.token_urlsafe(size)
-
-
 # ---------------------------------------------------------------------------
 # Loopback receiver (RFC 8252, 7.3)
 # ---------------------------------------------------------------------------
@@ -3764,27 +3824,6 @@ def _renewal(sent: Token, token: Token) -> str | None:
 # Command line
 # ---------------------------------------------------------------------------
 
-def _login_command(key: str) -> str:
-    """The command line that logs in to the server of store *key* (never with a secret)."""
-    import shlex
-
-    issuer, client_id, scopes = _split_key(_host_key(key))
-    words = [issuer]
-    if client_id:
-        words += ["--client-id", client_id]
-        if set(scopes or ()) != set(_DEFAULT_SCOPES):
-            words += ["--scope", " ".join(scopes or ())]
-    return " ".join([_command(), *(shlex.quote(word) for word in words)])
-
-
-def _command() -> str:
-    """How the user runs the command line, for the hints that spell a command."""
-    # "python -m" (or running the file) puts the module's path in argv[0]; the console
-    # script, and any program that uses the API, is told about oidc-auth.
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return "python -m py_oidc_auth_client" if name == "py_oidc_auth_client.py" else "oidc-auth"
-
-
 _EXIT_MIN_VALID = 3
 
 _EPILOG = """\
@@ -4151,42 +4190,6 @@ def _logout(args: Any, store: TokenStore) -> None:
         _say(f"Logged out of {host} on this machine only: removed the token from {store.path}; "
              f"{outcome}, so the access token stays usable until it expires "
              f"({_expiry(token['expires'], time.time())})")
-
-
-# -- Human terms --
-
-def _lifetimes(token: Token) -> str:
-    """``"access token valid for 54 min, refresh token expired 3 h ago"`` (or ``none``)."""
-    now = time.time()
-    refresh = _validity(token["refresh_expires"], now) if token["refresh_token"] else "none"
-    return f"access token {_validity(token['expires'], now)}, refresh token {refresh}"
-
-
-def _validity(timestamp: int, now: float) -> str:
-    """``"valid for 54 min"`` or ``"expired 3 h ago"``."""
-    seconds = int(timestamp - now)
-    return f"valid for {_duration(seconds)}" if seconds > 0 else _expiry(timestamp, now)
-
-
-def _expiry(timestamp: int, now: float) -> str:
-    """``"expires in 54 min"`` or ``"expired 3 h ago"``."""
-    seconds = int(timestamp - now)
-    if seconds > 0:
-        return f"expires in {_duration(seconds)}"
-    return f"expired {_duration(-seconds)} ago"
-
-
-def _duration(seconds: int) -> str:
-    """``"42 s"``, ``"54 min"``, ``"3 h 12 min"``, ``"29 d 23 h"``."""
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    if seconds < 86400:
-        hours, minutes = divmod(seconds // 60, 60)
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(seconds // 3600, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
 
 
 # -- --verbose: secrets never reach the log --
