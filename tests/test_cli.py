@@ -34,29 +34,6 @@ from conftest import (
 from conftest import bare_device_answer as device_answer
 from tests import oac
 
-# A scripted browser: given the provider's login page (a URL with a state), it
-# sends the browser back to the client's callback with a code.  Exits 0 always.
-BROWSER_SCRIPT = """
-import http.client, sys, urllib.request
-from urllib.parse import parse_qs, urlencode, urlsplit
-def resolve(url):
-    # The client opens a one-time local entry page that redirects to the provider.
-    parts = urlsplit(url)
-    if parts.hostname != "127.0.0.1" or parts.path in ("", "/", "/callback"):
-        return url
-    conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-    conn.request("GET", parts.path)
-    return conn.getresponse().getheader("Location") or url
-query = parse_qs(urlsplit(resolve(sys.argv[1])).query)
-if "state" in query:
-    callback = query["redirect_uri"][0].replace("//localhost:", "//127.0.0.1:")
-    params = urlencode({"code": "abc", "state": query["state"][0]})
-    try:
-        urllib.request.urlopen(callback + "?" + params, timeout=10).read()
-    except Exception:
-        pass
-"""
-
 
 def assert_one_clean_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 1, proc.stderr
@@ -288,10 +265,7 @@ def test_device_and_token_routes_are_honoured(fake_server):
 
 
 @pytest.mark.timeout(40)
-def test_login_route_and_ports_are_honoured(fake_server, tmp_path):
-    script = tmp_path / "browser.py"
-    script.write_text(BROWSER_SCRIPT)
-    browser = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} %s"
+def test_login_route_and_ports_are_honoured(fake_server, browser):
     fake_server.reply("POST", "/api/v9/device", 404, {"detail": "Not Found"})
     fake_server.reply("GET", "/api/v9/login", 307, redirect_to_provider(fake_server))
     fake_server.reply("POST", "/api/v9/token", 200, token_answer())
@@ -300,8 +274,7 @@ def test_login_route_and_ports_are_honoured(fake_server, tmp_path):
         busy.listen()
         taken, port = busy.getsockname()[1], free_port()
         proc = cli(fake_server.url, "--json", "-l", "/api/v9/login", "-t", "/api/v9/token",
-                   "-d", "/api/v9/device", "-p", str(taken), str(port),
-                   env={"BROWSER": browser})
+                   "-d", "/api/v9/device", "-p", str(taken), str(port))
     assert proc.returncode == 0, proc.stderr
     assert [r.path for r in fake_server.requests] == [
         "/api/v9/device", "/api/v9/login", "/api/v9/token"]
