@@ -4242,6 +4242,7 @@ def _doctor(args: Any, store: TokenStore) -> None:
     progress = _Progress.on_stderr(None)
     browser, because = _browser_check()
     login, why = _login_check()
+    token_file = os.environ.get(_TOKEN_FILE_VAR)
     rows = [
         ("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"),
         ("python", f"{platform.python_version()} on {platform.platform()}"),
@@ -4252,11 +4253,13 @@ def _doctor(args: Any, store: TokenStore) -> None:
         ("container", _in_container() or "none detected"),
         ("jupyter", "yes (ipykernel is loaded)" if _in_jupyter() else "no"),
         ("browser", f"{'opened' if browser else 'not opened'}: {because}"),
-        ("login", f"never: {_TOKEN_FILE_VAR} is set (see the token file)" if os.environ.get(
-            _TOKEN_FILE_VAR) else f"{'allowed' if login else 'refused'} ({why})"),
+        ("login", f"never: {_TOKEN_FILE_VAR} is set (see the token file)" if token_file
+         else f"{'allowed' if login else 'refused'} ({why})"),
         ("token cache", f"{store.path}: {_describe_file(store.path)}; its folder "
                         f"{_describe_file(os.path.dirname(store.path))}"),
-        ("token file", _token_file_row(args.app_name)),
+        ("token file", (f"{_TOKEN_FILE_VAR}={token_file}: {_describe_file(token_file)}; "
+                        + _describe_token(_default_store(args.app_name, _TOKEN_FILE_VAR)))
+         if token_file else f"{_TOKEN_FILE_VAR} is not set: tokens come from the cache"),
         *([("cached token", f"{key}: {_describe_token(store, key)}")] if key else []),
         ("proxies", _proxy_settings(key)),
         ("CA bundle", _ca_settings()),
@@ -4265,14 +4268,6 @@ def _doctor(args: Any, store: TokenStore) -> None:
     width = max(len(name) for name, _ in rows) + 2
     for name, value in rows:
         print(f"{name + ':':<{width}}{value}")
-
-
-def _token_file_row(app_name: str) -> str:
-    token_file = os.environ.get(_TOKEN_FILE_VAR)
-    if not token_file:
-        return f"{_TOKEN_FILE_VAR} is not set: tokens come from the cache"
-    return (f"{_TOKEN_FILE_VAR}={token_file}: {_describe_file(token_file)}; "
-            + _describe_token(_default_store(app_name, _TOKEN_FILE_VAR)))
 
 
 def _platformdirs_version() -> str:
