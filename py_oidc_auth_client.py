@@ -2237,17 +2237,11 @@ def _lifetimes(token: Token) -> str:
     return f"access token {_validity(token['expires'], now)}, refresh token {refresh}"
 
 
-def _validity(timestamp: int, now: float) -> str:
-    """``"valid for 54 min"`` or ``"expired 3 h ago"``."""
-    seconds = int(timestamp - now)
-    return f"valid for {_duration(seconds)}" if seconds > 0 else _expiry(timestamp, now)
-
-
-def _expiry(timestamp: int, now: float) -> str:
-    """``"expires in 54 min"`` or ``"expired 3 h ago"``."""
+def _validity(timestamp: int, now: float, verb: str = "valid for") -> str:
+    """``"valid for 54 min"`` (or ``"expires in 54 min"``) or ``"expired 3 h ago"``."""
     seconds = int(timestamp - now)
     if seconds > 0:
-        return f"expires in {_duration(seconds)}"
+        return f"{verb} {_duration(seconds)}"
     return f"expired {_duration(-seconds)} ago"
 
 
@@ -3539,11 +3533,7 @@ async def authenticate_async(
     ca_bundle: str | None = None,
     allow_http: bool = False,
 ) -> Token:
-    """Async version of `authenticate`, for code already inside an event loop.
-
-    It takes the parameters of `authenticate`, returns its `Token` and raises
-    its `AuthError`.
-    """
+    """`authenticate` (same parameters, `Token` and `AuthError`) for code inside an event loop."""
     options = dict(locals())
     del options["force"]
     device = DeviceFlow._detached(None, **options)  # its Config made from the options
@@ -3880,8 +3870,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.client_secret = args.client_secret or os.environ.get("OIDC_CLIENT_SECRET") or None
     args.scope = _scopes(args.scope) if args.scope else None
     _LOG_SETUP[:] = [lambda: _setup_logging(args.verbose)]  # logging: imported only if used
-    if args.verbose:
-        _logger()
+    if args.verbose:  # the log starts with what runs
+        _logger().debug("py_oidc_auth_client %s (%s), Python %s", __version__,
+                        os.path.abspath(__file__), sys.version.split()[0])
     try:
         return _cli(args)
     except (AuthError, OSError, ValueError) as exc:  # OSError: e.g. an unusable cache folder
@@ -4029,9 +4020,6 @@ def _in_cli_words(exc: Exception) -> str:
 
 def _cli(args: Any) -> int:
     store = _default_store(args.app_name)
-    if args.verbose:
-        _logger().debug("py_oidc_auth_client %s (%s), Python %s", __version__,
-                        os.path.abspath(__file__), sys.version.split()[0])
     if args.doctor:
         _doctor(args, store)
         return 0
@@ -4147,7 +4135,7 @@ def _min_valid(args: Any, token: Token) -> Token | None:
     else:
         advice = f"log in again: {command} --force"
     print(f"oidc-auth: error: the {'access' if by_access else 'refresh'} token for "
-          f"{_server_name(args.key)} {_expiry(until(token), time.time())}"
+          f"{_server_name(args.key)} {_validity(until(token), time.time(), 'expires in')}"
           f"{' even after a refresh' if refreshed else ''}, sooner than --min-valid "
           f"{args.min_valid} asks ({_duration(args.min_valid)}); {advice}", file=sys.stderr)
     return None
@@ -4189,7 +4177,7 @@ def _logout(args: Any, store: TokenStore) -> None:
     else:
         _say(f"Logged out of {host} on this machine only: removed the token from {store.path}; "
              f"{outcome}, so the access token stays usable until it expires "
-             f"({_expiry(token['expires'], time.time())})")
+             f"({_validity(token['expires'], time.time(), 'expires in')})")
 
 
 # -- --verbose: secrets never reach the log --
@@ -4250,13 +4238,28 @@ def _doctor(args: Any, store: TokenStore) -> None:
     import platform
 
     key = args.key or ""
+    stdin, stderr = (("is" if _isatty(stream) else "is not") for stream in (sys.stdin, sys.stderr))
+    progress = _Progress.on_stderr(None)
+    browser, because = _browser_check()
+    login, why = _login_check()
+    token_file = os.environ.get(_TOKEN_FILE_VAR)
     rows = [
         ("version", f"py_oidc_auth_client {__version__} ({os.path.abspath(__file__)})"),
         ("python", f"{platform.python_version()} on {platform.platform()}"),
-        *_doctor_session(),
+        ("terminal", f"stdin {stdin} a terminal, stderr {stderr}"),
+        ("progress", progress.how if progress else "none (no stderr, or a notebook)"),
+        ("batch job", _batch_scheduler() or "no"),
+        ("ssh session", _is_remote() or "no"),
+        ("container", _in_container() or "none detected"),
+        ("jupyter", "yes (ipykernel is loaded)" if _in_jupyter() else "no"),
+        ("browser", f"{'opened' if browser else 'not opened'}: {because}"),
+        ("login", f"never: {_TOKEN_FILE_VAR} is set (see the token file)" if token_file
+         else f"{'allowed' if login else 'refused'} ({why})"),
         ("token cache", f"{store.path}: {_describe_file(store.path)}; its folder "
                         f"{_describe_file(os.path.dirname(store.path))}"),
-        ("token file", _token_file_row(args.app_name)),
+        ("token file", (f"{_TOKEN_FILE_VAR}={token_file}: {_describe_file(token_file)}; "
+                        + _describe_token(_default_store(args.app_name, _TOKEN_FILE_VAR)))
+         if token_file else f"{_TOKEN_FILE_VAR} is not set: tokens come from the cache"),
         *([("cached token", f"{key}: {_describe_token(store, key)}")] if key else []),
         ("proxies", _proxy_settings(key)),
         ("CA bundle", _ca_settings()),
@@ -4265,33 +4268,6 @@ def _doctor(args: Any, store: TokenStore) -> None:
     width = max(len(name) for name, _ in rows) + 2
     for name, value in rows:
         print(f"{name + ':':<{width}}{value}")
-
-
-def _doctor_session() -> list[tuple[str, str]]:
-    """The rows of the session: what the login, the browser and the progress decide."""
-    stdin, stderr = (("is" if _isatty(stream) else "is not") for stream in (sys.stdin, sys.stderr))
-    progress = _Progress.on_stderr(None)
-    browser, because = _browser_check()
-    login, why = _login_check()
-    return [
-        ("terminal", f"stdin {stdin} a terminal, stderr {stderr}"),
-        ("progress", progress.how if progress else "none (no stderr, or a notebook)"),
-        ("batch job", _batch_scheduler() or "no"),
-        ("ssh session", _is_remote() or "no"),
-        ("container", _in_container() or "none detected"),
-        ("jupyter", "yes (ipykernel is loaded)" if _in_jupyter() else "no"),
-        ("browser", f"{'opened' if browser else 'not opened'}: {because}"),
-        ("login", f"never: {_TOKEN_FILE_VAR} is set (see the token file)" if os.environ.get(
-            _TOKEN_FILE_VAR) else f"{'allowed' if login else 'refused'} ({why})"),
-    ]
-
-
-def _token_file_row(app_name: str) -> str:
-    token_file = os.environ.get(_TOKEN_FILE_VAR)
-    if not token_file:
-        return f"{_TOKEN_FILE_VAR} is not set: tokens come from the cache"
-    return (f"{_TOKEN_FILE_VAR}={token_file}: {_describe_file(token_file)}; "
-            + _describe_token(_default_store(app_name, _TOKEN_FILE_VAR)))
 
 
 def _platformdirs_version() -> str:
