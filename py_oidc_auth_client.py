@@ -647,7 +647,6 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
 
 def _opener(ca_bundle: str | None) -> Any:
     """A cached opener for the current proxies and CA bundle; it notes sockets, judges redirects."""
-    import http.client
     import urllib.request
 
     # urllib's proxies: HTTPS_PROXY/HTTP_PROXY (the system settings on macOS and
@@ -661,12 +660,13 @@ def _opener(ca_bundle: str | None) -> Any:
     # Subclassed here: at module level, urllib.request, http.client and ssl would be
     # imported with this module.
     class Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
-        def http_open(self, req: Any) -> Any:
-            return self.do_open(_noting(http.client.HTTPConnection, req), req)
+        def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+            class Noting(http_class):  # type: ignore[misc]
+                def connect(self) -> None:  # each socket, for _abort and _read_capped
+                    super().connect()
+                    req.sockets.append(self.sock)
 
-        def https_open(self, req: Any) -> Any:
-            return self.do_open(_noting(http.client.HTTPSConnection, req), req,
-                                context=self._context)  # type: ignore[attr-defined]
+            return super().do_open(Noting, req, **kwargs)
 
     class Redirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
@@ -689,16 +689,6 @@ def _opener(ca_bundle: str | None) -> Any:
     _OPENERS[key] = urllib.request.build_opener(
         urllib.request.ProxyHandler(proxies), Handler(context=context), Redirect())
     return _OPENERS[key]
-
-
-def _noting(connection_class: Any, req: Any) -> Any:
-    """*connection_class* noting each socket it connects on *req*, for _abort and _read_capped."""
-    class Noting(connection_class):  # type: ignore[misc]
-        def connect(self) -> None:
-            super().connect()
-            req.sockets.append(self.sock)
-
-    return Noting
 
 
 def _insecure(url: str, allow_http: bool = False) -> str:
