@@ -380,19 +380,6 @@ def _is_loopback(hostname: str) -> bool:
     )
 
 
-def _plain_http_allowed(url: str, allow_http: bool = False) -> bool:
-    """Whether *url* may be used: https, loopback http, or http explicitly allowed."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme.lower() == "https":
-        return True
-    if parts.scheme.lower() != "http":
-        return False
-    return allow_http or os.environ.get(_ALLOW_HTTP_VAR, "") not in ("", "0") or _is_loopback(
-        parts.hostname or "")
-
-
 class _Response:
     __slots__ = ("body", "headers", "status", "url")
 
@@ -696,15 +683,17 @@ def _insecure(url: str, allow_http: bool = False) -> str:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    host = _printable(parts.hostname or "")
-    if not _plain_http_allowed(url, allow_http):
-        if parts.scheme.lower() != "http":
-            return f"{_short(url, 100)} is not an https URL"
+    scheme, host = parts.scheme.lower(), _printable(parts.hostname or "")
+    if scheme == "https" or (scheme == "http" and _is_loopback(parts.hostname or "")):
+        return ""
+    if scheme != "http":
+        return f"{_short(url, 100)} is not an https URL"
+    if not allow_http and os.environ.get(_ALLOW_HTTP_VAR, "") in ("", "0"):
         return (f"Refused to send anything to {_short(url, 100)}: plain http to "
                 f"{host}, another machine, would carry tokens and secrets in clear. Use https, "
                 f"or allow plain http explicitly: {_ALLOW_HTTP_VAR}=1 in the environment, or "
                 "allow_http=True (--allow-http on the command line)")
-    if parts.scheme.lower() == "http" and not _is_loopback(host) and host not in _WARNED_HTTP:
+    if host not in _WARNED_HTTP:
         _WARNED_HTTP.add(host)
         _logger().warning("plain http to %s is allowed: tokens and secrets travel in clear", host)
     return ""
@@ -915,7 +904,7 @@ def _web_url(url: object, what: str, allow_http: bool = False) -> str:
     except ValueError:  # e.g. an unclosed [ in the host
         host = None
     if (not host or text.startswith("-") or _printable(text) != text
-            or any(c.isspace() for c in text) or not _plain_http_allowed(text, allow_http)):
+            or any(c.isspace() for c in text) or _insecure(text, allow_http)):
         raise AuthError(f"The server sent {what} {_short(str(url), 100)!r}, which is not an "
                         "https:// URL with a host; it was neither opened nor shown. Tell the "
                         "server's operators", status_code=502)
