@@ -383,7 +383,8 @@ def _is_loopback(hostname: str) -> bool:
 class _Response:
     __slots__ = ("body", "headers", "status", "url")
 
-    def __init__(self, url: str, status: int, headers: dict[str, str], body: bytes) -> None:
+    # headers: the answer's own, whose get() ignores case (or a dict)
+    def __init__(self, url: str, status: int, headers: Any, body: bytes) -> None:
         self.url, self.status, self.headers, self.body = url, status, headers, body
 
     def json(self) -> dict[str, Any] | None:
@@ -445,7 +446,7 @@ class _Session:
         except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
             _abort(sockets)
             raise
-        location = resp.headers.get("Location") or resp.headers.get("location")
+        location = resp.headers.get("Location")
         if follow and not safe and resp.status in (301, 302, 303, 307, 308) and location:
             raise _redirect_refused(method, url, resp.status, location, "a request that "
                                     "carries credentials never follows a redirect: configure "
@@ -548,7 +549,7 @@ def _request_blocking(
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
             resp = exc
         with resp:
-            return _Response(url, resp.status, dict(resp.headers or {}),
+            return _Response(url, resp.status, resp.headers or {},
                              _read_capped(resp, where, deadline, request.sockets))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
@@ -764,8 +765,7 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
     message = f"{resp.url} answered {resp.status}: {text}"
     if resp.status in (502, 503, 504) and not error:  # a passing fault
         exc = _transient(message, resp.status, detail)
-        retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after")
-                       or "").strip()
+        retry_after = (resp.headers.get("Retry-After") or "").strip()
         if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
             exc._retry_after = min(float(retry_after), 60.0)
     else:
