@@ -200,9 +200,8 @@ class AuthError(Exception):
 
     def __str__(self) -> str:
         message = str(self.message)
-        said = [_short(str(part), 200) for part in (self.error,
-                                                    self.detail.get("error_description"))
-                if part and str(part) not in message]
+        parts = (self.error, self.detail.get("error_description"))
+        said = [_short(str(part)) for part in parts if part and str(part) not in message]
         return f"{message} ({': '.join(said)})" if said else message
 
     @property
@@ -483,11 +482,7 @@ def _redirect_refused(method: str, url: str, status: int, location: str, why: st
 
 
 def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
-    """Run *func* in a daemon thread; its outcome settles the returned future.
-
-    Not ``asyncio.to_thread``: ``asyncio.run`` and interpreter exit wait for the
-    default executor, so a stuck read there would hold the process.
-    """
+    """*func* in a daemon thread: a stuck read in asyncio.to_thread's would hold the exit."""
     import asyncio
     import concurrent.futures
     import threading
@@ -3162,8 +3157,6 @@ class _LoopbackReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- Internals --
 
     def _serve(self) -> None:
         import selectors
