@@ -3191,7 +3191,7 @@ class _LoopbackReceiver:
             if not _peer_is_this_user(conn):
                 _logger().debug("loopback receiver: refused a connection of another user")
                 return
-            line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
+            line = _read_request(conn)
             if line:
                 page, outcome = self._answer(line)
                 try:
@@ -3296,8 +3296,9 @@ def _page(status: int, title: str, text: str, location: str = "") -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body
 
 
-def _read_request(conn: socket.socket, deadline: float) -> str:
-    """The request line, once the whole head has arrived before *deadline*; "" if not."""
+def _read_request(conn: socket.socket) -> str:
+    """The request line, once the whole head has arrived in time; "" if not."""
+    deadline = time.monotonic() + _REQUEST_SECONDS
     data = b""
     while b"\r\n\r\n" not in data and b"\n\n" not in data:
         left = deadline - time.monotonic()
