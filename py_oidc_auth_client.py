@@ -200,9 +200,8 @@ class AuthError(Exception):
 
     def __str__(self) -> str:
         message = str(self.message)
-        said = [_short(str(part), 200) for part in (self.error,
-                                                    self.detail.get("error_description"))
-                if part and str(part) not in message]
+        parts = (self.error, self.detail.get("error_description"))
+        said = [_short(str(part)) for part in parts if part and str(part) not in message]
         return f"{message} ({': '.join(said)})" if said else message
 
     @property
@@ -380,23 +379,11 @@ def _is_loopback(hostname: str) -> bool:
     )
 
 
-def _plain_http_allowed(url: str, allow_http: bool = False) -> bool:
-    """Whether *url* may be used: https, loopback http, or http explicitly allowed."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme.lower() == "https":
-        return True
-    if parts.scheme.lower() != "http":
-        return False
-    return allow_http or os.environ.get(_ALLOW_HTTP_VAR, "") not in ("", "0") or _is_loopback(
-        parts.hostname or "")
-
-
 class _Response:
     __slots__ = ("body", "headers", "status", "url")
 
-    def __init__(self, url: str, status: int, headers: dict[str, str], body: bytes) -> None:
+    # headers: the answer's own, whose get() ignores case (or a dict)
+    def __init__(self, url: str, status: int, headers: Any, body: bytes) -> None:
         self.url, self.status, self.headers, self.body = url, status, headers, body
 
     def json(self) -> dict[str, Any] | None:
@@ -458,7 +445,7 @@ class _Session:
         except asyncio.CancelledError:  # Ctrl-C, or the caller's own timeout: hang up now
             _abort(sockets)
             raise
-        location = resp.headers.get("Location") or resp.headers.get("location")
+        location = resp.headers.get("Location")
         if follow and not safe and resp.status in (301, 302, 303, 307, 308) and location:
             raise _redirect_refused(method, url, resp.status, location, "a request that "
                                     "carries credentials never follows a redirect: configure "
@@ -495,11 +482,7 @@ def _redirect_refused(method: str, url: str, status: int, location: str, why: st
 
 
 def _in_daemon_thread(func: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
-    """Run *func* in a daemon thread; its outcome settles the returned future.
-
-    Not ``asyncio.to_thread``: ``asyncio.run`` and interpreter exit wait for the
-    default executor, so a stuck read there would hold the process.
-    """
+    """*func* in a daemon thread: a stuck read in asyncio.to_thread's would hold the exit."""
     import asyncio
     import concurrent.futures
     import threading
@@ -561,7 +544,7 @@ def _request_blocking(
         except urllib.error.HTTPError as exc:  # also 3xx when redirects are not followed
             resp = exc
         with resp:
-            return _Response(url, resp.status, dict(resp.headers or {}),
+            return _Response(url, resp.status, resp.headers or {},
                              _read_capped(resp, where, deadline, request.sockets))
     except urllib.error.URLError as exc:
         raise _transport_error(where, exc.reason, ca_bundle, proxy) from None
@@ -647,7 +630,6 @@ def _untrusted(where: str, reason: ssl.SSLCertVerificationError,
 
 def _opener(ca_bundle: str | None) -> Any:
     """A cached opener for the current proxies and CA bundle; it notes sockets, judges redirects."""
-    import http.client
     import urllib.request
 
     # urllib's proxies: HTTPS_PROXY/HTTP_PROXY (the system settings on macOS and
@@ -661,12 +643,13 @@ def _opener(ca_bundle: str | None) -> Any:
     # Subclassed here: at module level, urllib.request, http.client and ssl would be
     # imported with this module.
     class Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
-        def http_open(self, req: Any) -> Any:
-            return self.do_open(_noting(http.client.HTTPConnection, req), req)
+        def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+            class Noting(http_class):  # type: ignore[misc]
+                def connect(self) -> None:  # each socket, for _abort and _read_capped
+                    super().connect()
+                    req.sockets.append(self.sock)
 
-        def https_open(self, req: Any) -> Any:
-            return self.do_open(_noting(http.client.HTTPSConnection, req), req,
-                                context=self._context)  # type: ignore[attr-defined]
+            return super().do_open(Noting, req, **kwargs)
 
     class Redirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
@@ -691,30 +674,22 @@ def _opener(ca_bundle: str | None) -> Any:
     return _OPENERS[key]
 
 
-def _noting(connection_class: Any, req: Any) -> Any:
-    """*connection_class* noting each socket it connects on *req*, for _abort and _read_capped."""
-    class Noting(connection_class):  # type: ignore[misc]
-        def connect(self) -> None:
-            super().connect()
-            req.sockets.append(self.sock)
-
-    return Noting
-
-
 def _insecure(url: str, allow_http: bool = False) -> str:
     """Why *url* must not be used, or ``""``; allowed plain http is warned of once per host."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    host = _printable(parts.hostname or "")
-    if not _plain_http_allowed(url, allow_http):
-        if parts.scheme.lower() != "http":
-            return f"{_short(url, 100)} is not an https URL"
+    scheme, host = parts.scheme.lower(), _printable(parts.hostname or "")
+    if scheme == "https" or (scheme == "http" and _is_loopback(parts.hostname or "")):
+        return ""
+    if scheme != "http":
+        return f"{_short(url, 100)} is not an https URL"
+    if not allow_http and os.environ.get(_ALLOW_HTTP_VAR, "") in ("", "0"):
         return (f"Refused to send anything to {_short(url, 100)}: plain http to "
                 f"{host}, another machine, would carry tokens and secrets in clear. Use https, "
                 f"or allow plain http explicitly: {_ALLOW_HTTP_VAR}=1 in the environment, or "
                 "allow_http=True (--allow-http on the command line)")
-    if parts.scheme.lower() == "http" and not _is_loopback(host) and host not in _WARNED_HTTP:
+    if host not in _WARNED_HTTP:
         _WARNED_HTTP.add(host)
         _logger().warning("plain http to %s is allowed: tokens and secrets travel in clear", host)
     return ""
@@ -785,8 +760,7 @@ def _http_error(resp: _Response, payload: Any, secrets: Iterable[str] = ()) -> A
     message = f"{resp.url} answered {resp.status}: {text}"
     if resp.status in (502, 503, 504) and not error:  # a passing fault
         exc = _transient(message, resp.status, detail)
-        retry_after = (resp.headers.get("Retry-After") or resp.headers.get("retry-after")
-                       or "").strip()
+        retry_after = (resp.headers.get("Retry-After") or "").strip()
         if retry_after.isascii() and retry_after.isdigit():  # "²".isdigit() is true as well
             exc._retry_after = min(float(retry_after), 60.0)
     else:
@@ -925,7 +899,7 @@ def _web_url(url: object, what: str, allow_http: bool = False) -> str:
     except ValueError:  # e.g. an unclosed [ in the host
         host = None
     if (not host or text.startswith("-") or _printable(text) != text
-            or any(c.isspace() for c in text) or not _plain_http_allowed(text, allow_http)):
+            or any(c.isspace() for c in text) or _insecure(text, allow_http)):
         raise AuthError(f"The server sent {what} {_short(str(url), 100)!r}, which is not an "
                         "https:// URL with a host; it was neither opened nor shown. Tell the "
                         "server's operators", status_code=502)
@@ -3178,8 +3152,6 @@ class _LoopbackReceiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- Internals --
-
     def _serve(self) -> None:
         import selectors
         import threading
@@ -3213,7 +3185,7 @@ class _LoopbackReceiver:
             if not _peer_is_this_user(conn):
                 _logger().debug("loopback receiver: refused a connection of another user")
                 return
-            line = _read_request(conn, time.monotonic() + _REQUEST_SECONDS)
+            line = _read_request(conn)
             if line:
                 page, outcome = self._answer(line)
                 try:
@@ -3318,8 +3290,9 @@ def _page(status: int, title: str, text: str, location: str = "") -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body
 
 
-def _read_request(conn: socket.socket, deadline: float) -> str:
-    """The request line, once the whole head has arrived before *deadline*; "" if not."""
+def _read_request(conn: socket.socket) -> str:
+    """The request line, once the whole head has arrived in time; "" if not."""
+    deadline = time.monotonic() + _REQUEST_SECONDS
     data = b""
     while b"\r\n\r\n" not in data and b"\n\n" not in data:
         left = deadline - time.monotonic()
