@@ -965,7 +965,7 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
                         "characters; it cannot be used in an HTTP header", status_code=502)
     expires = _timestamp(raw, "expires", now)
     if expires is None:
-        expires = _exp_claim(access, now) or now + 300
+        expires = _timestamp(_jwt_claims(access), "exp", now) or now + 300
     if expires <= now:
         raise AuthError("The server sent an access token that has already expired; check "
                         "that this machine's clock is right", status_code=502)
@@ -974,7 +974,8 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
         refresh_expires = _timestamp(raw, "refresh_expires", now)
         # py-oidc-auth invents now + 180 s when the provider gives no lifetime.
         if refresh_expires is None or abs(refresh_expires - now - 180) <= 3:
-            refresh_expires = _exp_claim(refresh, now) or now + _UNKNOWN_REFRESH_LIFETIME
+            refresh_expires = (_timestamp(_jwt_claims(refresh), "exp", now)
+                               or now + _UNKNOWN_REFRESH_LIFETIME)
     elif previous is not None:
         refresh, refresh_expires = previous["refresh_token"], previous["refresh_expires"]
     else:
@@ -1026,12 +1027,6 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _exp_claim(token: str, now: int) -> int | None:
-    """The ``exp`` of a JWT-shaped token, cut to _MAX_LIFETIME from *now*; None without one."""
-    exp = _finite(_jwt_claims(token).get("exp"))
-    return int(min(exp, now + _MAX_LIFETIME)) if exp and exp > 0 else None
-
-
 def _jwt_claims(token: str) -> dict[str, Any]:
     """The claims of a JWT, not verified (only to read timestamps); ``{}`` if none."""
     try:
@@ -1079,9 +1074,8 @@ def _access_valid(token: Token, now: float | None = None) -> bool:
         token["access_token"], (0, False))[1]
 
 
-def _refresh_valid(token: Token, now: float | None = None) -> bool:
-    return bool(token["refresh_token"]) and token["refresh_expires"] - _margin(token) > (
-        now or time.time())
+def _refresh_valid(token: Token) -> bool:
+    return bool(token["refresh_token"]) and token["refresh_expires"] - _margin(token) > time.time()
 
 
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
@@ -1136,15 +1130,16 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
         return f"it is not signed (alg {_short(_dumps(alg), 40)})"
     if not isinstance(alg, str):
         return f"its alg header {_short(_dumps(alg), 40)} is not an algorithm name"
-    if alg in _RSA_DIGESTS or alg in _PSS_DIGESTS:
-        return "" if meta.get("jwks_uri") else (
-            f"its {alg} signature cannot be checked: the provider publishes no jwks_uri")
+    known = [*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS]
+    if alg not in known:
+        return f"its algorithm {_short(_dumps(alg), 40)} is not one of {', '.join(known)}"
     if alg in _HMAC_DIGESTS:
         return "" if secret else (
             f"it is signed with {alg}, which needs the client secret, and none is configured")
+    if not meta.get("jwks_uri"):  # the key set: RSA keys, or the key an unverified alg needs
+        return f"it is signed with {alg}, and the provider publishes no jwks_uri"
     if alg not in _UNVERIFIED_ALGS:
-        known = ", ".join([*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS])
-        return f"its algorithm {_short(_dumps(alg), 40)} is not one of {known}"
+        return ""
     listed = meta.get("id_token_signing_alg_values_supported")
     if not isinstance(listed, list) or alg not in listed:
         return (f"it is signed with {alg}, which this client cannot verify and the provider "
@@ -1155,8 +1150,6 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
     if endpoint.scheme != "https" and not _is_loopback(endpoint.hostname or ""):
         return (f"it is signed with {alg}, which this client cannot verify, and came over "
                 "plain http")
-    if not meta.get("jwks_uri"):
-        return f"it is signed with {alg}, and the provider publishes no jwks_uri"
     return ""
 
 
@@ -1283,11 +1276,11 @@ def _normalise_host(host: str) -> str:
 def _store_key(host: str, client_id: str | None = None,
                scopes: str | Iterable[str] | None = None) -> str:
     """The store key: the host, or for a standard provider issuer#client_id=...&scope=..."""
+    base = _host_key(host)
     if not client_id:
-        return _host_key(host)
+        return base
     from urllib.parse import urlencode
 
-    base = _host_key(host)
     if "#" in base:
         raise AuthError("Give the issuer URL without a #client_id= part when you pass a "
                         "client_id", status_code=400)
@@ -1419,15 +1412,8 @@ class TokenStore:
     # -- Internals --
 
     def _live(self) -> dict[str, Token]:
-        """The entries; the dead ones are pruned from the file when one has expired."""
-        entries = self._read()
-        if time.time() >= self._next_eviction:
-            entries = self._update(lambda entries: None)
-        return entries
-
-    def _read(self) -> dict[str, Token]:
-        """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
-        try:
+        """The entries, parsed again only when the file changed; prunes when one has expired."""
+        try:  # no lock to read: writes are atomic
             signature = self._file_signature()  # taken first: a later change is seen
         except OSError as exc:
             raise _store_error(self.path, exc) from None
@@ -1437,8 +1423,11 @@ class TokenStore:
             entries, bad, _ = self._parse()
             if bad:
                 with self._lock():
-                    return self._repair()
-            self._remember(signature, entries)
+                    self._repair()
+            else:
+                self._remember(signature, entries)
+        if time.time() >= self._next_eviction:
+            return self._update(lambda entries: None)
         return self._entries
 
     def _file_signature(self) -> tuple[int, int, int] | None:
@@ -1505,10 +1494,6 @@ class TokenStore:
             _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
                               "part aside in %s (%s --clear removes it)",
                               self.path, bad, len(entries), aside, _command())
-        self._signature = None
-        return self._read_locked(entries)
-
-    def _read_locked(self, entries: dict[str, Token]) -> dict[str, Token]:
         self._remember(self._file_signature(), entries)
         return entries
 
@@ -1545,7 +1530,8 @@ class TokenStore:
                     raise
                 return entries  # only kept tokens to save, and still no luck: keep them
         self._unsaved.clear()  # written now, or older than what the file holds
-        return self._read_locked(entries)
+        self._remember(self._file_signature(), entries)
+        return entries
 
     # -- For the flows and the command line: read, let one caller refresh, write --
 
@@ -1553,11 +1539,9 @@ class TokenStore:
                keep: bool = True) -> Token | None:
         """Under the lock: hand *host*'s entry to *change*, store what it returns.
 
-        *change* returns the entry to keep: the same one (nothing is written), a new
-        one, or None (the entry is forgotten; a token file is left as it is). A Token
-        instead of a function replaces the entry. A new token that cannot be written
-        is kept in this process with a warning (unless not *keep*: then the error is
-        raised), and saved by the next write that works.
+        The same entry writes nothing, None forgets it (a token file is left as it is); a
+        Token instead of a function replaces it. Unless not *keep*, a new token the file
+        cannot take is kept (`_hold`).
         """
         key, new = _host_key(host), change if isinstance(change, dict) else None
         try:
@@ -1803,9 +1787,6 @@ def _check_private_dir(folder: str) -> None:
                         f"folder of your own (e.g. chmod 700 {folder}, or choose another path)")
 
 
-_MAX_ASIDE = 3  # copies of unreadable store contents kept for a human to look at
-
-
 def _set_aside(path: str, rest: bytes | None) -> str:
     """Keep *rest* (None: whatever is at *path*) in a new private copy; drop the oldest."""
     stamp = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -1829,7 +1810,7 @@ def _set_aside(path: str, rest: bytes | None) -> str:
     else:
         raise FileExistsError(f"no free name beside {path}")
     older = [p for p in _aside_copies(path) if p != aside]
-    for old in older[: max(0, len(older) - _MAX_ASIDE + 1)]:
+    for old in older[: max(0, len(older) - 2)]:  # 3 copies at most, this one among them
         _remove_aside(old)
     return aside
 
