@@ -1875,10 +1875,19 @@ class _FileLock:
         """Try to lock; between tries, yield how long to pause. Sets ``fd`` when locked."""
         fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
         try:
-            while not self._try(fd, deadline):
+            while True:
+                try:
+                    _lock(fd)
+                    break
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        raise AuthError(
+                            f"Could not lock {self.path} within {self.timeout:g} s: another "
+                            "process holds it. If none is running, delete the lock file."
+                        ) from None
                 yield pause
                 pause = min(pause * 2, 0.05)
-        except GeneratorExit:
+        except BaseException:  # timed out, or closed while waiting
             os.close(fd)
             raise
         self.fd = fd
@@ -1891,19 +1900,6 @@ class _FileLock:
             if os.path.islink(self.path):
                 raise _symlink_error(self.path) from None
             raise _store_error(self.path, exc) from None
-
-    def _try(self, fd: int, deadline: float) -> bool:
-        try:
-            _lock(fd)
-            return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise AuthError(
-                    f"Could not lock {self.path} within {self.timeout:g} s: another "
-                    "process holds it. If none is running, delete the lock file."
-                ) from None
-            return False
 
     def __exit__(self, *exc: object) -> None:
         try:
