@@ -1443,17 +1443,14 @@ class TokenStore:
         try:
             # O_NONBLOCK: a FIFO put in the way cannot hang the open (it is no file).
             fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read() if stat.S_ISREG(st.st_mode) else None
         except FileNotFoundError:
             return {}, "", b""
         except OSError as exc:
             if os.path.islink(self.path):
                 raise _symlink_error(self.path) from None
-            return {}, f"cannot be read ({exc.strerror})", None
-        try:
-            with os.fdopen(fd, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                data = fh.read() if stat.S_ISREG(st.st_mode) else None
-        except OSError as exc:
             return {}, f"cannot be read ({exc.strerror})", None
         if data is None:
             return {}, "is not a file", None
