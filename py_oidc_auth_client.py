@@ -1422,8 +1422,7 @@ class TokenStore:
         elif signature != self._signature:
             entries, bad, _ = self._parse()
             if bad:
-                with self._lock():
-                    self._repair()
+                self._update(lambda entries: None)  # repairs it, under the lock
             else:
                 self._remember(signature, entries)
         if time.time() >= self._next_eviction:
@@ -1475,24 +1474,20 @@ class TokenStore:
         rest = {key: value for key, value in obj.items() if key not in entries}
         return entries, "has malformed entries", _dumps(rest).encode()
 
-    def _repair(self) -> dict[str, Token]:
+    def _repair(self, entries: dict[str, Token], bad: str, rest: bytes | None) -> None:
         """Under the lock: keep the good entries live, set only the unreadable rest aside."""
-        entries, bad, rest = self._parse()
-        if bad:
-            try:
-                aside = _set_aside(self.path, rest)
-                if entries:
-                    self._write(entries)
-                elif rest is not None:
-                    os.unlink(self.path)
-            except OSError as exc:
-                raise AuthError(f"Token store {self.path} {bad} and cannot be repaired: "
-                                f"{exc.strerror or exc}") from None
-            _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
-                              "part aside in %s (%s --clear removes it)",
-                              self.path, bad, len(entries), aside, _command())
-        self._remember(self._file_signature(), entries)
-        return entries
+        try:
+            aside = _set_aside(self.path, rest)
+            if entries:
+                self._write(entries)
+            elif rest is not None:
+                os.unlink(self.path)
+        except OSError as exc:
+            raise AuthError(f"Token store {self.path} {bad} and cannot be repaired: "
+                            f"{exc.strerror or exc}") from None
+        _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
+                          "part aside in %s (%s --clear removes it)",
+                          self.path, bad, len(entries), aside, _command())
 
     def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
         self._with_unsaved(entries)
@@ -1509,9 +1504,9 @@ class TokenStore:
             raise _store_error(self.path, exc) from None
 
     def _update_locked(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
-        entries, bad, _ = self._parse()
+        entries, bad, rest = self._parse()
         if bad:
-            entries = self._repair()
+            self._repair(entries, bad, rest)
         before = dict(entries)
         self._with_unsaved(entries)
         merged = dict(entries)
