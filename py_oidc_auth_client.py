@@ -1386,11 +1386,10 @@ class TokenStore:
 
     def put(self, host: str, token: Token) -> None:
         """Store *token* for the server URL *host*, replacing any previous entry."""
-        key = _host_key(host)
         checked = _as_token(token)
         if checked is None:
             raise ValueError("token must be a Token dict with access_token and expires")
-        self._renew(key, checked, keep=False)
+        self._renew(host, checked, keep=False)
 
     def remove(self, host: str) -> bool:
         """Remove the token cached for *host*; True if there was one."""
@@ -1727,8 +1726,7 @@ def _atomic_write(path: str, data: bytes) -> None:
     """Write via a private temp file in the same directory, fsync, then replace."""
     import tempfile
 
-    folder = os.path.dirname(path)
-    _make_private_dir(folder)
+    folder = os.path.dirname(path)  # made private by the caller's lock (_FileLock)
     # mkstemp opens O_EXCL | O_NOFOLLOW, 0600 from the first byte, and tries another
     # name when one exists: no write-then-chmod window, no planted link followed.
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
