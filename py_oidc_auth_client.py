@@ -1020,11 +1020,8 @@ def _finite(value: object) -> float | None:
         return float(value) if value.isascii() and value.isdigit() and len(value) < 16 else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond any float
-        return None
-    return number if math.isfinite(number) else None
+    # False for NaN, the infinities and an int beyond any float
+    return float(value) if abs(value) <= sys.float_info.max else None
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
