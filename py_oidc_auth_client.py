@@ -939,7 +939,7 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
                         "characters; it cannot be used in an HTTP header", status_code=502)
     expires = _timestamp(raw, "expires", now)
     if expires is None:
-        expires = _exp_claim(access, now) or now + 300
+        expires = _timestamp(_jwt_claims(access), "exp", now) or now + 300
     if expires <= now:
         raise AuthError("The server sent an access token that has already expired; check "
                         "that this machine's clock is right", status_code=502)
@@ -948,7 +948,8 @@ def _make_token(raw: dict[str, Any], previous: Token | None = None) -> Token:
         refresh_expires = _timestamp(raw, "refresh_expires", now)
         # py-oidc-auth invents now + 180 s when the provider gives no lifetime.
         if refresh_expires is None or abs(refresh_expires - now - 180) <= 3:
-            refresh_expires = _exp_claim(refresh, now) or now + _UNKNOWN_REFRESH_LIFETIME
+            refresh_expires = (_timestamp(_jwt_claims(refresh), "exp", now)
+                               or now + _UNKNOWN_REFRESH_LIFETIME)
     elif previous is not None:
         refresh, refresh_expires = previous["refresh_token"], previous["refresh_expires"]
     else:
@@ -993,17 +994,8 @@ def _finite(value: object) -> float | None:
         return float(value) if value.isascii() and value.isdigit() and len(value) < 16 else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond any float
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _exp_claim(token: str, now: int) -> int | None:
-    """The ``exp`` of a JWT-shaped token, cut to _MAX_LIFETIME from *now*; None without one."""
-    exp = _finite(_jwt_claims(token).get("exp"))
-    return int(min(exp, now + _MAX_LIFETIME)) if exp and exp > 0 else None
+    # False for NaN, the infinities and an int beyond any float
+    return float(value) if abs(value) <= sys.float_info.max else None
 
 
 def _jwt_claims(token: str) -> dict[str, Any]:
@@ -1053,9 +1045,8 @@ def _access_valid(token: Token, now: float | None = None) -> bool:
         token["access_token"], (0, False))[1]
 
 
-def _refresh_valid(token: Token, now: float | None = None) -> bool:
-    return bool(token["refresh_token"]) and token["refresh_expires"] - _margin(token) > (
-        now or time.time())
+def _refresh_valid(token: Token) -> bool:
+    return bool(token["refresh_token"]) and token["refresh_expires"] - _margin(token) > time.time()
 
 
 # -- ID tokens (OpenID Connect Core 1.0, 3.1.3.7) --
@@ -1110,15 +1101,16 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
         return f"it is not signed (alg {_short(_dumps(alg), 40)})"
     if not isinstance(alg, str):
         return f"its alg header {_short(_dumps(alg), 40)} is not an algorithm name"
-    if alg in _RSA_DIGESTS or alg in _PSS_DIGESTS:
-        return "" if meta.get("jwks_uri") else (
-            f"its {alg} signature cannot be checked: the provider publishes no jwks_uri")
+    known = [*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS]
+    if alg not in known:
+        return f"its algorithm {_short(_dumps(alg), 40)} is not one of {', '.join(known)}"
     if alg in _HMAC_DIGESTS:
         return "" if secret else (
             f"it is signed with {alg}, which needs the client secret, and none is configured")
+    if not meta.get("jwks_uri"):  # the key set: RSA keys, or the key an unverified alg needs
+        return f"it is signed with {alg}, and the provider publishes no jwks_uri"
     if alg not in _UNVERIFIED_ALGS:
-        known = ", ".join([*_RSA_DIGESTS, *_PSS_DIGESTS, *_HMAC_DIGESTS, *_UNVERIFIED_ALGS])
-        return f"its algorithm {_short(_dumps(alg), 40)} is not one of {known}"
+        return ""
     listed = meta.get("id_token_signing_alg_values_supported")
     if not isinstance(listed, list) or alg not in listed:
         return (f"it is signed with {alg}, which this client cannot verify and the provider "
@@ -1129,8 +1121,6 @@ def _alg_problem(alg: object, meta: dict[str, Any], secret: str | None) -> str:
     if endpoint.scheme != "https" and not _is_loopback(endpoint.hostname or ""):
         return (f"it is signed with {alg}, which this client cannot verify, and came over "
                 "plain http")
-    if not meta.get("jwks_uri"):
-        return f"it is signed with {alg}, and the provider publishes no jwks_uri"
     return ""
 
 
@@ -1257,11 +1247,11 @@ def _normalise_host(host: str) -> str:
 def _store_key(host: str, client_id: str | None = None,
                scopes: str | Iterable[str] | None = None) -> str:
     """The store key: the host, or for a standard provider issuer#client_id=...&scope=..."""
+    base = _host_key(host)
     if not client_id:
-        return _host_key(host)
+        return base
     from urllib.parse import urlencode
 
-    base = _host_key(host)
     if "#" in base:
         raise AuthError("Give the issuer URL without a #client_id= part when you pass a "
                         "client_id", status_code=400)
@@ -1367,11 +1357,10 @@ class TokenStore:
 
     def put(self, host: str, token: Token) -> None:
         """Store *token* for the server URL *host*, replacing any previous entry."""
-        key = _host_key(host)
         checked = _as_token(token)
         if checked is None:
             raise ValueError("token must be a Token dict with access_token and expires")
-        self._renew(key, checked, keep=False)
+        self._renew(host, checked, keep=False)
 
     def remove(self, host: str) -> bool:
         """Remove the token cached for *host*; True if there was one."""
@@ -1393,15 +1382,8 @@ class TokenStore:
     # -- Internals --
 
     def _live(self) -> dict[str, Token]:
-        """The entries; the dead ones are pruned from the file when one has expired."""
-        entries = self._read()
-        if time.time() >= self._next_eviction:
-            entries = self._update(lambda entries: None)
-        return entries
-
-    def _read(self) -> dict[str, Token]:
-        """The entries, parsed again only when the file changed (no lock: writes are atomic)."""
-        try:
+        """The entries, parsed again only when the file changed; prunes when one has expired."""
+        try:  # no lock to read: writes are atomic
             signature = self._file_signature()  # taken first: a later change is seen
         except OSError as exc:
             raise _store_error(self.path, exc) from None
@@ -1410,9 +1392,11 @@ class TokenStore:
         elif signature != self._signature:
             entries, bad, _ = self._parse()
             if bad:
-                with self._lock():
-                    return self._repair()
-            self._remember(signature, entries)
+                self._update(lambda entries: None)  # repairs it, under the lock
+            else:
+                self._remember(signature, entries)
+        if time.time() >= self._next_eviction:
+            return self._update(lambda entries: None)
         return self._entries
 
     def _file_signature(self) -> tuple[int, int, int] | None:
@@ -1428,17 +1412,14 @@ class TokenStore:
         try:
             # O_NONBLOCK: a FIFO put in the way cannot hang the open (it is no file).
             fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read() if stat.S_ISREG(st.st_mode) else None
         except FileNotFoundError:
             return {}, "", b""
         except OSError as exc:
             if os.path.islink(self.path):
                 raise _symlink_error(self.path) from None
-            return {}, f"cannot be read ({exc.strerror})", None
-        try:
-            with os.fdopen(fd, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                data = fh.read() if stat.S_ISREG(st.st_mode) else None
-        except OSError as exc:
             return {}, f"cannot be read ({exc.strerror})", None
         if data is None:
             return {}, "is not a file", None
@@ -1463,28 +1444,20 @@ class TokenStore:
         rest = {key: value for key, value in obj.items() if key not in entries}
         return entries, "has malformed entries", _dumps(rest).encode()
 
-    def _repair(self) -> dict[str, Token]:
+    def _repair(self, entries: dict[str, Token], bad: str, rest: bytes | None) -> None:
         """Under the lock: keep the good entries live, set only the unreadable rest aside."""
-        entries, bad, rest = self._parse()
-        if bad:
-            try:
-                aside = _set_aside(self.path, rest)
-                if entries:
-                    self._write(entries)
-                elif rest is not None:
-                    os.unlink(self.path)
-            except OSError as exc:
-                raise AuthError(f"Token store {self.path} {bad} and cannot be repaired: "
-                                f"{exc.strerror or exc}") from None
-            _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
-                              "part aside in %s (%s --clear removes it)",
-                              self.path, bad, len(entries), aside, _command())
-        self._signature = None
-        return self._read_locked(entries)
-
-    def _read_locked(self, entries: dict[str, Token]) -> dict[str, Token]:
-        self._remember(self._file_signature(), entries)
-        return entries
+        try:
+            aside = _set_aside(self.path, rest)
+            if entries:
+                self._write(entries)
+            elif rest is not None:
+                os.unlink(self.path)
+        except OSError as exc:
+            raise AuthError(f"Token store {self.path} {bad} and cannot be repaired: "
+                            f"{exc.strerror or exc}") from None
+        _logger().warning("Token store %s %s; kept %d good entries and set the unreadable "
+                          "part aside in %s (%s --clear removes it)",
+                          self.path, bad, len(entries), aside, _command())
 
     def _remember(self, signature: tuple[int, int, int] | None, entries: dict[str, Token]) -> None:
         self._with_unsaved(entries)
@@ -1501,9 +1474,9 @@ class TokenStore:
             raise _store_error(self.path, exc) from None
 
     def _update_locked(self, change: Callable[[dict[str, Token]], object]) -> dict[str, Token]:
-        entries, bad, _ = self._parse()
+        entries, bad, rest = self._parse()
         if bad:
-            entries = self._repair()
+            self._repair(entries, bad, rest)
         before = dict(entries)
         self._with_unsaved(entries)
         merged = dict(entries)
@@ -1519,7 +1492,8 @@ class TokenStore:
                     raise
                 return entries  # only kept tokens to save, and still no luck: keep them
         self._unsaved.clear()  # written now, or older than what the file holds
-        return self._read_locked(entries)
+        self._remember(self._file_signature(), entries)
+        return entries
 
     # -- For the flows and the command line: read, let one caller refresh, write --
 
@@ -1527,11 +1501,9 @@ class TokenStore:
                keep: bool = True) -> Token | None:
         """Under the lock: hand *host*'s entry to *change*, store what it returns.
 
-        *change* returns the entry to keep: the same one (nothing is written), a new
-        one, or None (the entry is forgotten; a token file is left as it is). A Token
-        instead of a function replaces the entry. A new token that cannot be written
-        is kept in this process with a warning (unless not *keep*: then the error is
-        raised), and saved by the next write that works.
+        The same entry writes nothing, None forgets it (a token file is left as it is); a
+        Token instead of a function replaces it. Unless not *keep*, a new token the file
+        cannot take is kept (`_hold`).
         """
         key, new = _host_key(host), change if isinstance(change, dict) else None
         try:
@@ -1725,8 +1697,7 @@ def _atomic_write(path: str, data: bytes) -> None:
     """Write via a private temp file in the same directory, fsync, then replace."""
     import tempfile
 
-    folder = os.path.dirname(path)
-    _make_private_dir(folder)
+    folder = os.path.dirname(path)  # made private by the caller's lock (_FileLock)
     # mkstemp opens O_EXCL | O_NOFOLLOW, 0600 from the first byte, and tries another
     # name when one exists: no write-then-chmod window, no planted link followed.
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -1777,9 +1748,6 @@ def _check_private_dir(folder: str) -> None:
                         f"folder of your own (e.g. chmod 700 {folder}, or choose another path)")
 
 
-_MAX_ASIDE = 3  # copies of unreadable store contents kept for a human to look at
-
-
 def _set_aside(path: str, rest: bytes | None) -> str:
     """Keep *rest* (None: whatever is at *path*) in a new private copy; drop the oldest."""
     stamp = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -1803,7 +1771,7 @@ def _set_aside(path: str, rest: bytes | None) -> str:
     else:
         raise FileExistsError(f"no free name beside {path}")
     older = [p for p in _aside_copies(path) if p != aside]
-    for old in older[: max(0, len(older) - _MAX_ASIDE + 1)]:
+    for old in older[: max(0, len(older) - 2)]:  # 3 copies at most, this one among them
         _remove_aside(old)
     return aside
 
@@ -1868,10 +1836,19 @@ class _FileLock:
         """Try to lock; between tries, yield how long to pause. Sets ``fd`` when locked."""
         fd, deadline, pause = self._open(), time.monotonic() + self.timeout, 0.002
         try:
-            while not self._try(fd, deadline):
+            while True:
+                try:
+                    _lock(fd)
+                    break
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        raise AuthError(
+                            f"Could not lock {self.path} within {self.timeout:g} s: another "
+                            "process holds it. If none is running, delete the lock file."
+                        ) from None
                 yield pause
                 pause = min(pause * 2, 0.05)
-        except GeneratorExit:
+        except BaseException:  # timed out, or closed while waiting
             os.close(fd)
             raise
         self.fd = fd
@@ -1884,19 +1861,6 @@ class _FileLock:
             if os.path.islink(self.path):
                 raise _symlink_error(self.path) from None
             raise _store_error(self.path, exc) from None
-
-    def _try(self, fd: int, deadline: float) -> bool:
-        try:
-            _lock(fd)
-            return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise AuthError(
-                    f"Could not lock {self.path} within {self.timeout:g} s: another "
-                    "process holds it. If none is running, delete the lock file."
-                ) from None
-            return False
 
     def __exit__(self, *exc: object) -> None:
         try:
