@@ -2636,7 +2636,6 @@ class _Server:
         query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
                            "prompt": "consent"})
         login_url = f"{self._url(self.config.login_route)}?{query}"
-        # Learn the provider URL and its state without following the redirect.
         resp = await self.flow.session.request("GET", login_url, follow=False)
         location = resp.headers.get("Location") or resp.headers.get("location") or ""
         if not 300 <= resp.status < 400 or not location:
@@ -2729,14 +2728,10 @@ class BaseFlow:
     @property
     def session(self) -> _Session:
         """The HTTP session: this module's own small ``urllib`` session, not httpx."""
-        session = self._session
-        if session is None or (session.timeout, session.ca_bundle, session.allow_http) != (
-            min(self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT), self.config.ca_bundle,
-            self.config.allow_http,
-        ):
-            session = self._session = _Session(self.timeout, self.config.ca_bundle,
-                                               self.config.allow_http)
-        return session
+        wanted = _Session(self.timeout, self.config.ca_bundle, self.config.allow_http)
+        if self._session is None or vars(self._session) != vars(wanted):
+            self._session = wanted
+        return self._session
 
     @property
     def token(self) -> Token | None:
@@ -3000,16 +2995,13 @@ class DeviceFlow(BaseFlow):
 
     def _gave_up(self, start: float, ours: bool) -> AuthError:
         """The end of a wait: our own time limit (*ours*), or the device code's lifetime."""
-        waited = f"after {time.monotonic() - start:.0f} s"
-        server = _server_name(self.host)
-        if not ours:
-            return AuthError(
-                f"The device code for {server} expired before the login was approved "
-                f"({waited}); start the login again",
-                {"error": "expired_token",
-                 "error_description": "the device code's expires_in ran out"}, 408)
+        if not ours:  # the same end as the server's expired_token
+            ran_out = {"error": "expired_token",
+                       "error_description": "the device code's expires_in ran out"}
+            return self._poll_error(AuthError("", ran_out, 408))
         return AuthError(
-            f"Gave up waiting for the login to {server} to be approved {waited}: "
+            f"Gave up waiting for the login to {_server_name(self.host)} to be approved after "
+            f"{time.monotonic() - start:.0f} s: "
             f"the timeout of {_time_limit(self.timeout):g} s ran out; pass a larger timeout= "
             "(None waits as long as the device code lives) to give more time",
             {"error": "timeout"}, 408)
