@@ -3011,20 +3011,18 @@ class DeviceFlow(BaseFlow):
         replace = _show_device_code(self.host, code)
         if self._auto_open and self.interactive is not False and _can_open_browser():
             _open_browser(code["uri"])
-        if replace is None:
-            return await self.poll(code["device_code"], code["interval"])
-        # A notebook: the link and code give way to the outcome, in place.
         server = _server_name(self.host)
         outcome = f"Login to {server} cancelled."
         try:
             token = await self.poll(code["device_code"], code["interval"])
             outcome = f"Logged in to {server}."
+            return token
         except AuthError as exc:
             outcome = f"Login to {server} failed: {_short(exc.message)}"
             raise
         finally:
-            replace(outcome)
-        return token
+            if replace is not None:  # a notebook: the link and code give way to the outcome
+                replace(outcome)
 
 
 def _device_interval(value: object) -> int:
