@@ -2274,24 +2274,6 @@ _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_
 _OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
 
 
-async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
-    """The provider's checked metadata; endpoints it leaves out come from the OAuth one."""
-    issuer = issuer.strip()
-    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-    meta = await _fetch_json(url, session)
-    said = meta.get("issuer")
-    if not _same_issuer(said, issuer):
-        _FETCHED.pop(url, None)
-        raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
-                        f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"}, 502)
-    _check_endpoints(meta, _ENDPOINTS, url, issuer)
-    missing = [name for name in _OAUTH_ENDPOINTS if meta.get(name) is None]
-    if missing:
-        more = await _oauth_metadata(issuer, session)
-        meta = {**meta, **{name: more[name] for name in missing if name in more}}
-    return meta
-
-
 def _same_issuer(said: object, issuer: str) -> bool:
     """Equal up to the case of scheme and host, a default port and a trailing slash."""
     try:
@@ -2387,7 +2369,22 @@ class _Provider:
         self.name = flow.config.host  # the issuer, as messages name it
 
     async def meta(self) -> dict[str, Any]:
-        return await _discover(self.config.host, self.flow.session)
+        """The provider's checked metadata; endpoints it leaves out come from the OAuth one."""
+        issuer = self.config.host.strip()
+        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        meta = await _fetch_json(url, self.flow.session)
+        said = meta.get("issuer")
+        if not _same_issuer(said, issuer):
+            _FETCHED.pop(url, None)
+            raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
+                            f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"},
+                            502)
+        _check_endpoints(meta, _ENDPOINTS, url, issuer)
+        missing = [name for name in _OAUTH_ENDPOINTS if meta.get(name) is None]
+        if missing:
+            more = await _oauth_metadata(issuer, self.flow.session)
+            meta = {**meta, **{name: more[name] for name in missing if name in more}}
+        return meta
 
     def scope(self, meta: dict[str, Any]) -> str:
         scopes = _scopes(self.config.scopes)
