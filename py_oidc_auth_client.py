@@ -2603,8 +2603,25 @@ class _Server:
         return self._url(self.config.token_route), form, None
 
     async def login(self, receiver: _LoopbackReceiver) -> tuple[str, str, str | None]:
+        """Follow the login route's redirect by hand: it names the provider URL and state."""
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
         redirect_uri = f"http://localhost:{receiver.port}/callback"
-        location, state = await self._login_location(redirect_uri)
+        query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
+                           "prompt": "consent"})
+        login_url = f"{self._url(self.config.login_route)}?{query}"
+        resp = await self.flow.session.request("GET", login_url, follow=False)
+        location = resp.headers.get("Location") or resp.headers.get("location") or ""
+        if not 300 <= resp.status < 400 or not location:
+            error = _http_error(resp, resp.json())
+            raise AuthError(f"The login route did not redirect to a login page: "
+                            f"{error.message}", error.detail, error.status_code)
+        location = _web_url(location, f"the login redirect (from {login_url})",
+                            self.config.allow_http)
+        state = parse_qs(urlsplit(location).query).get("state", [""])[0]
+        if not state:
+            raise AuthError(f"{login_url} redirected to a login page without a state",
+                            status_code=502)
         receiver.expect(state, location)
         # py-oidc-auth's state is "random|redirect_uri|code_verifier".
         parts = state.split("|", 2)
@@ -2625,27 +2642,6 @@ class _Server:
 
     async def end_session(self, id_token: str) -> str | None:
         return None
-
-    async def _login_location(self, redirect_uri: str) -> tuple[str, str]:
-        """The provider URL and state that the login route redirects to."""
-        from urllib.parse import parse_qs, urlencode, urlsplit
-
-        query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
-                           "prompt": "consent"})
-        login_url = f"{self._url(self.config.login_route)}?{query}"
-        resp = await self.flow.session.request("GET", login_url, follow=False)
-        location = resp.headers.get("Location") or resp.headers.get("location") or ""
-        if not 300 <= resp.status < 400 or not location:
-            error = _http_error(resp, resp.json())
-            raise AuthError(f"The login route did not redirect to a login page: "
-                            f"{error.message}", error.detail, error.status_code)
-        location = _web_url(location, f"the login redirect (from {login_url})",
-                            self.config.allow_http)
-        state = parse_qs(urlsplit(location).query).get("state", [""])[0]
-        if not state:
-            raise AuthError(f"{login_url} redirected to a login page without a state",
-                            status_code=502)
-        return location, state
 
 
 class BaseFlow:
