@@ -2542,15 +2542,14 @@ class _Provider:
         secrets = [value, *(auth or ())]
         try:
             resp = await self.flow.session.request("POST", url, form=form, auth=auth)
-        except AuthError as exc:
-            _logger().warning("revoking the %s failed: %s", hint, _blank(exc.message, secrets))
-            return False
-        if resp.status == 200:
-            return True
-        refused = _http_error(resp, resp.json(), secrets)
+            if resp.status == 200:
+                return True
+            refused = _http_error(resp, resp.json(), secrets)
+        except AuthError as exc:  # no answer at all
+            refused = exc
         # A provider may not revoke self-contained (JWT) access tokens: no warning then.
         log = _logger().info if refused.error == "unsupported_token_type" else _logger().warning
-        log("revoking the %s failed: %s", hint, refused.message)
+        log("revoking the %s failed: %s", hint, _blank(refused.message, secrets))
         return False
 
     async def end_session(self, id_token: str) -> str | None:
