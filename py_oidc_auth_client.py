@@ -2832,6 +2832,11 @@ class BaseFlow:
         """Revoke *token* where the server offers it (the caller forgets it); True if revoked."""
         return await self._dialect.revoke(token)
 
+    def _timed_out(self, waiting: str, hint: str = "") -> AuthError:
+        return AuthError(f"Gave up waiting {waiting}: the timeout of {_time_limit(self.timeout):g}"
+                         f" s ran out; pass a larger timeout={hint} to give more time",
+                         {"error": "timeout"}, 408)
+
 
 def _check_timeout(timeout: object) -> int | None:
     if timeout is None:
@@ -2991,12 +2996,9 @@ class DeviceFlow(BaseFlow):
             ran_out = {"error": "expired_token",
                        "error_description": "the device code's expires_in ran out"}
             return self._poll_error(AuthError("", ran_out, 408))
-        return AuthError(
-            f"Gave up waiting for the login to {_server_name(self.host)} to be approved after "
-            f"{time.monotonic() - start:.0f} s: "
-            f"the timeout of {_time_limit(self.timeout):g} s ran out; pass a larger timeout= "
-            "(None waits as long as the device code lives) to give more time",
-            {"error": "timeout"}, 408)
+        return self._timed_out(f"for the login to {_server_name(self.host)} to be approved after "
+                               f"{time.monotonic() - start:.0f} s",
+                               " (None waits as long as the device code lives)")
 
     async def _interactive_login(self) -> Token:
         code = await self.get_device_code()
@@ -3079,9 +3081,7 @@ class CodeFlow(BaseFlow):
             try:
                 params = await asyncio.wait_for(result, _time_left(self.timeout))
             except asyncio.TimeoutError:
-                raise AuthError(f"No login to {_server_name(self.host)} was completed within "
-                                f"the timeout of {_time_limit(self.timeout):g} s; pass a larger "
-                                "timeout= to give more time", {"error": "timeout"}, 408) from None
+                raise self._timed_out(f"for the login to {_server_name(self.host)}") from None
         finally:
             await asyncio.to_thread(receiver.close)
         if "error" in params:  # made printable and short by the receiver
