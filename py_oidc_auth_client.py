@@ -2206,24 +2206,6 @@ _ENDPOINTS = ("authorization_endpoint", "token_endpoint", "device_authorization_
 _OAUTH_ENDPOINTS = ("device_authorization_endpoint", "revocation_endpoint")
 
 
-async def _discover(issuer: str, session: _Session) -> dict[str, Any]:
-    """The provider's checked metadata; endpoints it leaves out come from the OAuth one."""
-    issuer = issuer.strip()
-    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-    meta = await _fetch_json(url, session)
-    said = meta.get("issuer")
-    if not _same_issuer(said, issuer):
-        _FETCHED.pop(url, None)
-        raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
-                        f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"}, 502)
-    _check_endpoints(meta, _ENDPOINTS, url, issuer)
-    missing = [name for name in _OAUTH_ENDPOINTS if meta.get(name) is None]
-    if missing:
-        more = await _oauth_metadata(issuer, session)
-        meta = {**meta, **{name: more[name] for name in missing if name in more}}
-    return meta
-
-
 def _same_issuer(said: object, issuer: str) -> bool:
     """Equal up to the case of scheme and host, a default port and a trailing slash."""
     try:
@@ -2319,7 +2301,22 @@ class _Provider:
         self.name = flow.config.host  # the issuer, as messages name it
 
     async def meta(self) -> dict[str, Any]:
-        return await _discover(self.config.host, self.flow.session)
+        """The provider's checked metadata; endpoints it leaves out come from the OAuth one."""
+        issuer = self.config.host.strip()
+        url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        meta = await _fetch_json(url, self.flow.session)
+        said = meta.get("issuer")
+        if not _same_issuer(said, issuer):
+            _FETCHED.pop(url, None)
+            raise AuthError(f"{url} names another issuer ({_short(str(said), 100)!r}); is "
+                            f"{issuer} the provider's issuer URL?", {"error": "invalid_issuer"},
+                            502)
+        _check_endpoints(meta, _ENDPOINTS, url, issuer)
+        missing = [name for name in _OAUTH_ENDPOINTS if meta.get(name) is None]
+        if missing:
+            more = await _oauth_metadata(issuer, self.flow.session)
+            meta = {**meta, **{name: more[name] for name in missing if name in more}}
+        return meta
 
     def scope(self, meta: dict[str, Any]) -> str:
         scopes = _scopes(self.config.scopes)
@@ -2477,15 +2474,14 @@ class _Provider:
         secrets = [value, *(auth or ())]
         try:
             resp = await self.flow.session.request("POST", url, form=form, auth=auth)
-        except AuthError as exc:
-            _logger().warning("revoking the %s failed: %s", hint, _blank(exc.message, secrets))
-            return False
-        if resp.status == 200:
-            return True
-        refused = _http_error(resp, resp.json(), secrets)
+            if resp.status == 200:
+                return True
+            refused = _http_error(resp, resp.json(), secrets)
+        except AuthError as exc:  # no answer at all
+            refused = exc
         # A provider may not revoke self-contained (JWT) access tokens: no warning then.
         log = _logger().info if refused.error == "unsupported_token_type" else _logger().warning
-        log("revoking the %s failed: %s", hint, refused.message)
+        log("revoking the %s failed: %s", hint, _blank(refused.message, secrets))
         return False
 
     async def end_session(self, id_token: str) -> str | None:
@@ -2538,8 +2534,25 @@ class _Server:
         return self._url(self.config.token_route), form, None
 
     async def login(self, receiver: _LoopbackReceiver) -> tuple[str, str, str | None]:
+        """Follow the login route's redirect by hand: it names the provider URL and state."""
+        from urllib.parse import parse_qs, urlencode, urlsplit
+
         redirect_uri = f"http://localhost:{receiver.port}/callback"
-        location, state = await self._login_location(redirect_uri)
+        query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
+                           "prompt": "consent"})
+        login_url = f"{self._url(self.config.login_route)}?{query}"
+        resp = await self.flow.session.request("GET", login_url, follow=False)
+        location = resp.headers.get("Location") or resp.headers.get("location") or ""
+        if not 300 <= resp.status < 400 or not location:
+            error = _http_error(resp, resp.json())
+            raise AuthError(f"The login route did not redirect to a login page: "
+                            f"{error.message}", error.detail, error.status_code)
+        location = _web_url(location, f"the login redirect (from {login_url})",
+                            self.config.allow_http)
+        state = parse_qs(urlsplit(location).query).get("state", [""])[0]
+        if not state:
+            raise AuthError(f"{login_url} redirected to a login page without a state",
+                            status_code=502)
         receiver.expect(state, location)
         # py-oidc-auth's state is "random|redirect_uri|code_verifier".
         parts = state.split("|", 2)
@@ -2560,28 +2573,6 @@ class _Server:
 
     async def end_session(self, id_token: str) -> str | None:
         return None
-
-    async def _login_location(self, redirect_uri: str) -> tuple[str, str]:
-        """The provider URL and state that the login route redirects to."""
-        from urllib.parse import parse_qs, urlencode, urlsplit
-
-        query = urlencode({"redirect_uri": redirect_uri, "offline_access": "true",
-                           "prompt": "consent"})
-        login_url = f"{self._url(self.config.login_route)}?{query}"
-        # Learn the provider URL and its state without following the redirect.
-        resp = await self.flow.session.request("GET", login_url, follow=False)
-        location = resp.headers.get("Location") or resp.headers.get("location") or ""
-        if not 300 <= resp.status < 400 or not location:
-            error = _http_error(resp, resp.json())
-            raise AuthError(f"The login route did not redirect to a login page: "
-                            f"{error.message}", error.detail, error.status_code)
-        location = _web_url(location, f"the login redirect (from {login_url})",
-                            self.config.allow_http)
-        state = parse_qs(urlsplit(location).query).get("state", [""])[0]
-        if not state:
-            raise AuthError(f"{login_url} redirected to a login page without a state",
-                            status_code=502)
-        return location, state
 
 
 class BaseFlow:
@@ -2661,14 +2652,10 @@ class BaseFlow:
     @property
     def session(self) -> _Session:
         """The HTTP session: this module's own small ``urllib`` session, not httpx."""
-        session = self._session
-        if session is None or (session.timeout, session.ca_bundle, session.allow_http) != (
-            min(self.timeout or _HTTP_TIMEOUT, _HTTP_TIMEOUT), self.config.ca_bundle,
-            self.config.allow_http,
-        ):
-            session = self._session = _Session(self.timeout, self.config.ca_bundle,
-                                               self.config.allow_http)
-        return session
+        wanted = _Session(self.timeout, self.config.ca_bundle, self.config.allow_http)
+        if self._session is None or vars(self._session) != vars(wanted):
+            self._session = wanted
+        return self._session
 
     @property
     def token(self) -> Token | None:
@@ -2776,6 +2763,11 @@ class BaseFlow:
     async def _sign_out(self, token: Token) -> bool:
         """Revoke *token* where the server offers it (the caller forgets it); True if revoked."""
         return await self._dialect.revoke(token)
+
+    def _timed_out(self, waiting: str, hint: str = "") -> AuthError:
+        return AuthError(f"Gave up waiting {waiting}: the timeout of {_time_limit(self.timeout):g}"
+                         f" s ran out; pass a larger timeout={hint} to give more time",
+                         {"error": "timeout"}, 408)
 
 
 def _check_timeout(timeout: object) -> int | None:
@@ -2932,39 +2924,31 @@ class DeviceFlow(BaseFlow):
 
     def _gave_up(self, start: float, ours: bool) -> AuthError:
         """The end of a wait: our own time limit (*ours*), or the device code's lifetime."""
-        waited = f"after {time.monotonic() - start:.0f} s"
-        server = _server_name(self.host)
-        if not ours:
-            return AuthError(
-                f"The device code for {server} expired before the login was approved "
-                f"({waited}); start the login again",
-                {"error": "expired_token",
-                 "error_description": "the device code's expires_in ran out"}, 408)
-        return AuthError(
-            f"Gave up waiting for the login to {server} to be approved {waited}: "
-            f"the timeout of {_time_limit(self.timeout):g} s ran out; pass a larger timeout= "
-            "(None waits as long as the device code lives) to give more time",
-            {"error": "timeout"}, 408)
+        if not ours:  # the same end as the server's expired_token
+            ran_out = {"error": "expired_token",
+                       "error_description": "the device code's expires_in ran out"}
+            return self._poll_error(AuthError("", ran_out, 408))
+        return self._timed_out(f"for the login to {_server_name(self.host)} to be approved after "
+                               f"{time.monotonic() - start:.0f} s",
+                               " (None waits as long as the device code lives)")
 
     async def _interactive_login(self) -> Token:
         code = await self.get_device_code()
         replace = _show_device_code(self.host, code)
         if self._auto_open and self.interactive is not False and _can_open_browser():
             _open_browser(code["uri"])
-        if replace is None:
-            return await self.poll(code["device_code"], code["interval"])
-        # A notebook: the link and code give way to the outcome, in place.
         server = _server_name(self.host)
         outcome = f"Login to {server} cancelled."
         try:
             token = await self.poll(code["device_code"], code["interval"])
             outcome = f"Logged in to {server}."
+            return token
         except AuthError as exc:
             outcome = f"Login to {server} failed: {_short(exc.message)}"
             raise
         finally:
-            replace(outcome)
-        return token
+            if replace is not None:  # a notebook: the link and code give way to the outcome
+                replace(outcome)
 
 
 def _device_interval(value: object) -> int:
@@ -3029,9 +3013,7 @@ class CodeFlow(BaseFlow):
             try:
                 params = await asyncio.wait_for(result, _time_left(self.timeout))
             except asyncio.TimeoutError:
-                raise AuthError(f"No login to {_server_name(self.host)} was completed within "
-                                f"the timeout of {_time_limit(self.timeout):g} s; pass a larger "
-                                "timeout= to give more time", {"error": "timeout"}, 408) from None
+                raise self._timed_out(f"for the login to {_server_name(self.host)}") from None
         finally:
             await asyncio.to_thread(receiver.close)
         if "error" in params:  # made printable and short by the receiver
