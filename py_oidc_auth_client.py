@@ -2542,7 +2542,7 @@ class _Server:
                            "prompt": "consent"})
         login_url = f"{self._url(self.config.login_route)}?{query}"
         resp = await self.flow.session.request("GET", login_url, follow=False)
-        location = resp.headers.get("Location") or resp.headers.get("location") or ""
+        location = resp.headers.get("Location") or ""
         if not 300 <= resp.status < 400 or not location:
             error = _http_error(resp, resp.json())
             raise AuthError(f"The login route did not redirect to a login page: "
